@@ -1,0 +1,8 @@
+"""`lmdepot registry ...` commands."""
+
+import click
+
+
+@click.group()
+def registry():
+    """Content-addressed workspace registry on any fsspec URL."""
