@@ -91,6 +91,9 @@ def _prepare_dst(dst: Path, force: bool) -> bool:
         raise ConvertError(f"{foreign[0]}: not part of the previous workspace; refusing to overwrite {dst}")
     for path in sorted(listed):
         (dst / path).unlink(missing_ok=True)
+    for sub in (layout.TOKENIZER_DIR, layout.WEIGHTS_DIR):
+        if (dst / sub).is_dir() and not any((dst / sub).iterdir()):
+            (dst / sub).rmdir()
     return False
 
 

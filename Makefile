@@ -1,0 +1,12 @@
+VENV ?= .venv
+export VENV
+
+.PHONY: quickstart test
+$(VENV)/.bootstrapped: pyproject.toml scripts/bootstrap.sh
+	bash scripts/bootstrap.sh $(VENV)
+
+quickstart: $(VENV)/.bootstrapped
+	bash scripts/quickstart.sh
+
+test: $(VENV)/.bootstrapped
+	$(VENV)/bin/python -m pytest -q
