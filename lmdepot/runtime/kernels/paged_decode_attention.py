@@ -1,0 +1,119 @@
+"""Decode attention over a paged KV cache (split-K flash-decoding, GQA heads grouped per program).
+
+Cache layout: (num_blocks, block_size, kv_heads, head_dim), any strides. One program handles one
+(sequence, kv head, split): all q heads sharing that kv head read each K/V page once, padded to 16
+rows so the products run on tensor cores. Splits write (partial output, log-sum-exp) and a second
+kernel merges them, so a single long sequence still spreads over the whole GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from lmdepot.runtime.kernels.scratch import scratch
+
+
+def reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale):
+    """q (B, Hq, D); caches (blocks, page, Hkv, D); block_tables (B, max_pages); seq_lens (B,)."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k_cache.shape[2]
+    page = k_cache.shape[1]
+    for b in range(q.shape[0]):
+        n = int(seq_lens[b])
+        pages = block_tables[b, : -(-n // page)].long()
+        k = k_cache[pages].reshape(-1, *k_cache.shape[2:])[:n].float().repeat_interleave(groups, dim=1)
+        v = v_cache[pages].reshape(-1, *v_cache.shape[2:])[:n].float().repeat_interleave(groups, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * sm_scale
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scale,
+                  stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  stride_bt, NUM_SPLITS, PAGES_PER_SPLIT, Hq,
+                  GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PAGE: tl.constexpr):
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b)
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = kvh * GROUPS + offs_h
+    mask_h = offs_h < GROUPS
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
+    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    offs_s = tl.arange(0, PAGE)
+    first = split * PAGES_PER_SPLIT
+    last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(seq_len, PAGE))
+    for p in range(first, last):
+        blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
+        mask_s = p * PAGE + offs_s < seq_len
+        kv_mask = mask_s[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + blk * stride_kb + offs_s[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k).to(q.dtype)) * sm_scale
+        s = tl.where(mask_s[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        prob = tl.exp(s - m_new[:, None])
+        v = tl.load(v_ptr + blk * stride_vb + offs_s[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        l = l * alpha + tl.sum(prob, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))
+        m = m_new
+    empty = l == 0.0
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l)[:, None])
+    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
+    row = (b * Hq + heads) * NUM_SPLITS + split
+    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + row, lse, mask=mask_h)
+
+
+@triton.jit
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, Hq, NUM_SPLITS,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    row = (b * Hq + h) * NUM_SPLITS + offs_s
+    lse = tl.load(lse_ptr + row, mask=mask_s, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    w = tl.where(mask_s, tl.exp(lse - top), 0.0)
+    o = tl.load(o_ptr + row[:, None] * D + offs_d[None, :], mask=mask_s[:, None] & (offs_d[None, :] < D), other=0.0)
+    res = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale: float | None = None,
+                           num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    B, Hq, D = q.shape
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    groups = Hq // Hkv
+    sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    max_pages = block_tables.shape[1]
+    if num_splits is None:  # enough programs to fill ~2 waves of a large GPU, no device sync needed
+        num_splits = max(1, min(max_pages, triton.cdiv(264, B * Hkv)))
+    pages_per_split = triton.cdiv(max_pages, num_splits)
+    num_splits = triton.cdiv(max_pages, pages_per_split)
+    part_o = scratch((B * Hq * num_splits, D), q.device, torch.float32)
+    part_lse = scratch((B * Hq * num_splits,), q.device, torch.float32)
+    block_d = triton.next_power_of_2(D)
+    _split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, part_o, part_lse, sm_scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        num_splits, pages_per_split, Hq,
+        GROUPS=groups, BLOCK_H=max(16, triton.next_power_of_2(groups)), D=D, BLOCK_D=block_d, PAGE=page)
+    y = out if out is not None else torch.empty_like(q)
+    _merge_kernel[(B, Hq)](part_o, part_lse, y, y.stride(0), y.stride(1), Hq, num_splits,
+                           D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits))
+    return y

@@ -1,0 +1,112 @@
+"""W4A16 linear: y = x @ dequant(W) with W in the workspace's int4 layout (docs/format.md).
+
+The plain layout (int32 words packing 8 consecutive input rows, scales/zeros per group of input
+rows) is already coalesced along the output dim, so the kernels read it as stored:
+- `gemv`: small M. Split-K over input rows so that even one output tile row fills the GPU; each
+  program writes a fp32 partial sum, reduced afterwards.
+- `gemm`: large M. Tiles of x and of dequantized W meet in `tl.dot`.
+A K tile never straddles a quantization group (BLOCK_K divides group_size), so each tile needs one
+row of scales and zeros. Padded input rows (in_features not a multiple of group_size) dequantize to
+zero and the matching x columns are masked to zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lmdepot.formats.int4 import dequantize_int4
+from lmdepot.runtime.kernels.scratch import scratch
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    w = dequantize_int4(qweight, scales, zeros, x.shape[-1], torch.float32)
+    return (x.float() @ w).to(x.dtype)
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    shifts = tl.arange(0, 8) * 4
+    q = (packed[:, None, :] >> shifts[None, :, None]) & 0xF
+    q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)
+    g = k0 // GROUP
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return (q - z[None, :]) * s[None, :]
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, N, K, K_PADDED, stride_xm,
+                 GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PER_SPLIT: tl.constexpr):
+    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_begin = pid_k * K_PER_SPLIT
+    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
+        if k0 < K_PADDED:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K, BLOCK_N)
+            acc += tl.sum(x[:, None] * w, axis=0)
+    tl.store(part_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PADDED, stride_xm, stride_ym,
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_PADDED, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K, BLOCK_N)
+        acc += tl.dot(x, w.to(x.dtype))
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+GEMV_MAX_M = 4
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 split_k: int | None = None, block_n: int = 128, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) fp16/bf16 -> (..., N). `split_k` overrides the GEMV split heuristic."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, K = x2.shape
+    k_padded, N = qweight.shape[0] * 8, qweight.shape[1]
+    group = k_padded // scales.shape[0]
+    block_k = min(group, 128)
+    if M <= GEMV_MAX_M:
+        tiles_k = k_padded // block_k
+        n_blocks = triton.cdiv(N, block_n)
+        if split_k is None:  # aim for ~4 programs per SM-sized wave without tiny K slices
+            split_k = max(1, min(tiles_k // 2, 512 // max(n_blocks, 1)))
+        k_per_split = triton.cdiv(tiles_k, split_k) * block_k
+        split_k = triton.cdiv(k_padded, k_per_split)
+        partial = scratch((split_k, M, N), x.device, torch.float32)
+        _gemv_kernel[(n_blocks, split_k, M)](x2, qweight, scales, zeros, partial, M, N, K, k_padded, x2.stride(0),
+                                            GROUP=group, BLOCK_K=block_k, BLOCK_N=block_n,
+                                            K_PER_SPLIT=k_per_split)
+        y = partial.sum(0).to(x.dtype)
+        if out is not None:
+            y = out.view(M, N).copy_(y)
+    else:
+        y = out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
+        block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+        block_k = min(group, 64)
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        _gemm_kernel[grid](x2, qweight, scales, zeros, y, M, N, K, k_padded, x2.stride(0), y.stride(0),
+                           GROUP=group, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
+    return y.reshape(*lead, N)

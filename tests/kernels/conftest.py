@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter has no bf16 arithmetic on CPU; fp16 and fp32 cover the kernels' logic there.
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16, torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def poison_scratch(monkeypatch):
+    from lmdepot.runtime.kernels import scratch
+
+    monkeypatch.setattr(scratch, "POISON", True)
+
+
+def poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)

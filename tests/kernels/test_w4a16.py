@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from lmdepot.formats.int4 import quantize_int4_rtn
+from lmdepot.runtime.kernels.w4a16 import reference, w4a16_linear
+from tests.kernels.conftest import DEVICE, DTYPES, poisoned
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 17, 40])
+@pytest.mark.parametrize("K, N, group", [(256, 96, 128), (576, 64, 128), (200, 48, 32), (192, 80, 64)])
+def test_matches_reference(dtype, M, K, N, group):
+    w = torch.randn(K, N)
+    q = {k: v.to(DEVICE) for k, v in quantize_int4_rtn(w, group).items()}
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    out = poisoned((M, N), dtype)
+    y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], out=out)
+    ref = reference(x, q["qweight"], q["scales"], q["zeros"])
+    assert y.data_ptr() == out.data_ptr() and not y.isnan().any()
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * K ** 0.5)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 5])
+def test_gemv_split_k_variants_agree(split_k):
+    K, N = 512, 64
+    q = {k: v.to(DEVICE) for k, v in quantize_int4_rtn(torch.randn(K, N), 64).items()}
+    x = torch.randn(2, 1, K, device=DEVICE, dtype=torch.float32)
+    y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], split_k=split_k)
+    assert y.shape == (2, 1, N)
+    torch.testing.assert_close(y, reference(x, q["qweight"], q["scales"], q["zeros"]), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
+@pytest.mark.parametrize("M", [1, 16, 256])
+def test_real_size_llama7b_mlp(M):
+    K, N = 4096, 11008
+    q = {k: v.to(DEVICE) for k, v in quantize_int4_rtn(torch.randn(K, N) * 0.02, 128).items()}
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.float16)
+    y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"])
+    torch.testing.assert_close(y.float(), reference(x, q["qweight"], q["scales"], q["zeros"]).float(),
+                               rtol=2e-2, atol=2e-2)
