@@ -67,9 +67,11 @@ def inspect(workspace, verify, as_json):
 
 
 def _register_subsystems():
+    from lmdepot.bench.cli import bench
     from lmdepot.registry.cli import registry
 
     main.add_command(registry)
+    main.add_command(bench)
 
 
 _register_subsystems()

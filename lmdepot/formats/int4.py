@@ -20,14 +20,14 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     if q.shape[0] % 8:
         raise FormatError(f"int4 packing needs rows divisible by 8, got {q.shape[0]}")
     q = q.to(torch.int64).reshape(q.shape[0] // 8, 8, q.shape[1])
-    shifts = (torch.arange(8, dtype=torch.int64) * 4).view(1, 8, 1)
+    shifts = (torch.arange(8, dtype=torch.int64, device=q.device) * 4).view(1, 8, 1)
     packed = (q << shifts).sum(dim=1)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_int4: (rows/8, cols) int32 -> (rows, cols) uint8."""
-    shifts = (torch.arange(8, dtype=torch.int32) * 4).view(1, 8, 1)
+    shifts = (torch.arange(8, dtype=torch.int32, device=packed.device) * 4).view(1, 8, 1)
     q = (packed.unsqueeze(1) >> shifts) & 0xF
     return q.reshape(packed.shape[0] * 8, packed.shape[1]).to(torch.uint8)
 

@@ -31,13 +31,14 @@ def test_matches_reference(dtype, hq, hkv, page, num_splits):
 
 def test_non_contiguous_head_dim_stride():
     """The cache may be a view, e.g. K and V halves of one (blocks, page, 2, Hkv, D) pool."""
-    pool = torch.randn(8, 16, 2, 2, 32, device=DEVICE)
+    dtype = DTYPES[0]
+    pool = torch.randn(8, 16, 2, 2, 32, device=DEVICE, dtype=dtype)
     k_cache, v_cache = pool[:, :, 0], pool[:, :, 1]
-    q = torch.randn(2, 4, 32, device=DEVICE)
+    q = torch.randn(2, 4, 32, device=DEVICE, dtype=dtype)
     tables = torch.tensor([[3, 5], [7, 1]], dtype=torch.int32, device=DEVICE)
     lens = torch.tensor([20, 9], dtype=torch.int32, device=DEVICE)
     y = paged_decode_attention(q, k_cache, v_cache, tables, lens)
-    torch.testing.assert_close(y, reference(q, k_cache, v_cache, tables, lens, 32 ** -0.5), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, reference(q, k_cache, v_cache, tables, lens, 32 ** -0.5), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")

@@ -1,0 +1,143 @@
+"""`lmdepot bench kernels`: kernel times against cuBLAS, torch's int4 matmul and the memory roofline.
+
+Every figure is printed beside the device-to-device copy bandwidth measured in the same run;
+roofline % = (bytes the case must move / copy bandwidth) / measured time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class Row:
+    case: str
+    impl: str
+    us: float
+    bytes: int
+    roofline_pct: float
+    note: str = ""
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=200)
+    return 2 * src.numel() * 2 / (ms * 1e-3)
+
+
+def _time_us(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=50, rep=300) * 1e3
+
+
+def _torch_int4(x, w_codes_kn, scales, zeros, group):
+    """torch's tinygemm int4 path, if this torch build provides it for the device; else None."""
+    try:
+        K, N = w_codes_kn.shape
+        codes_nk = w_codes_kn.t().contiguous().to(torch.int32)
+        packed_u8 = (codes_nk[:, ::2] << 4 | codes_nk[:, 1::2]).to(torch.uint8)
+        wp = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+        # tinygemm computes (q - 8) * scale + zero_bf16; convert our (q - z) * s form.
+        s = scales.to(torch.bfloat16)
+        zb = ((8 - zeros.float()) * scales.float()).to(torch.bfloat16)
+        sz = torch.stack([s, zb], dim=-1).contiguous()
+        xb = x.to(torch.bfloat16)
+        fn = (lambda: torch.ops.aten._weight_int4pack_mm(xb, wp, group, sz))
+        ref = x.float() @ ((w_codes_kn.float() - zeros.float().repeat_interleave(group, 0))
+                           * scales.float().repeat_interleave(group, 0))
+        if not torch.allclose(fn().float(), ref, rtol=5e-2, atol=5e-2 * math.sqrt(K)):
+            return ValueError("torch int4 result does not match the reference (packing convention)")
+        return fn
+    except Exception as exc:  # noqa: BLE001 - the op's signature differs across torch versions
+        return exc
+
+
+def bench_gemm(device: str, bw: float, shapes=((4096, 11008), (11008, 4096)), ms=(1, 16, 256),
+               group: int = 128) -> list[Row]:
+    from lmdepot.formats.int4 import quantize_int4_rtn, unpack_int4
+    from lmdepot.runtime.kernels.w4a16 import w4a16_linear
+
+    rows = []
+    for K, N in shapes:
+        w = torch.randn(K, N) * 0.02
+        q = {k: v.to(device) for k, v in quantize_int4_rtn(w, group).items()}
+        w_bf16 = w.to(device, torch.bfloat16)
+        codes = unpack_int4(q["qweight"])
+        for M in ms:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            x16 = x.to(torch.float16)
+            case = f"{K}x{N} M={M}"
+            act = M * (K + N) * 2
+            dense_bytes = K * N * 2 + act
+            int4_bytes = K * N // 2 + q["scales"].numel() * 4 + act
+            t = _time_us(lambda: x @ w_bf16)
+            rows.append(Row(case, "cublas bf16", t, dense_bytes, _pct(dense_bytes, bw, t)))
+            t = _time_us(lambda: w4a16_linear(x16, q["qweight"], q["scales"], q["zeros"]))
+            rows.append(Row(case, "lmdepot w4a16", t, int4_bytes, _pct(int4_bytes, bw, t)))
+            fn = _torch_int4(x, codes, q["scales"], q["zeros"], group)
+            if callable(fn):
+                t = _time_us(fn)
+                rows.append(Row(case, "torch int4pack_mm", t, int4_bytes, _pct(int4_bytes, bw, t)))
+            else:
+                rows.append(Row(case, "torch int4pack_mm", math.nan, int4_bytes, math.nan,
+                                f"unavailable: {type(fn).__name__}"))
+    return rows
+
+
+def bench_decode_attention(device: str, bw: float, cases=((1, 4096), (16, 2048), (64, 1024))) -> list[Row]:
+    from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention
+
+    rows = []
+    page, hq, hkv, d = 64, 32, 8, 128
+    for batch, seq in cases:
+        pages = -(-seq // page)
+        k = torch.randn(batch * pages, page, hkv, d, device=device, dtype=torch.float16)
+        v = torch.randn_like(k)
+        tables = torch.randperm(batch * pages, device=device).reshape(batch, pages).to(torch.int32)
+        lens = torch.full((batch,), seq, device=device, dtype=torch.int32)
+        q = torch.randn(batch, hq, d, device=device, dtype=torch.float16)
+        kv_bytes = 2 * batch * seq * hkv * d * 2
+        t = _time_us(lambda: paged_decode_attention(q, k, v, tables, lens))
+        rows.append(Row(f"decode attn bs={batch} seq={seq} 32q/8kv d128", "lmdepot paged", t, kv_bytes,
+                        _pct(kv_bytes, bw, t)))
+        kc = k.reshape(batch, pages * page, hkv, d)[:, :seq].transpose(1, 2).repeat_interleave(hq // hkv, 1)
+        vc = v.reshape(batch, pages * page, hkv, d)[:, :seq].transpose(1, 2).repeat_interleave(hq // hkv, 1)
+        qs = q.unsqueeze(2)
+        t = _time_us(lambda: torch.nn.functional.scaled_dot_product_attention(qs, kc, vc))
+        rows.append(Row(f"decode attn bs={batch} seq={seq} 32q/8kv d128", "torch sdpa (contiguous, expanded kv)",
+                        t, kv_bytes * (hq // hkv), _pct(kv_bytes * (hq // hkv), bw, t)))
+    return rows
+
+
+def _pct(nbytes: int, bw: float, us: float) -> float:
+    return 100.0 * (nbytes / bw) / (us * 1e-6)
+
+
+def run(device: str = "cuda", as_json: bool = False) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        from lmdepot.errors import LmdepotError
+
+        raise LmdepotError("bench kernels needs a CUDA GPU (none visible)")
+    bw = copy_bandwidth(device)
+    rows = bench_gemm(device, bw) + bench_decode_attention(device, bw)
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else device,
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "copy_bandwidth_TBps": bw / 1e12}
+    if as_json:
+        return json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
+    lines = [f"device {meta['device']}  date {meta['date']}  torch {meta['torch']}  triton {meta['triton']}",
+             f"measured copy bandwidth: {bw / 1e12:.2f} TB/s", "",
+             f"{'case':40} {'impl':34} {'us':>9} {'MB moved':>9} {'roofline':>9}"]
+    for r in rows:
+        lines.append(f"{r.case:40} {r.impl:34} {r.us:9.1f} {r.bytes / 1e6:9.2f} {r.roofline_pct:8.1f}% {r.note}")
+    return "\n".join(lines) + "\n"
