@@ -26,7 +26,7 @@ def test_gemv_split_k_variants_agree(split_k):
     K, N = 512, 64
     q = {k: v.to(DEVICE) for k, v in quantize_int4_rtn(torch.randn(K, N), 64).items()}
     x = torch.randn(2, 1, K, device=DEVICE, dtype=torch.float32)
-    y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], split_k=split_k)
+    y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config={"split_k": split_k})
     assert y.shape == (2, 1, N)
     torch.testing.assert_close(y, reference(x, q["qweight"], q["scales"], q["zeros"]), rtol=1e-4, atol=1e-3)
 
@@ -40,3 +40,13 @@ def test_real_size_llama7b_mlp(M):
     y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"])
     torch.testing.assert_close(y.float(), reference(x, q["qweight"], q["scales"], q["zeros"]).float(),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("M, split_k", [(8, 1), (20, 3), (40, 2)])
+def test_gemm_split_k_variants_agree(M, split_k):
+    K, N = 256, 48
+    q = {k: v.to(DEVICE) for k, v in quantize_int4_rtn(torch.randn(K, N), 32).items()}
+    x = torch.randn(M, K, device=DEVICE, dtype=DTYPES[0])
+    y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config={"split_k": split_k, "block_n": 32})
+    torch.testing.assert_close(y.float(), reference(x, q["qweight"], q["scales"], q["zeros"]).float(),
+                               rtol=2e-2, atol=2e-2 * K ** 0.5)

@@ -41,35 +41,50 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constex
 
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, N, K, K_PADDED, stride_xm,
-                 GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PER_SPLIT: tl.constexpr):
+                 GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PER_SPLIT):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    offs_r = tl.arange(0, BLOCK_K // 8)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     k_begin = pid_k * K_PER_SPLIT
-    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
-        if k0 < K_PADDED:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K, BLOCK_N)
-            acc += tl.sum(x[:, None] * w, axis=0)
+    # Exact loop bounds (no branch in the body) let the compiler pipeline the weight loads.
+    for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K_PADDED), BLOCK_K):
+        packed = tl.load(qw_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        # One tile lies in one group: sum x*(q - z)*s = s * (sum x*q - z * sum x), so the
+        # inner loop is shift, mask, convert and FMA per weight, nothing else.
+        xq = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            kk = k0 + offs_r * 8 + j
+            xj = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+            xq += xj[:, None] * ((packed >> (4 * j)) & 0xF).to(tl.float32)
+            xsum += xj
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += s * (tl.sum(xq, axis=0) - z * tl.sum(xsum, axis=0))
     tl.store(part_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
 
 
 @triton.jit
 def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PADDED, stride_xm, stride_ym,
-                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 K_PER_SPLIT):
+    """With several K splits, y is a fp32 (splits, M, N) buffer of partial sums."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_PADDED, BLOCK_K):
+    k_begin = pid_k * K_PER_SPLIT
+    for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K_PADDED), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K, BLOCK_N)
         acc += tl.dot(x, w.to(x.dtype))
+    y_ptr += pid_k * M * N
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -77,9 +92,16 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PADDED, stride_x
 GEMV_MAX_M = 4
 
 
+def _k_split(k_padded: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(K rows per split rounded to whole tiles, actual number of splits)."""
+    tiles_k = k_padded // block_k
+    per_split = triton.cdiv(tiles_k, max(1, min(split_k, tiles_k))) * block_k
+    return per_split, triton.cdiv(k_padded, per_split)
+
+
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 split_k: int | None = None, block_n: int = 128, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) fp16/bf16 -> (..., N). `split_k` overrides the GEMV split heuristic."""
+                 out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """x (..., K) fp16/bf16 -> (..., N). `config` overrides the launch heuristics (tuning, tests)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -87,26 +109,39 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     M, K = x2.shape
     k_padded, N = qweight.shape[0] * 8, qweight.shape[1]
     group = k_padded // scales.shape[0]
-    block_k = min(group, 128)
+    cfg = heuristic_config(M, N, k_padded, group) | (config or {})
+    block_k, block_n, warps = min(cfg["block_k"], group), cfg["block_n"], cfg["num_warps"]
+    per_split, splits = _k_split(k_padded, block_k, cfg["split_k"])
     if M <= GEMV_MAX_M:
-        tiles_k = k_padded // block_k
-        n_blocks = triton.cdiv(N, block_n)
-        if split_k is None:  # aim for ~4 programs per SM-sized wave without tiny K slices
-            split_k = max(1, min(tiles_k // 2, 512 // max(n_blocks, 1)))
-        k_per_split = triton.cdiv(tiles_k, split_k) * block_k
-        split_k = triton.cdiv(k_padded, k_per_split)
-        partial = scratch((split_k, M, N), x.device, torch.float32)
-        _gemv_kernel[(n_blocks, split_k, M)](x2, qweight, scales, zeros, partial, M, N, K, k_padded, x2.stride(0),
-                                            GROUP=group, BLOCK_K=block_k, BLOCK_N=block_n,
-                                            K_PER_SPLIT=k_per_split)
-        y = partial.sum(0).to(x.dtype)
-        if out is not None:
-            y = out.view(M, N).copy_(y)
+        partial = scratch((splits, M, N), x.device, torch.float32)
+        _gemv_kernel[(triton.cdiv(N, block_n), splits, M)](
+            x2, qweight, scales, zeros, partial, M, N, K, k_padded, x2.stride(0),
+            GROUP=group, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_SPLIT=per_split, num_warps=warps,
+            num_stages=cfg.get("num_stages", 3))
     else:
-        y = out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
-        block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-        block_k = min(group, 64)
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-        _gemm_kernel[grid](x2, qweight, scales, zeros, y, M, N, K, k_padded, x2.stride(0), y.stride(0),
-                           GROUP=group, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
+        block_m = cfg["block_m"]
+        partial = scratch((splits, M, N), x.device, torch.float32) if splits > 1 else (
+            out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype))
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
+        _gemm_kernel[grid](x2, qweight, scales, zeros, partial, M, N, K, k_padded, x2.stride(0), N,
+                           GROUP=group, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_SPLIT=per_split,
+                           num_warps=warps, num_stages=cfg.get("num_stages", 3))
+        if splits == 1:
+            return partial.view(*lead, N)
+    y = partial.sum(0).to(x.dtype) if splits > 1 else partial[0].to(x.dtype)
+    if out is not None:
+        y = out.view(M, N).copy_(y)
     return y.reshape(*lead, N)
+
+
+def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
+    """Launch parameters, from sweeps of scripts/tune_w4a16.py on an H200 (docs/benchmarks.md):
+    split K until (N tiles x M tiles x splits) covers several waves of a 132-SM GPU."""
+    if M <= GEMV_MAX_M:
+        tiles_k = K // min(128, group)
+        return {"block_m": 1, "block_n": 64, "block_k": 128, "num_warps": 2, "num_stages": 2,
+                "split_k": max(1, min(tiles_k // 2, 32))}
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    programs = triton.cdiv(N, 128) * triton.cdiv(M, block_m)
+    split_k = max(1, min(triton.cdiv(1056, programs), 16)) if M <= 64 else max(1, min(triton.cdiv(264, programs), 8))
+    return {"block_m": block_m, "block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3, "split_k": split_k}
