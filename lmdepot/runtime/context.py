@@ -24,6 +24,7 @@ class Context:
     slot_mapping: torch.Tensor = None     # (T,) cache slot of each new token
     seqs: list[SeqSlice] = field(default_factory=list)
     block_size: int = 64
+    sliding_window: int = 0   # 0: full attention
 
 
 _CTX = Context()

@@ -85,7 +85,8 @@ class ModelRunner:
         for q_len, ctx_len, table in meta["seqs"]:
             seqs.append(SeqSlice(start, q_len, ctx_len, torch.tensor(table, dtype=torch.int64)))
             start += q_len
-        set_context(Context(torch.tensor(meta["slots"], dtype=torch.int64), seqs, self.block_size))
+        set_context(Context(torch.tensor(meta["slots"], dtype=torch.int64), seqs, self.block_size,
+                            self.cfg.sliding_window))
         try:
             hidden = self.model(tokens, positions)
             return self.model.logits(hidden[meta["logit_rows"]])

@@ -69,10 +69,16 @@ def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
             slots = (s.block_table[:, None] * bs + torch.arange(bs)).reshape(-1)[:s.ctx_len]
             ks, vs = kc[slots], vc[slots]
         mask, causal = None, s.q_len > 1
-        if causal and s.ctx_len > s.q_len:
-            # Queries sit at the end of the context: query i sees keys up to ctx_len - q_len + i.
+        window = ctx.sliding_window
+        if (causal and s.ctx_len > s.q_len) or (window and s.ctx_len > window):
+            # Queries sit at the end of the context: query i sees keys up to ctx_len - q_len + i,
+            # and with a sliding window only the last `window` of them.
             qpos = torch.arange(s.ctx_len - s.q_len, s.ctx_len)[:, None]
-            mask, causal = torch.arange(s.ctx_len)[None, :] <= qpos, False
+            kpos = torch.arange(s.ctx_len)[None, :]
+            mask = kpos <= qpos
+            if window:
+                mask &= kpos > qpos - window
+            causal = False
         o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
                                            vs.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
                                            scale=scale, enable_gqa=gqa)
