@@ -108,7 +108,7 @@ def test_session_second_turn_reuses_kv_and_matches_full_history(tiny):
 def test_evicted_session_is_recomputed_from_its_tokens(tiny):
     _, ws = tiny("llama")
     turn1, turn2, other = mixed_prompts(3, seed=9)
-    turn1, other = (turn1 * 5)[:60], (other * 9)[:150]
+    turn1, other = (turn1 * 60)[:60], (other * 150)[:150]
     llm = LLM(ws, dtype="fp32", num_kv_blocks=12, cache_block_seq_len=16, enable_prefix_caching=False, quiet=True)
     try:
         a = llm.generate(turn1, GREEDY, session_ids=["s"])  # the session keeps 5 blocks
