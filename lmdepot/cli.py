@@ -70,6 +70,8 @@ def _register_subsystems():
     from lmdepot.registry.cli import registry
 
     main.add_command(registry)
+    from lmdepot.runtime.cli import register as register_runtime
+    register_runtime(main)
 
 
 _register_subsystems()

@@ -21,8 +21,8 @@ class Completion:
 
 
 def encode_prompt(tokenizer, prompt, chat_template: bool) -> list[int]:
-    """str -> token ids (through the chat template when asked); a list of ids passes through."""
-    if not isinstance(prompt, str):
+    """str or messages -> token ids (through the chat template when asked); a list of ids passes through."""
+    if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
         return list(prompt)
     if chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

@@ -50,8 +50,8 @@ class ModelRunner:
         _, hkv = cfg.heads_of_rank()
         shape = (self.num_blocks, self.block_size, hkv, cfg.size_per_head)
         for layer in self.model.layers:
-            layer.attention.k_cache = torch.zeros(shape, dtype=self.dtype)
-            layer.attention.v_cache = torch.zeros(shape, dtype=self.dtype)
+            layer.attention.k_cache = torch.empty(shape, dtype=self.dtype)  # pages commit on first write
+            layer.attention.v_cache = torch.empty(shape, dtype=self.dtype)
 
     def _size_cache(self, ecfg: EngineConfig) -> int:
         block = kv_block_bytes(self.cfg, self.block_size, self.dtype)
