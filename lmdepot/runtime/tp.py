@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,9 @@ def init(rank_: int, size: int, port: int, device: str = "cpu") -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, rank=rank_, world_size=size, init_method=f"tcp://127.0.0.1:{port}")
+    # A rank that dies while loading must not leave the others waiting for half an hour.
+    dist.init_process_group(backend, rank=rank_, world_size=size, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=timedelta(seconds=int(os.environ.get("LMDEPOT_TP_TIMEOUT", "120"))))
 
 
 def shutdown() -> None:
@@ -69,6 +72,7 @@ def worker_main(rank_: int, size: int, port: int, source: str, engine_cfg) -> No
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     init(rank_, size, port, engine_cfg.device)
     try:
+        engine_cfg.quiet = True
         runner = ModelRunner(source, engine_cfg, rank_)
         while True:
             meta = broadcast_object()
