@@ -44,3 +44,21 @@ def test_a_rank_loads_only_its_own_files(tiny, tmp_path):
     hq, hkv = w.cfg.heads_of_rank()
     assert w.layers[0]["attention.w_qkv.weight"].shape == (64, (hq + 2 * hkv) * 16)
     assert w.globals["tok_embeddings.weight"].shape == (80, 64)   # half the vocab rows
+
+
+def test_generate_cli_with_tp2(tiny):
+    import os
+    import subprocess
+    import sys
+
+    _, ws1 = tiny("qwen2")
+    _, ws2 = tiny("qwen2", tp=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    outs = []
+    for ws, tp in ((ws1, 1), (ws2, 2)):
+        r = subprocess.run([sys.executable, "-m", "lmdepot.cli", "generate", str(ws), "--tp", str(tp), "--prompt",
+                            "w7 w8 w9 w10 w11", "--no-chat-template", "--temperature", "0", "--max-new-tokens", "8",
+                            "--cache-max-entry-count", "0.01"], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1] and len(outs[0].split()) == 8
