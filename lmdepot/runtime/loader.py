@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,13 @@ def resolve_workspace(source: str | Path, rank: int = 0) -> Path:
     except ImportError:
         raise RuntimeLoadError(f"{source}: looks like a registry ref, but this lmdepot has no registry"
                                " client (lmdepot.registry.Registry)") from None
+    url = os.environ.get("LMDEPOT_REGISTRY")
     try:
-        return Path(Registry().pull(str(source), rank=rank))
+        registry = Registry(url) if url else Registry()
+    except TypeError:
+        raise RuntimeLoadError(f"{source}: set LMDEPOT_REGISTRY to the registry URL to pull registry refs") from None
+    try:
+        return Path(registry.pull(str(source), rank=rank))
     except LmdepotError:
         raise
     except (FileNotFoundError, KeyError) as exc:

@@ -118,3 +118,18 @@ def test_evicted_session_is_recomputed_from_its_tokens(tiny):
     finally:
         llm.close()
     assert b.token_ids == one_by_one(ws, [turn1 + a.token_ids + turn2])[0]
+
+
+def test_smollm2_batch_of_16_chat_prompts_matches_one_at_a_time(smol_llm):
+    topics = ["the moon", "bread", "rivers", "chess", "volcanoes", "owls", "jazz", "glass", "tides", "maps",
+              "bees", "clocks", "salt", "comets", "bridges", "tea"]
+    prompts = [f"Tell me one fact about {t}." + " Please be brief." * (i % 5) for i, t in enumerate(topics)]
+    params = SamplingParams(max_tokens=10, temperature=0)
+    bm = smol_llm.engine.bm
+    bm.prefix_caching = False   # the batched run must prefill for real, not hit the sequential runs' blocks
+    try:
+        alone = [smol_llm.generate(p, params, use_chat_template=True).token_ids for p in prompts]
+        together = smol_llm.generate(prompts, params, use_chat_template=True)
+    finally:
+        bm.prefix_caching = True
+    assert [o.token_ids for o in together] == alone
