@@ -45,23 +45,11 @@ def _check_quant_policy(quant_policy: int) -> None:
 
 
 def _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count):
-    from lmdepot.formats.config import WorkspaceConfig  # noqa: F401  (fail early on import problems)
     from lmdepot.runtime.llm import LLM
 
     _check_quant_policy(quant_policy)
-    if tp is None:
-        tp = _workspace_tp(model)
+    # tp None: the workspace's own tensor_para_size
     return LLM(model, tp=tp, session_len=session_len, dtype=dtype, cache_max_entry_count=cache_max_entry_count)
-
-
-def _workspace_tp(model) -> int:
-    """--tp defaults to the workspace's own tensor_para_size (read without loading any weights)."""
-    from pathlib import Path
-
-    from lmdepot.formats.config import WorkspaceConfig
-
-    path = Path(model) / "config.ini"
-    return WorkspaceConfig.read(path).tensor_para_size if path.is_file() else 1
 
 
 def _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
@@ -115,6 +103,8 @@ def _read_turn(prompt: str) -> str | None:
         line = line.rstrip("\n")
         if line == "" and lines:
             return "\n".join(lines)
+        if line.strip() == "exit" and not lines:
+            return "exit"  # quitting needs no second enter
         if line != "" or lines:
             lines.append(line)
 
@@ -135,7 +125,7 @@ def chat(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, tem
     try:
         while True:
             text = _read_turn("\ndouble enter to end input >>> ")
-            if text is None or text.strip() == "exit":
+            if text is None or text.strip() == "exit" or text.startswith("exit\n"):
                 break
             history = engine.scheduler.sessions[session].token_ids if session in engine.scheduler.sessions else []
             messages.append({"role": "user", "content": text})

@@ -11,7 +11,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 @dataclass
 class EngineConfig:
-    tp: int = 1
+    tp: int | None = None                # None: the workspace's tensor_para_size
     dtype: str = "auto"                  # auto | fp16 | bf16 | fp32 (compute and KV dtype)
     session_len: int | None = None       # None: config.ini session_len
     max_batch_size: int | None = None    # None: config.ini max_batch_size

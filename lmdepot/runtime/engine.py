@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lmdepot.errors import LmdepotError
 from lmdepot.formats import layout
 from lmdepot.runtime import tp
 from lmdepot.runtime.block_manager import BlockManager
 from lmdepot.runtime.config import EngineConfig
 from lmdepot.runtime.errors import RequestError, RuntimeLoadError
+from lmdepot.runtime.loader import read_config, resolve_workspace
 from lmdepot.runtime.runner import ModelRunner
 from lmdepot.runtime.sampling import sample
 from lmdepot.runtime.scheduler import Scheduler
@@ -50,14 +52,19 @@ def _eos_ids(workspace: Path, end_id: int) -> set[int]:
 
 class Engine:
     def __init__(self, source, ecfg: EngineConfig | None = None):
-        self.ecfg = ecfg = ecfg or EngineConfig()
-        self.workers = []
+        self.ecfg = ecfg = replace(ecfg or EngineConfig())
+        self.workers, self.runner = [], None
+        workspace = resolve_workspace(source, 0)   # rank 0's files only; workers resolve their own rank
+        if ecfg.tp is None:
+            ecfg.tp = read_config(workspace).tensor_para_size
         if ecfg.tp > 1:
             self._spawn_workers(str(source))
         try:
-            self.runner = ModelRunner(source, ecfg, 0)
-        except BaseException:
-            self._stop_workers()
+            self.runner = ModelRunner(workspace, ecfg, 0)
+        except BaseException as exc:
+            failed = self._stop_workers(error=True)
+            if failed and not isinstance(exc, LmdepotError):
+                raise RuntimeLoadError(failed) from None
             raise
         cfg = self.cfg = self.runner.cfg
         self.tokenizer = load_tokenizer(self.runner.workspace)
@@ -72,8 +79,10 @@ class Engine:
     def _spawn_workers(self, source: str) -> None:
         port = tp.free_port()
         mp = multiprocessing.get_context("spawn")
+        self._errors = mp.SimpleQueue()
         for r in range(1, self.ecfg.tp):
-            p = mp.Process(target=tp.worker_main, args=(r, self.ecfg.tp, port, source, self.ecfg), daemon=True)
+            p = mp.Process(target=tp.worker_main, args=(r, self.ecfg.tp, port, source, self.ecfg, self._errors),
+                           daemon=True)
             p.start()
             self.workers.append(p)
         import torch
@@ -81,19 +90,24 @@ class Engine:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ecfg.tp))
         tp.init(0, self.ecfg.tp, port, self.ecfg.device)
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self, error: bool = False) -> str | None:
+        """Join the workers; with error=True, return the first failed rank's message, if any."""
         for p in self.workers:
-            p.join(timeout=30)
+            p.join(timeout=5 if error else 30)
             if p.is_alive():
                 p.terminate()
+        message = None
+        if self.workers and not self._errors.empty():
+            message = self._errors.get()
         self.workers = []
         tp.shutdown()
+        return message
 
     def close(self) -> None:
         if getattr(self, "runner", None) is not None:
             self.runner.close()
             self.runner = None
-        if self.ecfg.tp > 1:
+        if self.workers:
             self._stop_workers()
 
     # --- requests --------------------------------------------------------------------------------

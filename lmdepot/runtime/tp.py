@@ -65,15 +65,25 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def worker_main(rank_: int, size: int, port: int, source: str, engine_cfg) -> None:
-    """Entry point of ranks 1..N-1 (spawned processes)."""
+def worker_main(rank_: int, size: int, port: int, source: str, engine_cfg, errors=None) -> None:
+    """Entry point of ranks 1..N-1 (spawned processes). Load errors go back to rank 0 through `errors`."""
+    from lmdepot.errors import LmdepotError
     from lmdepot.runtime.runner import ModelRunner
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     init(rank_, size, port, engine_cfg.device)
     try:
         engine_cfg.quiet = True
-        runner = ModelRunner(source, engine_cfg, rank_)
+        try:
+            runner = ModelRunner(source, engine_cfg, rank_)
+        except LmdepotError as exc:
+            if errors is not None:
+                errors.put(f"rank {rank_}: {exc}")
+            raise SystemExit(2) from None
+        except BaseException as exc:
+            if errors is not None:
+                errors.put(f"rank {rank_} failed to load: {type(exc).__name__}: {exc}")
+            raise
         while True:
             meta = broadcast_object()
             if meta is None:

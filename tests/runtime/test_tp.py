@@ -62,3 +62,19 @@ def test_generate_cli_with_tp2(tiny):
         assert r.returncode == 0, r.stderr
         outs.append(r.stdout)
     assert outs[0] == outs[1] and len(outs[0].split()) == 8
+
+
+def test_a_corrupt_file_of_another_rank_is_named(tiny, tmp_path):
+    import pytest
+
+    from lmdepot.errors import LmdepotError
+
+    _, ws2 = tiny("qwen2", tp=2)
+    ws = tmp_path / "ws"
+    shutil.copytree(ws2, ws)
+    path = ws / "weights/layers.1.1.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x55
+    path.write_bytes(bytes(data))
+    with pytest.raises(LmdepotError, match=r"rank 1: .*weights/layers\.1\.1\.safetensors.*corrupt"):
+        LLM(ws, dtype="fp32", num_kv_blocks=8, quiet=True)   # tp comes from the workspace
