@@ -23,6 +23,8 @@ def _runtime_options(fn):
                      show_default=True, help="Compute/KV dtype (auto: bf16 for bf16 weights, else fp32 on CPU)."),
         click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
                      help="Fraction of free memory (CPU: of the budget) after weights given to KV blocks."),
+        click.option("--memory-budget", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True),
+                     help="CPU only: GiB for weights + KV cache; KV gets cache_max_entry_count of what weights leave."),
         click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(0),
                      help="0 means greedy."),
         click.option("--top-p", default=0.8, show_default=True, type=click.FloatRange(0, 1, min_open=True)),
@@ -44,12 +46,13 @@ def _check_quant_policy(quant_policy: int) -> None:
         raise RuntimeLoadError(f"--quant-policy {quant_policy} is not one of 0, 4, 8")
 
 
-def _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count):
+def _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget):
     from lmdepot.runtime.llm import LLM
 
     _check_quant_policy(quant_policy)
     # tp None: the workspace's own tensor_para_size
-    return LLM(model, tp=tp, session_len=session_len, dtype=dtype, cache_max_entry_count=cache_max_entry_count)
+    return LLM(model, tp=tp, session_len=session_len, dtype=dtype, cache_max_entry_count=cache_max_entry_count,
+               cpu_memory_budget=int(memory_budget * 2**30))
 
 
 def _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
@@ -78,12 +81,12 @@ def _stream(engine, ids, params, session_id=None) -> None:
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @_runtime_options
 def generate(model, prompt, no_chat_template, tp, session_len, quant_policy, dtype, cache_max_entry_count,
-             temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
+             memory_budget, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
     """Complete one prompt; prints only the completion. MODEL: workspace dir or NAME:TAG."""
     from lmdepot.runtime.llm import encode_prompt
 
     params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
-    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count)
+    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget)
     try:
         ids = encode_prompt(llm.tokenizer, prompt, chat_template=not no_chat_template)
         _stream(llm.engine, ids, params)
@@ -112,20 +115,20 @@ def _read_turn(prompt: str) -> str | None:
 @click.command()
 @click.argument("model")
 @_runtime_options
-def chat(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, temperature, top_p, top_k,
+def chat(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget, temperature, top_p, top_k,
          repetition_penalty, max_new_tokens, seed):
     """Interactive chat; end an input with a double enter, `exit` quits. MODEL: workspace dir or NAME:TAG."""
     from lmdepot.runtime.llm import encode_prompt
 
     params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
-    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count)
+    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget)
     engine, tok = llm.engine, llm.tokenizer
     messages: list[dict] = []
     session = 0
     try:
         while True:
             text = _read_turn("\ndouble enter to end input >>> ")
-            if text is None or text.strip() == "exit" or text.startswith("exit\n"):
+            if text is None or text.strip() == "exit":
                 break
             history = engine.scheduler.sessions[session].token_ids if session in engine.scheduler.sessions else []
             messages.append({"role": "user", "content": text})
