@@ -90,11 +90,18 @@ class AsyncLLM:
                 if self._closed:
                     return
                 inbox, self._inbox = self._inbox, []
-            for action in inbox:
-                action()
-            if self.engine.has_unfinished():
-                for out in self.engine.step():
-                    self._deliver(out)
+            try:
+                for action in inbox:
+                    action()
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        self._deliver(out)
+            except BaseException as exc:  # a dead engine must not leave its callers waiting forever
+                for loop, queue in self._queues.values():
+                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                self._queues.clear()
+                self._closed = True
+                return
 
     def _deliver(self, out: StepOutput) -> None:
         target = self._queues.get(out.seq_id)
@@ -130,6 +137,9 @@ class AsyncLLM:
         try:
             while not finished:
                 out = await queue.get()
+                if isinstance(out, BaseException):
+                    finished = True
+                    raise out
                 finished = out.finished
                 yield out
         finally:

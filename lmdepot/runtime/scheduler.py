@@ -12,6 +12,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from lmdepot.runtime.block_manager import BlockManager
+from lmdepot.runtime.errors import RequestError
 from lmdepot.runtime.sequence import Sequence, Status
 
 
@@ -46,7 +47,7 @@ class Scheduler:
     def open_session(self, session_id) -> Session:
         """Take a session out of the idle pool for a new turn (it cannot be evicted while in use)."""
         if session_id in self.active_sessions:
-            raise ValueError(f"session {session_id!r} already has a request in flight")
+            raise RequestError(f"session {session_id!r} already has a request in flight")
         self.active_sessions.add(session_id)
         return self.sessions.pop(session_id, None) or Session()
 
