@@ -17,12 +17,16 @@ def tiny(tmp_path_factory):
     """kind -> (HF reference model, fp16 workspace tp=1); built once per session, lazily."""
     cache = {}
 
-    def get(kind: str, tp: int = 1):
-        if (kind, tp) not in cache:
-            root = tmp_path_factory.mktemp(f"{kind}-tp{tp}")
-            model = build_hf(kind, root / "hf")
-            cache[(kind, tp)] = (model, convert(root / "hf", root / "ws", tp=tp))
-        return cache[(kind, tp)]
+    def get(kind: str, tp: int = 1, dtype: str = "fp16"):
+        if kind not in cache:
+            root = tmp_path_factory.mktemp(kind)
+            cache[kind] = (build_hf(kind, root / "hf"), root)
+        model, root = cache[kind]
+        if (kind, tp, dtype) not in cache:
+            cache[(kind, tp, dtype)] = convert(root / "hf", root / f"ws-tp{tp}-{dtype}", tp=tp, dtype=dtype)
+        return model, cache[(kind, tp, dtype)]
+
+    get.hf_dir = lambda kind: cache[kind][1] / "hf"
 
     return get
 

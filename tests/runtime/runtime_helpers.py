@@ -71,6 +71,7 @@ def build_hf(kind: str, dst: Path, seed: int = 0):
     dst.mkdir(parents=True, exist_ok=True)
     if kind == "internlm2":
         _save_internlm2(model, dst)
+        model.save_pretrained(dst / "llama-reference", safe_serialization=True)
     else:
         model.save_pretrained(dst, safe_serialization=True)
     tiny_tokenizer(dst)
@@ -102,6 +103,12 @@ def _save_internlm2(model, dst: Path) -> None:
     conf = cfg.to_dict()
     conf.update(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False)
     (dst / "config.json").write_text(json.dumps(conf, indent=2))
+
+
+def reference_dir(hf_dir: Path) -> Path:
+    """The directory AutoModelForCausalLM can load as the reference for a checkpoint built by build_hf."""
+    ref = Path(hf_dir) / "llama-reference"
+    return ref if ref.is_dir() else Path(hf_dir)
 
 
 def convert(src: Path, dst: Path, tp: int = 1, dtype: str = "fp16", **kw) -> Path:

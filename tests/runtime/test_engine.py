@@ -1,5 +1,6 @@
 """Engine behaviour: batching, chunked prefill, prefix cache, preemption and sessions keep tokens exact."""
 
+import pytest
 import torch
 
 from lmdepot.runtime.llm import LLM
@@ -23,8 +24,9 @@ def one_by_one(ws, prompts, params=GREEDY):
         llm.close()
 
 
-def test_continuous_batching_with_chunked_prefill_matches_sequential(tiny):
-    _, ws = tiny("llama")
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_continuous_batching_with_chunked_prefill_matches_sequential(tiny, kind):
+    _, ws = tiny(kind)
     prompts = mixed_prompts()
     expected = one_by_one(ws, prompts)
     # 8 slots for 16 requests and a 40-token step budget: requests join as others finish, long

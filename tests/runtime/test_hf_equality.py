@@ -34,6 +34,26 @@ def test_tiny_prefill_and_decode_match_hf(tiny, kind):
         llm.close()
 
 
+@pytest.mark.parametrize("kind", ARCHS)
+def test_tiny_bf16_greedy_matches_hf(tiny, kind):
+    from transformers import AutoModelForCausalLM
+
+    from runtime_helpers import reference_dir
+
+    _, ws = tiny(kind, dtype="bf16")
+    hf = AutoModelForCausalLM.from_pretrained(reference_dir(tiny.hf_dir(kind)), dtype=torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 160, (int(n),), generator=gen).tolist()
+               for n in torch.randint(4, 40, (8,), generator=gen)]
+    llm = LLM(ws, dtype="bf16", num_kv_blocks=16, cache_block_seq_len=16, max_batch_size=1, quiet=True)
+    try:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    finally:
+        llm.close()
+    for ids, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(hf, ids, 32)
+
+
 def test_smollm2_fp32_prefill_matches_hf(smol_llm, smol_hf):
     ids = smol_llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)
     ours = prefill_logits(smol_llm.engine, ids)

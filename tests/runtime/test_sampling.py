@@ -141,3 +141,14 @@ def test_async_generate_streams_and_cancels(tiny):
         assert allm.engine.bm.num_free == allm.engine.bm.num_blocks and not allm.engine.seqs
     finally:
         allm.close()
+
+
+def test_streamed_deltas_add_up_to_the_stopped_text(llm):
+    base = llm.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    stop = " ".join(base.text.split()[6:8])
+    engine = llm.engine
+    seq = engine.add_request(PROMPT, SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True))
+    streamed = ""
+    while not seq.finished:
+        streamed += "".join(o.text for o in engine.step() if o.seq_id == seq.id)
+    assert streamed == seq.text == base.text[:base.text.index(stop)]
