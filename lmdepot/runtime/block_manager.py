@@ -61,6 +61,7 @@ class BlockManager:
                 break
             self._take(bid)
             seq.block_table.append(bid)
+            seq.block_hashes.append(parent)
             self.hits += 1
         seq.num_computed = len(seq.block_table) * bs
 
@@ -68,10 +69,11 @@ class BlockManager:
         """Publish the hashes of the sequence's blocks that became full this step."""
         if not self.prefix_caching:
             return
-        bs, parent = self.block_size, None
-        for i in range(seq.num_computed // bs):
+        bs, hashes = self.block_size, seq.block_hashes
+        for i in range(len(hashes), seq.num_computed // bs):  # only blocks that filled since last time
             tokens = seq.token_ids[i * bs:(i + 1) * bs]
-            parent = chain_hash(parent, tokens)
+            parent = chain_hash(hashes[-1] if hashes else None, tokens)
+            hashes.append(parent)
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 block.hash, block.tokens = parent, tuple(tokens)
@@ -105,5 +107,5 @@ class BlockManager:
 
     def free_seq(self, seq: Sequence) -> None:
         self.release(seq.block_table)
-        seq.block_table = []
+        seq.block_table, seq.block_hashes = [], []
         seq.num_computed = 0

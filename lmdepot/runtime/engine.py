@@ -55,8 +55,8 @@ class Engine:
         self.ecfg = ecfg = replace(ecfg or EngineConfig())
         self.workers, self.runner = [], None
         workspace = resolve_workspace(source, 0)   # rank 0's files only; workers resolve their own rank
-        if ecfg.tp is None:
-            ecfg.tp = read_config(workspace).tensor_para_size
+        # Checked before spawning anything: a wrong --tp must fail fast, in one line.
+        ecfg.tp = read_config(workspace, ecfg.tp).tensor_para_size
         if ecfg.tp > 1:
             self._spawn_workers(str(source))
         try:
@@ -66,13 +66,17 @@ class Engine:
             if failed and not isinstance(exc, LmdepotError):
                 raise RuntimeLoadError(failed) from None
             raise
-        cfg = self.cfg = self.runner.cfg
-        self.tokenizer = load_tokenizer(self.runner.workspace)
-        self.session_len = ecfg.session_len or cfg.session_len
-        self.eos_ids = _eos_ids(self.runner.workspace, cfg.end_id)
-        self.bm = BlockManager(self.runner.num_blocks, self.runner.block_size, ecfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.bm, ecfg.max_batch_size or cfg.max_batch_size,
-                                   max(ecfg.max_num_batched_tokens, self.runner.block_size))
+        try:
+            cfg = self.cfg = self.runner.cfg
+            self.tokenizer = load_tokenizer(self.runner.workspace)
+            self.session_len = ecfg.session_len or cfg.session_len
+            self.eos_ids = _eos_ids(self.runner.workspace, cfg.end_id)
+            self.bm = BlockManager(self.runner.num_blocks, self.runner.block_size, ecfg.enable_prefix_caching)
+            self.scheduler = Scheduler(self.bm, ecfg.max_batch_size or cfg.max_batch_size,
+                                       ecfg.max_num_batched_tokens)
+        except BaseException:
+            self.close()  # workers would otherwise wait for a step that never comes
+            raise
         self.seqs: dict[int, Sequence] = {}
 
     # --- tensor-parallel workers ----------------------------------------------------------------

@@ -47,6 +47,7 @@ class Sequence:
         self.num_history = num_history         # tokens of earlier turns, not part of this request's output
         self.num_computed = 0                  # leading tokens whose KV is in this sequence's blocks
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []      # chained hashes of the leading full blocks, once published
         self.params = params
         self.session_id = session_id
         self.status = Status.WAITING
