@@ -135,3 +135,25 @@ def test_smollm2_batch_of_16_chat_prompts_matches_one_at_a_time(smol_llm):
     finally:
         bm.prefix_caching = True
     assert [o.token_ids for o in together] == alone
+
+
+def test_running_sequences_share_prefix_blocks(tiny):
+    _, ws = tiny("llama")
+    shared = list(range(3, 53))   # 3 full blocks of 16, plus 2 tokens
+    prompts = [shared + [60, 61], shared + [70]]
+    expected = one_by_one(ws, prompts)
+    llm = LLM(ws, dtype="fp32", num_kv_blocks=32, cache_block_seq_len=16, quiet=True)
+    engine = llm.engine
+    try:
+        a = engine.add_request(prompts[0], GREEDY)
+        engine.step()                          # a's prompt is computed and its full blocks published
+        b = engine.add_request(prompts[1], GREEDY)
+        engine.step()
+        assert a.block_table[:3] == b.block_table[:3]
+        assert [engine.bm.blocks[i].ref for i in a.block_table[:3]] == [2, 2, 2]
+        while engine.has_unfinished():
+            engine.step()
+        assert [a.output_ids, b.output_ids] == expected
+        assert engine.bm.num_free == engine.bm.num_blocks
+    finally:
+        llm.close()
