@@ -60,8 +60,21 @@ def rope_inv_freq(cfg: WorkspaceConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
         inv = torch.where(medium, smoothed, scaled)
-    # "dynamic" (NTK) only changes frequencies past max_position_embeddings, which session_len never exceeds.
     return inv
+
+
+def dynamic_ntk_inv_freq(cfg: WorkspaceConfig, seq_len: int) -> torch.Tensor:
+    """HF's dynamic NTK frequencies for a sequence of seq_len > max_position_embeddings tokens.
+
+    Computed with the same tensor dtypes as transformers (seq_len is an int64 tensor there), so the
+    float32 rounding matches too.
+    """
+    dim = cfg.rotary_embedding or cfg.size_per_head
+    n = torch.tensor(seq_len, dtype=torch.int64)
+    n = torch.maximum(n, torch.tensor(cfg.max_position_embeddings, dtype=torch.int64))
+    factor = cfg.rope_scaling_factor
+    base = cfg.rope_theta * ((factor * n / cfg.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
 class Attention(nn.Module):
@@ -137,10 +150,23 @@ class LlamaModel(nn.Module):
         h = self.tok_embeddings[local.clamp(0, self.tok_embeddings.shape[0] - 1)] * inside[:, None]
         return tp.all_reduce(h)
 
+    def rope(self, positions: torch.Tensor):
+        cfg = self.cfg
+        ctx = get_context()
+        if cfg.rope_scaling_type != "dynamic" or all(s.ctx_len <= cfg.max_position_embeddings for s in ctx.seqs):
+            return ops.rope_cos_sin(self.inv_freq, positions, self.dtype)
+        # Dynamic NTK: a sequence past max_position_embeddings gets frequencies stretched for its current
+        # length; new tokens use them, cached keys keep the ones they were rotated with (as in HF).
+        parts = []
+        for s in ctx.seqs:
+            inv = self.inv_freq if s.ctx_len <= cfg.max_position_embeddings else dynamic_ntk_inv_freq(cfg, s.ctx_len)
+            parts.append(ops.rope_cos_sin(inv, positions[s.q_start:s.q_start + s.q_len], self.dtype))
+        return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)
-        cos, sin = ops.rope_cos_sin(self.inv_freq, positions, self.dtype)
+        cos, sin = self.rope(positions)
         for layer in self.layers:
             h = layer(h, cos, sin)
         return h

@@ -9,7 +9,7 @@ from runtime_helpers import build_hf, convert
 torch.set_num_threads(1)
 os.environ.setdefault("LMDEPOT_CACHE", "/tmp/lmcache")
 
-ARCHS = ("llama", "mistral", "qwen2", "internlm2", "llama3_rope", "linear_rope")
+ARCHS = ("llama", "mistral", "qwen2", "internlm2", "llama3_rope", "linear_rope", "dynamic_rope")
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,9 @@ def build_hf(kind: str, dst: Path, seed: int = 0):
     elif kind == "linear_rope":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**_llama_config(
             rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})))
+    elif kind == "dynamic_rope":  # max_position_embeddings 32: the tests run past it
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**_llama_config(max_position_embeddings=32, rope_parameters={
+            "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})))
     elif kind == "mistral":
         model = tf.MistralForCausalLM(tf.MistralConfig(**_llama_config(sliding_window=16)))
     elif kind == "qwen2":
@@ -127,6 +130,11 @@ def prefill_logits(engine, ids: list[int]) -> torch.Tensor:
 
 
 def hf_greedy(model, ids: list[int], steps: int) -> list[int]:
+    rot = model.model.rotary_emb
+    if rot.rope_type == "dynamic":
+        # HF's dynamic RoPE keeps the longest length seen across calls; each request starts afresh here
+        rot.inv_freq = rot.original_inv_freq.clone()
+        rot.max_seq_len_cached = rot.original_max_seq_len
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
                              pad_token_id=0, eos_token_id=None)

@@ -21,7 +21,8 @@ def test_tiny_prefill_and_decode_match_hf(tiny, kind):
     hf, ws = tiny(kind)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 160, (40,), generator=gen).tolist()
-    llm = LLM(ws, dtype="fp32", num_kv_blocks=8, cache_block_seq_len=8, quiet=True)
+    # session_len 128: dynamic_rope's max_position_embeddings is 32 and its scaling must kick in
+    llm = LLM(ws, dtype="fp32", num_kv_blocks=8, cache_block_seq_len=8, session_len=128, quiet=True)
     try:
         ours = prefill_logits(llm.engine, ids)
         with torch.no_grad():
@@ -45,7 +46,8 @@ def test_tiny_bf16_greedy_matches_hf(tiny, kind):
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 160, (int(n),), generator=gen).tolist()
                for n in torch.randint(4, 40, (8,), generator=gen)]
-    llm = LLM(ws, dtype="bf16", num_kv_blocks=16, cache_block_seq_len=16, max_batch_size=1, quiet=True)
+    llm = LLM(ws, dtype="bf16", num_kv_blocks=16, cache_block_seq_len=16, max_batch_size=1, session_len=128,
+              quiet=True)
     try:
         outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
     finally:
