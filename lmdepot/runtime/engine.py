@@ -13,7 +13,7 @@ from lmdepot.formats import layout
 from lmdepot.runtime import tp
 from lmdepot.runtime.block_manager import BlockManager
 from lmdepot.runtime.config import EngineConfig
-from lmdepot.runtime.errors import RequestError, RuntimeLoadError
+from lmdepot.runtime.errors import CacheFullError, RequestError, RuntimeLoadError
 from lmdepot.runtime.loader import read_config, resolve_workspace
 from lmdepot.runtime.runner import ModelRunner
 from lmdepot.runtime.sampling import sample
@@ -180,6 +180,8 @@ class Engine:
             self.scheduler.finish(seq)
             outputs.append(StepOutput(seq.id, None, "", True, "length"))
         if not batch:
+            if not outputs and self.has_unfinished():  # would spin forever; never expected
+                raise CacheFullError("the scheduler could not place any waiting request in the KV cache")
             return outputs
         meta, sampled = self._metadata(batch)
         logits = self.runner.run(meta)

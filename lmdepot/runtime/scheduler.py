@@ -112,6 +112,10 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             while self.bm.num_free < self.bm.blocks_needed(seq, n) and self._evict_session():
                 pass
+            if self.bm.num_free < self.bm.blocks_needed(seq, n) and not self.running and not batch:
+                for other in self.waiting:  # a queued session turn may sit on its history's blocks
+                    if other is not seq and other.block_table:
+                        self.bm.free_seq(other)
             if self.bm.num_free < self.bm.blocks_needed(seq, n):
                 if not self.running and not batch:
                     self.waiting.popleft()
