@@ -140,7 +140,7 @@ class LlamaModel(nn.Module):
         self.output = self.tok_embeddings if cfg.tie_word_embeddings else g[layout.LM_HEAD].to(dtype)
         self.vocab_start = weights.rank * self.tok_embeddings.shape[0]
         self.layers = nn.ModuleList(DecoderLayer(cfg, t, dtype) for t in weights.layers)
-        self.inv_freq = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # not a weight: not in model_bytes
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if tp.world_size() == 1:

@@ -55,7 +55,7 @@ class ModelRunner:
 
     def _size_cache(self, ecfg: EngineConfig) -> int:
         block = kv_block_bytes(self.cfg, self.block_size, self.dtype)
-        weights = model_bytes(self.model)
+        weights = self.weight_bytes = model_bytes(self.model)
         if ecfg.num_kv_blocks is not None:
             n = ecfg.num_kv_blocks
         else:
