@@ -25,8 +25,6 @@ def tiny_tokenizer(dst: Path) -> None:
 
 
 def _llama_config(**over):
-    from transformers import LlamaConfig
-
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1,
               eos_token_id=2, tie_word_embeddings=False)

@@ -6,8 +6,6 @@ import torch
 from conftest import ARCHS
 from runtime_helpers import hf_greedy, prefill_logits
 
-from lmdepot.runtime.engine import Engine
-from lmdepot.runtime.config import EngineConfig
 from lmdepot.runtime.llm import LLM
 from lmdepot.runtime.sequence import SamplingParams
 

@@ -5,8 +5,6 @@ import asyncio
 import pytest
 import torch
 
-from runtime_helpers import prefill_logits
-
 from lmdepot.runtime.llm import AsyncLLM, LLM
 from lmdepot.runtime.sampling import apply_penalties, filter_logits
 from lmdepot.runtime.sequence import SamplingParams, Sequence

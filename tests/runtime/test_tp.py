@@ -2,8 +2,6 @@
 
 import shutil
 
-import torch
-
 from runtime_helpers import prefill_logits
 
 from lmdepot.runtime.llm import LLM
