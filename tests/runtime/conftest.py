@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -7,9 +5,7 @@ from runtime_helpers import build_hf, convert
 
 # Tiny matmuls on a shared 2-core box: one thread avoids oversubscription stalls (20x here).
 torch.set_num_threads(1)
-os.environ.setdefault("LMDEPOT_CACHE", "/tmp/lmcache")
 
-ARCHS = ("llama", "mistral", "qwen2", "internlm2", "llama3_rope", "linear_rope", "dynamic_rope")
 
 
 @pytest.fixture(scope="session")

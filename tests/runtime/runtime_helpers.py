@@ -10,6 +10,7 @@ import torch
 from lmdepot.convert.converter import ConvertOptions, convert_model
 
 VOCAB = 160
+ARCHS = ("llama", "mistral", "qwen2", "internlm2", "llama3_rope", "linear_rope", "dynamic_rope")
 
 
 def tiny_tokenizer(dst: Path) -> None:

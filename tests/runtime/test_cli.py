@@ -10,7 +10,7 @@ import pytest
 from lmdepot.runtime.llm import encode_prompt
 from lmdepot.runtime.sequence import SamplingParams
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "LMDEPOT_CACHE": "/tmp/lmcache"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
 GREEDY = ["--temperature", "0", "--max-new-tokens", "24", "--cache-max-entry-count", "0.05"]
 
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from conftest import ARCHS
-from runtime_helpers import hf_greedy, prefill_logits
+from runtime_helpers import ARCHS, hf_greedy, prefill_logits
 
 from lmdepot.runtime.llm import LLM
 from lmdepot.runtime.sequence import SamplingParams
