@@ -69,9 +69,10 @@ def inspect(workspace, verify, as_json):
 def _register_subsystems():
     from lmdepot.bench.cli import bench
     from lmdepot.registry.cli import registry
+    from lmdepot.runtime.cli import chat, generate
 
-    main.add_command(registry)
-    main.add_command(bench)
+    for command in (registry, generate, chat, bench):
+        main.add_command(command)
 
 
 _register_subsystems()

@@ -1,0 +1,153 @@
+"""`lmdepot generate` and `lmdepot chat`: the runtime from the command line.
+
+Only the completion goes to stdout; the KV-cache summary and any progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from lmdepot.runtime.errors import RequestError, RuntimeLoadError
+
+
+def _runtime_options(fn):
+    options = [
+        click.option("--tp", default=None, type=click.IntRange(1, 64),
+                     help="Tensor-parallel ranks (must equal the workspace's tensor_para_size)."),
+        click.option("--session-len", default=None, type=click.IntRange(1), help="Max tokens of a session."),
+        click.option("--quant-policy", default=0, show_default=True, type=int,
+                     help="KV cache quantization: 0 only for now (4/8 are not yet supported)."),
+        click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
+                     show_default=True, help="Compute/KV dtype (auto: bf16 for bf16 weights, else fp32 on CPU)."),
+        click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
+                     help="Fraction of free memory (CPU: of the budget) after weights given to KV blocks."),
+        click.option("--memory-budget", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True),
+                     help="CPU only: GiB for weights + KV cache; KV gets cache_max_entry_count of what weights leave."),
+        click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(0),
+                     help="0 means greedy."),
+        click.option("--top-p", default=0.8, show_default=True, type=click.FloatRange(0, 1, min_open=True)),
+        click.option("--top-k", default=40, show_default=True, type=click.IntRange(0)),
+        click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True)),
+        click.option("--max-new-tokens", default=512, show_default=True, type=click.IntRange(1)),
+        click.option("--seed", default=None, type=int, help="Makes sampling reproducible."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _check_quant_policy(quant_policy: int) -> None:
+    if quant_policy in (4, 8):
+        raise RuntimeLoadError(f"--quant-policy {quant_policy} (int{quant_policy} KV cache) is not yet supported;"
+                               " use --quant-policy 0")
+    if quant_policy != 0:
+        raise RuntimeLoadError(f"--quant-policy {quant_policy} is not one of 0, 4, 8")
+
+
+def _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget):
+    from lmdepot.runtime.llm import LLM
+
+    _check_quant_policy(quant_policy)
+    # tp None: the workspace's own tensor_para_size
+    return LLM(model, tp=tp, session_len=session_len, dtype=dtype, cache_max_entry_count=cache_max_entry_count,
+               cpu_memory_budget=int(memory_budget * 2**30))
+
+
+def _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
+    from lmdepot.runtime.sequence import SamplingParams
+
+    return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          repetition_penalty=repetition_penalty, seed=seed)
+
+
+def _stream(engine, ids, params, session_id=None) -> None:
+    seq = engine.add_request(ids, params, session_id=session_id)
+    try:
+        while not seq.finished:
+            for out in engine.step():
+                if out.seq_id == seq.id and out.text:
+                    click.echo(out.text, nl=False)
+                    sys.stdout.flush()
+    except KeyboardInterrupt:
+        engine.abort(seq.id)
+        click.echo(" [interrupted]", nl=False)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Prompt text (a user message, unless --no-chat-template).")
+@click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
+@_runtime_options
+def generate(model, prompt, no_chat_template, tp, session_len, quant_policy, dtype, cache_max_entry_count,
+             memory_budget, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
+    """Complete one prompt; prints only the completion. MODEL: workspace dir or NAME:TAG."""
+    from lmdepot.runtime.llm import encode_prompt
+
+    params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget)
+    try:
+        ids = encode_prompt(llm.tokenizer, prompt, chat_template=not no_chat_template)
+        _stream(llm.engine, ids, params)
+        click.echo()
+    finally:
+        llm.close()
+
+
+def _read_turn(prompt: str) -> str | None:
+    """Lines up to an empty one (a double enter); None at end of input."""
+    click.echo(prompt, nl=False)
+    lines = []
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return None if not lines else "\n".join(lines)
+        line = line.rstrip("\n")
+        if line == "" and lines:
+            return "\n".join(lines)
+        if line.strip() == "exit" and not lines:
+            return "exit"  # quitting needs no second enter
+        if line != "" or lines:
+            lines.append(line)
+
+
+@click.command()
+@click.argument("model")
+@_runtime_options
+def chat(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget, temperature, top_p, top_k,
+         repetition_penalty, max_new_tokens, seed):
+    """Interactive chat; end an input with a double enter, `exit` quits. MODEL: workspace dir or NAME:TAG."""
+    from lmdepot.runtime.llm import encode_prompt
+
+    params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget)
+    engine, tok = llm.engine, llm.tokenizer
+    messages: list[dict] = []
+    session = 0
+    try:
+        while True:
+            text = _read_turn("\ndouble enter to end input >>> ")
+            if text is None or text.strip() == "exit":
+                break
+            history = engine.scheduler.sessions[session].token_ids if session in engine.scheduler.sessions else []
+            messages.append({"role": "user", "content": text})
+            full = encode_prompt(tok, messages, chat_template=True)
+            if full[:len(history)] != history:
+                # the template does not re-render our history token for token: start over from the text
+                engine.end_session(session)
+                session += 1
+                history = []
+            try:
+                _stream(engine, full[len(history):], params, session_id=session)
+            except RequestError as exc:
+                click.echo(f"error: {exc}; starting a new conversation", err=True)
+                engine.end_session(session)
+                session += 1
+                messages = []
+                continue
+            click.echo()
+            reply = engine.scheduler.sessions[session].token_ids[len(full):]
+            messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
+    finally:
+        llm.close()

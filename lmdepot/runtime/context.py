@@ -1,0 +1,43 @@
+"""Per-step attention metadata, set by the model runner and read by the attention layers.
+
+Keeping it out of forward() signatures lets the model stay a plain nn.Module whose forward takes
+only tokens and positions, whatever the batch looks like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SeqSlice:
+    q_start: int      # first row of this sequence in the flat token batch
+    q_len: int        # new tokens computed this step
+    ctx_len: int      # tokens in KV after this step (cached + new)
+    block_table: torch.Tensor   # int64 block ids covering ctx_len
+
+
+@dataclass
+class Context:
+    slot_mapping: torch.Tensor = None     # (T,) cache slot of each new token
+    seqs: list[SeqSlice] = field(default_factory=list)
+    block_size: int = 64
+    sliding_window: int = 0   # 0: full attention
+
+
+_CTX = Context()
+
+
+def set_context(ctx: Context) -> None:
+    global _CTX
+    _CTX = ctx
+
+
+def get_context() -> Context:
+    return _CTX
+
+
+def reset_context() -> None:
+    set_context(Context())

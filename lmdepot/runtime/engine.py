@@ -1,0 +1,232 @@
+"""The engine loop on rank 0: requests in, one scheduled forward per step, tokens out."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from lmdepot.errors import LmdepotError
+from lmdepot.formats import layout
+from lmdepot.runtime import tp
+from lmdepot.runtime.block_manager import BlockManager
+from lmdepot.runtime.config import EngineConfig
+from lmdepot.runtime.errors import CacheFullError, RequestError, RuntimeLoadError
+from lmdepot.runtime.loader import read_config, resolve_workspace
+from lmdepot.runtime.runner import ModelRunner
+from lmdepot.runtime.sampling import sample
+from lmdepot.runtime.scheduler import Scheduler
+from lmdepot.runtime.sequence import SamplingParams, Sequence
+
+
+@dataclass
+class StepOutput:
+    seq_id: int
+    token_id: int | None
+    text: str                   # newly final text since the previous output of this sequence
+    finished: bool
+    finish_reason: str | None = None
+    logprob: dict | None = None
+
+
+def load_tokenizer(workspace: Path):
+    from transformers import AutoTokenizer
+
+    tok_dir = Path(workspace) / layout.TOKENIZER_DIR
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as exc:  # transformers raises many types for a broken tokenizer dir
+        raise RuntimeLoadError(f"{tok_dir}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+
+
+def _eos_ids(workspace: Path, end_id: int) -> set[int]:
+    ids = {end_id}
+    gen = Path(workspace) / layout.TOKENIZER_DIR / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return ids
+
+
+class Engine:
+    def __init__(self, source, ecfg: EngineConfig | None = None):
+        self.ecfg = ecfg = replace(ecfg or EngineConfig())
+        self.workers, self.runner = [], None
+        workspace = resolve_workspace(source, 0)   # rank 0's files only; workers resolve their own rank
+        # Checked before spawning anything: a wrong --tp must fail fast, in one line.
+        ecfg.tp = read_config(workspace, ecfg.tp).tensor_para_size
+        if ecfg.tp > 1:
+            self._spawn_workers(str(source))
+        try:
+            self.runner = ModelRunner(workspace, ecfg, 0)
+        except BaseException as exc:
+            failed = self._stop_workers(error=True)
+            if failed and not isinstance(exc, LmdepotError):
+                raise RuntimeLoadError(failed) from None
+            raise
+        try:
+            cfg = self.cfg = self.runner.cfg
+            self.tokenizer = load_tokenizer(self.runner.workspace)
+            self.session_len = ecfg.session_len or cfg.session_len
+            self.eos_ids = _eos_ids(self.runner.workspace, cfg.end_id)
+            self.bm = BlockManager(self.runner.num_blocks, self.runner.block_size, ecfg.enable_prefix_caching)
+            self.scheduler = Scheduler(self.bm, ecfg.max_batch_size or cfg.max_batch_size,
+                                       ecfg.max_num_batched_tokens)
+        except BaseException:
+            self.close()  # workers would otherwise wait for a step that never comes
+            raise
+        self.seqs: dict[int, Sequence] = {}
+
+    # --- tensor-parallel workers ----------------------------------------------------------------
+    def _spawn_workers(self, source: str) -> None:
+        port = tp.free_port()
+        mp = multiprocessing.get_context("spawn")
+        self._errors = mp.SimpleQueue()
+        for r in range(1, self.ecfg.tp):
+            p = mp.Process(target=tp.worker_main, args=(r, self.ecfg.tp, port, source, self.ecfg, self._errors),
+                           daemon=True)
+            p.start()
+            self.workers.append(p)
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ecfg.tp))
+        tp.init(0, self.ecfg.tp, port, self.ecfg.device)
+
+    def _stop_workers(self, error: bool = False) -> str | None:
+        """Join the workers; with error=True, return the first failed rank's message, if any."""
+        for p in self.workers:
+            p.join(timeout=5 if error else 30)
+            if p.is_alive():
+                p.terminate()
+        message = None
+        if self.workers and not self._errors.empty():
+            message = self._errors.get()
+        self.workers = []
+        tp.shutdown()
+        return message
+
+    def close(self) -> None:
+        if getattr(self, "runner", None) is not None:
+            self.runner.close()
+            self.runner = None
+        if self.workers:
+            self._stop_workers()
+
+    # --- requests --------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, session_id=None) -> Sequence:
+        params = params or SamplingParams()
+        if not prompt_ids and session_id is None:
+            raise RequestError("empty prompt")
+        history = self.scheduler.open_session(session_id) if session_id is not None else None
+        tokens = (history.token_ids if history else []) + list(prompt_ids)
+        try:
+            if len(tokens) >= self.session_len:
+                what = "prompt" if not history or not history.token_ids else "conversation (history + new turn)"
+                raise RequestError(f"{what} of {len(tokens)} tokens does not fit session_len = {self.session_len}"
+                                   " (it must leave room for at least one new token); shorten it or raise"
+                                   " --session-len")
+            if self.bm.blocks_for(len(tokens) + 1) > self.bm.num_blocks:
+                raise RequestError(f"prompt of {len(tokens)} tokens exceeds the KV cache"
+                                   f" ({self.bm.num_blocks * self.bm.block_size} tokens)")
+        except RequestError:
+            if history is not None:
+                self.scheduler.active_sessions.discard(session_id)
+                self.scheduler.sessions[session_id] = history
+            raise
+        seq = Sequence(tokens, params, session_id, num_history=len(history.token_ids) if history else 0)
+        if history is not None:
+            seq.block_table, seq.num_computed = history.block_table, history.num_computed
+        self.seqs[seq.id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq_id: int) -> None:
+        seq = self.seqs.pop(seq_id, None)
+        if seq is not None and not seq.finished:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+
+    def end_session(self, session_id) -> None:
+        self.scheduler.end_session(session_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step ----------------------------------------------------------------------------------
+    def _metadata(self, batch: list[tuple[Sequence, int]]) -> tuple[dict, list[Sequence]]:
+        bs = self.bm.block_size
+        meta = {"tokens": [], "positions": [], "slots": [], "seqs": [], "logit_rows": []}
+        sampled = []
+        for seq, n in batch:
+            start = seq.num_computed
+            positions = range(start, start + n)
+            meta["tokens"] += seq.token_ids[start:start + n]
+            meta["positions"] += list(positions)
+            meta["slots"] += [seq.block_table[p // bs] * bs + p % bs for p in positions]
+            ctx = start + n
+            meta["seqs"].append((n, ctx, seq.block_table[:self.bm.blocks_for(ctx)]))
+            if ctx == len(seq):  # prefill (or decode) complete: its last row predicts the next token
+                meta["logit_rows"].append(len(meta["tokens"]) - 1)
+                sampled.append(seq)
+        return meta, sampled
+
+    def step(self) -> list[StepOutput]:
+        batch, doomed = self.scheduler.schedule()
+        outputs = []
+        for seq in doomed:
+            seq.finish_reason = "length"  # the whole KV cache cannot hold this sequence any longer
+            self.scheduler.finish(seq)
+            outputs.append(StepOutput(seq.id, None, "", True, "length"))
+        if not batch:
+            if not outputs and self.has_unfinished():  # would spin forever; never expected
+                raise CacheFullError("the scheduler could not place any waiting request in the KV cache")
+            return outputs
+        meta, sampled = self._metadata(batch)
+        logits = self.runner.run(meta)
+        for seq, n in batch:
+            seq.num_computed += n
+            self.bm.commit(seq)
+        if sampled:
+            tokens, logprobs = sample(logits, sampled)
+            for seq, tok, lp in zip(sampled, tokens, logprobs):
+                outputs.append(self._append(seq, tok, lp))
+        return outputs
+
+    def _append(self, seq: Sequence, tok: int, lp: dict | None) -> StepOutput:
+        seq.token_ids.append(tok)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        p = seq.params
+        reason = None
+        stop_tok = tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos)
+        if stop_tok:
+            reason = "stop"
+        elif seq.num_output >= p.max_tokens or len(seq) >= self.session_len:
+            reason = "length"
+        text = self._decode(seq, drop_last=stop_tok)
+        hold = 0
+        if p.stop:
+            for s in p.stop:
+                idx = text.find(s, max(0, seq.text_offset - len(s) + 1))
+                if idx >= 0:
+                    text, reason = text[:idx], "stop"
+                    break
+            if reason is None:  # keep back a tail that may still grow into a stop string
+                hold = max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if reason is None and text.endswith("\ufffd"):
+            hold = max(hold, 1)  # an incomplete UTF-8 character: wait for its next bytes
+        final = text if reason else text[:len(text) - hold]
+        delta = final[seq.text_offset:]
+        seq.text_offset = max(seq.text_offset, len(final))
+        seq.text = final
+        if reason:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+            self.seqs.pop(seq.id, None)
+        return StepOutput(seq.id, tok, delta, reason is not None, reason, lp)
+
+    def _decode(self, seq: Sequence, drop_last: bool) -> str:
+        ids = seq.output_ids[:-1] if drop_last else seq.output_ids
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,180 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2, InternLM2) built from config.ini and one rank's tensors.
+
+forward(tokens, positions) works on a flat batch of tokens from many sequences; how they map onto
+sequences and KV blocks comes from the step's Context (see context.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmdepot.formats import layout
+from lmdepot.formats.config import WorkspaceConfig
+from lmdepot.runtime import ops, tp
+from lmdepot.runtime.context import get_context
+from lmdepot.runtime.loader import RankWeights
+
+
+class Linear(nn.Module):
+    """Plain (out, in) weight, or int4 group-quantized weight dequantized by the op."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype, bias: bool = True):
+        super().__init__()
+        self.int4 = f"{prefix}.qweight" in tensors
+        if self.int4:
+            self.qweight = tensors[f"{prefix}.qweight"]
+            self.scales, self.zeros = tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"]
+            self.in_features = None  # set by the owner: padded rows cannot tell it
+        else:
+            self.weight = tensors[f"{prefix}.weight"].t().to(dtype).contiguous()
+        b = tensors.get(f"{prefix}.bias") if bias else None
+        self.bias = None if b is None else b.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4:
+            return ops.linear_int4(x, self.qweight, self.scales, self.zeros, self.in_features, self.bias)
+        return ops.linear(x, self.weight, self.bias)
+
+
+def _linear(t, prefix, dtype, in_features, bias=True) -> Linear:
+    lin = Linear(t, prefix, dtype, bias)
+    lin.in_features = in_features
+    return lin
+
+
+def rope_inv_freq(cfg: WorkspaceConfig) -> torch.Tensor:
+    dim = cfg.rotary_embedding or cfg.size_per_head
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind, factor = cfg.rope_scaling_type, cfg.rope_scaling_factor
+    if kind == "linear":
+        inv = inv / factor
+    elif kind == "llama3":
+        old = cfg.original_max_position_embeddings
+        low_wl, high_wl = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def dynamic_ntk_inv_freq(cfg: WorkspaceConfig, seq_len: int) -> torch.Tensor:
+    """HF's dynamic NTK frequencies for a sequence of seq_len > max_position_embeddings tokens.
+
+    Computed with the same tensor dtypes as transformers (seq_len is an int64 tensor there), so the
+    float32 rounding matches too.
+    """
+    dim = cfg.rotary_embedding or cfg.size_per_head
+    n = torch.tensor(seq_len, dtype=torch.int64)
+    n = torch.maximum(n, torch.tensor(cfg.max_position_embeddings, dtype=torch.int64))
+    factor = cfg.rope_scaling_factor
+    base = cfg.rope_theta * ((factor * n / cfg.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: WorkspaceConfig, t: dict, dtype: torch.dtype):
+        super().__init__()
+        self.hq, self.hkv = cfg.heads_of_rank()
+        self.d = cfg.size_per_head
+        self.rot_dim = cfg.rotary_embedding or self.d
+        self.scale = self.d ** -0.5
+        self.w_qkv = _linear(t, layout.W_QKV, dtype, cfg.hidden_units)
+        self.wo = _linear(t, layout.W_O, dtype, self.hq * self.d, bias=False)
+        b = t.get(f"{layout.W_O}.bias")
+        self.wo_bias = None if b is None else b.to(dtype)  # full on every rank: added once, after the reduce
+        self.k_cache = self.v_cache = None
+
+    def forward(self, x, cos, sin):
+        qkv = self.w_qkv(x)
+        q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q = ops.apply_rope(q.view(-1, self.hq, self.d), cos, sin, self.rot_dim)
+        k = ops.apply_rope(k.view(-1, self.hkv, self.d), cos, sin, self.rot_dim)
+        v = v.view(-1, self.hkv, self.d)
+        ctx = get_context()
+        ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        o = ops.paged_attention(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
+        out = tp.all_reduce(self.wo(o.reshape(o.shape[0], -1)))
+        return out if self.wo_bias is None else out + self.wo_bias
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: WorkspaceConfig, t: dict, dtype: torch.dtype):
+        super().__init__()
+        inter = cfg.inter_size // cfg.tensor_para_size
+        self.w1 = _linear(t, layout.W_GATE, dtype, cfg.hidden_units)
+        self.w3 = _linear(t, layout.W_UP, dtype, cfg.hidden_units)
+        self.w2 = _linear(t, layout.W_DOWN, dtype, inter)
+
+    def forward(self, x):
+        return tp.all_reduce(self.w2(ops.silu_mul(self.w1(x), self.w3(x))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: WorkspaceConfig, t: dict, dtype: torch.dtype):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.attention_norm = t[layout.ATTN_NORM].to(dtype)
+        self.ffn_norm = t[layout.FFN_NORM].to(dtype)
+        self.attention = Attention(cfg, t, dtype)
+        self.feed_forward = FeedForward(cfg, t, dtype)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attention(ops.rms_norm(x, self.attention_norm, self.eps), cos, sin)
+        return x + self.feed_forward(ops.rms_norm(x, self.ffn_norm, self.eps))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, weights: RankWeights, dtype: torch.dtype):
+        super().__init__()
+        cfg = self.cfg = weights.cfg
+        self.dtype = dtype
+        g = weights.globals
+        self.tok_embeddings = g[layout.TOK_EMBEDDINGS].to(dtype)
+        self.norm = g[layout.FINAL_NORM].to(dtype)
+        self.output = self.tok_embeddings if cfg.tie_word_embeddings else g[layout.LM_HEAD].to(dtype)
+        self.vocab_start = weights.rank * self.tok_embeddings.shape[0]
+        self.layers = nn.ModuleList(DecoderLayer(cfg, t, dtype) for t in weights.layers)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # not a weight: not in model_bytes
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tp.world_size() == 1:
+            return self.tok_embeddings[tokens]
+        local = tokens - self.vocab_start
+        inside = (local >= 0) & (local < self.tok_embeddings.shape[0])
+        h = self.tok_embeddings[local.clamp(0, self.tok_embeddings.shape[0] - 1)] * inside[:, None]
+        return tp.all_reduce(h)
+
+    def rope(self, positions: torch.Tensor):
+        cfg = self.cfg
+        ctx = get_context()
+        if cfg.rope_scaling_type != "dynamic" or all(s.ctx_len <= cfg.max_position_embeddings for s in ctx.seqs):
+            return ops.rope_cos_sin(self.inv_freq, positions, self.dtype)
+        # Dynamic NTK: a sequence past max_position_embeddings gets frequencies stretched for its current
+        # length; new tokens use them, cached keys keep the ones they were rotated with (as in HF).
+        parts = []
+        for s in ctx.seqs:
+            inv = self.inv_freq if s.ctx_len <= cfg.max_position_embeddings else dynamic_ntk_inv_freq(cfg, s.ctx_len)
+            parts.append(ops.rope_cos_sin(inv, positions[s.q_start:s.q_start + s.q_len], self.dtype))
+        return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        cos, sin = self.rope(positions)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return h
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + vocab-parallel lm_head, gathered: (n, vocab_size) float32."""
+        h = ops.rms_norm(hidden, self.norm, self.cfg.norm_eps)
+        local = ops.linear(h, self.output, None)
+        full = tp.all_gather_last(local)
+        return full[:, :self.cfg.vocab_size].float()

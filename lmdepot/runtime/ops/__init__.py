@@ -1,0 +1,56 @@
+"""The op layer: every numeric kernel the model calls goes through here.
+
+Ops are plain functions looked up in a table, so another backend (e.g. Triton kernels) can replace
+any of them with `register(name, fn)` without touching the model. The torch reference
+implementations in `reference.py` define the semantics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from lmdepot.runtime.ops import reference
+
+_TABLE: dict[str, Callable] = {
+    name: getattr(reference, name)
+    for name in ("rms_norm", "rope_cos_sin", "apply_rope", "linear", "linear_int4", "silu_mul",
+                 "store_kv", "paged_attention")
+}
+
+
+def register(name: str, fn: Callable) -> None:
+    if name not in _TABLE:
+        raise KeyError(f"unknown op {name}")
+    _TABLE[name] = fn
+
+
+def rms_norm(x, weight, eps):
+    return _TABLE["rms_norm"](x, weight, eps)
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    return _TABLE["rope_cos_sin"](inv_freq, positions, dtype)
+
+
+def apply_rope(x, cos, sin, rot_dim):
+    return _TABLE["apply_rope"](x, cos, sin, rot_dim)
+
+
+def linear(x, weight, bias=None):
+    return _TABLE["linear"](x, weight, bias)
+
+
+def linear_int4(x, qweight, scales, zeros, in_features, bias=None):
+    return _TABLE["linear_int4"](x, qweight, scales, zeros, in_features, bias)
+
+
+def silu_mul(gate, up):
+    return _TABLE["silu_mul"](gate, up)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    return _TABLE["store_kv"](k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
+    return _TABLE["paged_attention"](q, k, v, k_cache, v_cache, ctx, scale)

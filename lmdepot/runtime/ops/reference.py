@@ -1,0 +1,86 @@
+"""Torch reference ops. Numerics follow HF transformers' Llama step by step (same dtypes, same order
+of casts) so that fp32 results match it closely and bf16 greedy decoding matches it token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmdepot.formats.int4 import dequantize_int4
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    freqs = positions[:, None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: int) -> torch.Tensor:
+    """x: (T, heads, head_dim); rotates the first rot_dim dims, HF 'rotate_half' convention."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
+    half = rot_dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos + rotated * sin
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """weight is (out, in), as F.linear wants it: the loader transposes the workspace's (in, out) once."""
+    return F.linear(x, weight, bias)
+
+
+def linear_int4(x, qweight, scales, zeros, in_features, bias):
+    # Dequantizing per call keeps only int4 bytes resident; a fused kernel replaces this on GPU.
+    w = dequantize_int4(qweight, scales, zeros, in_features, dtype=x.dtype)
+    out = x @ w
+    return out if bias is None else out + bias
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Caches are (blocks, block_size, kv_heads, head_dim); a slot is block * block_size + offset."""
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+
+
+def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
+    """q: (T, hq, d) new queries; k/v: (T, hkv, d) new keys, already stored. Returns (T, hq, d)."""
+    out = torch.empty_like(q)
+    bs = ctx.block_size
+    kc, vc = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    gqa = q.shape[1] != k.shape[1]
+    for s in ctx.seqs:
+        qs = q[s.q_start:s.q_start + s.q_len]
+        if s.ctx_len == s.q_len:  # nothing cached: attend over the fresh k/v, like a plain prefill
+            ks, vs = k[s.q_start:s.q_start + s.q_len], v[s.q_start:s.q_start + s.q_len]
+        else:
+            slots = (s.block_table[:, None] * bs + torch.arange(bs)).reshape(-1)[:s.ctx_len]
+            ks, vs = kc[slots], vc[slots]
+        mask, causal = None, s.q_len > 1
+        window = ctx.sliding_window
+        if (causal and s.ctx_len > s.q_len) or (window and s.ctx_len > window):
+            # Queries sit at the end of the context: query i sees keys up to ctx_len - q_len + i,
+            # and with a sliding window only the last `window` of them.
+            qpos = torch.arange(s.ctx_len - s.q_len, s.ctx_len)[:, None]
+            kpos = torch.arange(s.ctx_len)[None, :]
+            mask = kpos <= qpos
+            if window:
+                mask &= kpos > qpos - window
+            causal = False
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                           vs.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
+                                           scale=scale, enable_gqa=gqa)
+        out[s.q_start:s.q_start + s.q_len] = o[0].transpose(0, 1)
+    return out

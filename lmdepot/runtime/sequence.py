@@ -1,0 +1,80 @@
+"""A request's state: its tokens, how many of them have KV, its blocks and its sampling knobs."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0         # 0: greedy
+    top_k: int = 0                   # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF semantics, over the whole context
+    presence_penalty: float = 0.0    # OpenAI semantics, over output
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None      # number of top alternatives to return with each token's logprob
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0 or self.top_k == 1
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, token_ids: list[int], params: SamplingParams, session_id=None, num_history: int = 0):
+        self.id = next(_ids)
+        self.token_ids = list(token_ids)
+        self.num_prompt = len(token_ids)       # includes a session's history
+        self.num_history = num_history         # tokens of earlier turns, not part of this request's output
+        self.num_computed = 0                  # leading tokens whose KV is in this sequence's blocks
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []      # chained hashes of the leading full blocks, once published
+        self.params = params
+        self.session_id = session_id
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.text_offset = 0                   # chars of output text already streamed
+        self.text = ""
+        self.logprobs: list[dict] = []
+        self.error: Exception | None = None
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED

@@ -1,0 +1,152 @@
+"""Sampling knobs, stop conditions, logprobs and the streaming API."""
+
+import asyncio
+
+import pytest
+import torch
+
+from lmdepot.runtime.llm import AsyncLLM, LLM
+from lmdepot.runtime.sampling import apply_penalties, filter_logits
+from lmdepot.runtime.sequence import SamplingParams, Sequence
+
+PROMPT = list(range(20, 52))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    _, ws = tiny("llama")
+    llm = LLM(ws, dtype="fp32", num_kv_blocks=64, cache_block_seq_len=16, quiet=True)
+    yield llm
+    llm.close()
+
+
+def test_filters_keep_exactly_the_allowed_tokens():
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04]))
+    kept = lambda **kw: torch.isfinite(filter_logits(logits.clone(), SamplingParams(**kw))).nonzero().flatten().tolist()
+    assert kept(top_k=2) == [0, 1]
+    assert kept(top_p=0.5) == [0]            # the first token alone reaches 0.5
+    assert kept(top_p=0.8) == [0, 1, 2]      # 0.5 + 0.25 < 0.8, so the third is still needed
+    assert kept(min_p=0.35) == [0, 1]        # keeps p >= 0.35 * 0.5 = 0.175
+    assert kept(min_p=0.2) == [0, 1, 2]      # keeps p >= 0.1
+    assert kept(min_p=0.6) == [0]
+
+
+def test_penalties_follow_hf_and_openai_semantics():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(160, generator=torch.Generator().manual_seed(0))
+    seq = Sequence([5, 6, 7], SamplingParams())
+    seq.token_ids += [7, 9, 9]   # three output tokens
+    p = SamplingParams(repetition_penalty=1.3)
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seq.token_ids]), logits[None].clone())[0]
+    assert torch.equal(apply_penalties(logits.clone(), seq, p), ref)
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits.clone(), seq, p)
+    expect = logits.clone()
+    expect[7] -= 0.5 + 0.25          # once in the output (the prompt's 7 does not count)
+    expect[9] -= 0.5 + 2 * 0.25
+    assert torch.allclose(out, expect)
+
+
+def test_seed_makes_sampling_reproducible_in_any_batch(llm):
+    p = SamplingParams(max_tokens=16, temperature=1.0, top_k=50, top_p=0.95, min_p=0.01, seed=1234, ignore_eos=True)
+    alone = llm.generate(PROMPT, p).token_ids
+    batched = llm.generate([list(range(3, 40)), PROMPT, [9, 8, 7]],
+                           [SamplingParams(max_tokens=5, temperature=1.0, seed=1), p, SamplingParams(max_tokens=30)])
+    assert batched[1].token_ids == alone
+    other = llm.generate(PROMPT, SamplingParams(max_tokens=16, temperature=1.0, top_k=50, seed=99,
+                                                ignore_eos=True)).token_ids
+    assert other != alone
+
+
+def test_degenerate_filters_equal_greedy(llm):
+    greedy = llm.generate(PROMPT, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)).token_ids
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}):
+        p = SamplingParams(max_tokens=10, temperature=1.0, seed=5, ignore_eos=True, **kw)
+        assert llm.generate(PROMPT, p).token_ids == greedy, kw
+
+
+def test_logprobs_with_top_alternatives(llm, tiny):
+    hf, _ = tiny("llama")
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0, logprobs=4, ignore_eos=True))
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPT + out.token_ids])).logits[0].log_softmax(-1)
+    for i, entry in enumerate(out.logprobs):
+        row = ref[len(PROMPT) - 1 + i]
+        assert entry["token"] == out.token_ids[i]
+        assert abs(entry["logprob"] - float(row[entry["token"]])) < 1e-4
+        top = list(entry["top"].items())
+        assert [t for t, _ in top] == torch.topk(row, 4).indices.tolist()
+        assert top[0][0] == entry["token"]   # greedy picks the most likely token
+
+
+def test_stop_conditions(llm):
+    base = llm.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert base.finish_reason == "length" and len(base.token_ids) == 12
+    # a stop token id ends the output on that token
+    stop_tok = base.token_ids[4]
+    first = base.token_ids.index(stop_tok)
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_tok]))
+    assert out.token_ids == base.token_ids[:first + 1] and out.finish_reason == "stop"
+    # a stop string cuts the text right before it
+    words = base.text.split()
+    stop = " ".join(words[5:7])
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True))
+    assert out.text == base.text[:base.text.index(stop)] and out.finish_reason == "stop"
+    # session_len bounds prompt + output
+    small = LLM(llm.engine.runner.workspace, dtype="fp32", num_kv_blocks=8, session_len=len(PROMPT) + 5, quiet=True)
+    try:
+        out = small.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        assert out.token_ids == base.token_ids[:5] and out.finish_reason == "length"
+    finally:
+        small.close()
+
+
+def test_eos_ends_generation(smol_llm):
+    out = smol_llm.generate("What is the capital of France?", SamplingParams(max_tokens=64, temperature=0),
+                            use_chat_template=True)
+    assert out.finish_reason == "stop" and out.token_ids[-1] in smol_llm.engine.eos_ids
+    assert "Paris" in out.text and "<|im_end|>" not in out.text
+
+
+def test_async_generate_streams_and_cancels(tiny):
+    _, ws = tiny("llama")
+    offline = LLM(ws, dtype="fp32", num_kv_blocks=32, cache_block_seq_len=16, quiet=True)
+    p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    expected = [o for o in offline.generate([PROMPT, PROMPT[:7]], p)]
+    offline.close()
+    allm = AsyncLLM(ws, dtype="fp32", num_kv_blocks=32, cache_block_seq_len=16, quiet=True)
+
+    async def collect(prompt, stop_after=None):
+        toks, text = [], ""
+        async for out in allm.generate(prompt, p):
+            toks.append(out.token_id)
+            text += out.text
+            if stop_after and len(toks) == stop_after:
+                break
+        return toks, text
+
+    async def main():
+        both = await asyncio.gather(collect(PROMPT), collect(PROMPT[:7]), collect(list(range(60, 90)), 3))
+        after = await collect(PROMPT[:7])   # runs after the cancellation was processed
+        return both, after
+
+    try:
+        (a, b, cancelled), after = asyncio.run(main())
+        assert (a[0], a[1]) == (expected[0].token_ids, expected[0].text)
+        assert (b[0], b[1]) == (expected[1].token_ids, expected[1].text)
+        assert len(cancelled[0]) == 3 and after[0] == expected[1].token_ids
+        assert allm.engine.bm.num_free == allm.engine.bm.num_blocks and not allm.engine.seqs
+    finally:
+        allm.close()
+
+
+def test_streamed_deltas_add_up_to_the_stopped_text(llm):
+    base = llm.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    stop = " ".join(base.text.split()[6:8])
+    engine = llm.engine
+    seq = engine.add_request(PROMPT, SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True))
+    streamed = ""
+    while not seq.finished:
+        streamed += "".join(o.text for o in engine.step() if o.seq_id == seq.id)
+    assert streamed == seq.text == base.text[:base.text.index(stop)]
