@@ -67,9 +67,11 @@ def inspect(workspace, verify, as_json):
 
 
 def _register_subsystems():
+    from lmdepot.convert.lite_cli import lite
     from lmdepot.registry.cli import registry
 
     main.add_command(registry)
+    main.add_command(lite)
 
 
 _register_subsystems()
