@@ -46,3 +46,22 @@ def dequantized_layer(ws, i: int):
         ranks.append(plain)
     merged = merge_layer(ranks, cfg)
     return {k: v.to(torch.float32) for k, v in merged.items()}
+
+
+@pytest.fixture(autouse=True)
+def _forget_cached_help_options():
+    """click caches each command's help option with the first context's names (`-h, --help` when
+    run through `main`); tests/test_cli_docs.py renders --help without that context and runs after
+    this directory, so drop the caches our CLI invocations leave behind."""
+    yield
+    import click
+
+    from lmdepot.cli import main
+
+    def walk(cmd):
+        cmd._help_option = None
+        if isinstance(cmd, click.Group):
+            for sub in cmd.commands.values():
+                walk(sub)
+
+    walk(main)
