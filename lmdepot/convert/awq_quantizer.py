@@ -97,14 +97,19 @@ class AwqQuantizer:
     def _capture(self, mod) -> dict[str, torch.Tensor]:
         """Inputs of every linear group and the float block outputs, on the search samples."""
         seen: dict[str, list] = {}
-        keep = (lambda name: lambda m, args, *out: seen.setdefault(name, []).append(
-            (out[0][0] if isinstance(out[0], tuple) else out[0]) if out else args[0]))
-        handles = [mod.self_attn.q_proj.register_forward_pre_hook(keep("attn_in")),
-                   mod.self_attn.o_proj.register_forward_pre_hook(keep("o_in")),
-                   mod.mlp.gate_proj.register_forward_pre_hook(keep("ffn_in")),
-                   mod.mlp.down_proj.register_forward_pre_hook(keep("down_in")),
-                   mod.self_attn.register_forward_hook(keep("attn_out")),
-                   mod.mlp.register_forward_hook(keep("mlp_out"))]
+
+        def keep_input(name):
+            return lambda m, args: seen.setdefault(name, []).append(args[0])
+
+        def keep_output(name):  # self_attn returns (output, weights), the MLP a tensor
+            return lambda m, args, out: seen.setdefault(name, []).append(out[0] if isinstance(out, tuple) else out)
+
+        handles = [mod.self_attn.q_proj.register_forward_pre_hook(keep_input("attn_in")),
+                   mod.self_attn.o_proj.register_forward_pre_hook(keep_input("o_in")),
+                   mod.mlp.gate_proj.register_forward_pre_hook(keep_input("ffn_in")),
+                   mod.mlp.down_proj.register_forward_pre_hook(keep_input("down_in")),
+                   mod.self_attn.register_forward_hook(keep_output("attn_out")),
+                   mod.mlp.register_forward_hook(keep_output("mlp_out"))]
         try:
             self.runner.forward(mod, self.hidden[:self.n_search])
         finally:

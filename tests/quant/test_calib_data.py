@@ -15,8 +15,8 @@ def test_pydoc_calibration_and_evaluation_parts_are_disjoint_topics():
     calib, held_out = calibration_text("pydoc"), evaluation_text("pydoc")
     texts = [topics[k] for k in sorted(topics)]
     assert calib + "\n\n" + held_out == "\n\n".join(texts)
-    n = calib.count("\n\n") - sum(t.count("\n\n") for t in texts if t in calib) + 1  # topics in calib
-    assert calib == "\n\n".join(texts[:n]) and held_out == "\n\n".join(texts[n:])
+    splits = [n for n in range(len(texts) + 1) if "\n\n".join(texts[:n]) == calib]
+    assert len(splits) == 1 and held_out == "\n\n".join(texts[splits[0]:])  # whole topics on each side
     assert 0.78 < len(calib) / (len(calib) + len(held_out)) < 0.9
     assert calibration_text("pydoc") == calib and text_digest(calib) == text_digest(calibration_text("pydoc"))
 
