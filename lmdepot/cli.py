@@ -68,10 +68,11 @@ def inspect(workspace, verify, as_json):
 
 def _register_subsystems():
     from lmdepot.bench.cli import bench
+    from lmdepot.convert.lite_cli import lite
     from lmdepot.registry.cli import registry
     from lmdepot.runtime.cli import chat, generate
 
-    for command in (registry, generate, chat, bench):
+    for command in (lite, registry, generate, chat, bench):
         main.add_command(command)
 
 

@@ -8,7 +8,8 @@ from lmdepot.cli import main
 
 
 def walk(cmd: click.Command, path: list[str], out: list[str]) -> None:
-    ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=80, max_content_width=80)
+    ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=80, max_content_width=80,
+                        help_option_names=["-h", "--help"])
     out.append(f"{'#' * min(len(path) + 1, 4)} `{' '.join(path)}`\n\n```\n{cmd.get_help(ctx).strip()}\n```\n")
     if isinstance(cmd, click.Group):
         for name in sorted(cmd.list_commands(ctx)):

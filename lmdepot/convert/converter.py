@@ -30,6 +30,13 @@ class ConvertOptions:
     allow_pickle: bool = False
     force: bool = False
     session_len: int | None = None
+    # Optional hook that quantizes while converting (`lite auto_awq`): an object with
+    #   group_size: int, provenance: dict,
+    #   begin(src, cfg)                        before the first layer,
+    #   layer(i, LayerTensors) -> LayerTensors called for i = 0, 1, ... in order (e.g. AWQ smoothing),
+    #   linear(Linear) -> Linear               float slice of one rank -> int4 (groups per rank slice),
+    #   end()                                  after the last layer.
+    quantizer: object | None = None
 
 
 def build_config(src: Source, opts: ConvertOptions) -> WorkspaceConfig:
@@ -44,6 +51,8 @@ def build_config(src: Source, opts: ConvertOptions) -> WorkspaceConfig:
     elif quant:
         raise ConvertError(f"{src.hf_dir}: the checkpoint is quantized ({quant.get('quant_method')});"
                            " pass --model-format awq for AutoAWQ checkpoints")
+    elif opts.quantizer is not None:
+        keys.update(weight_type="int4", group_size=opts.quantizer.group_size)
     else:
         keys["weight_type"] = opts.dtype
     name = opts.model_name or src.name.removesuffix(".gguf")
@@ -51,7 +60,7 @@ def build_config(src: Source, opts: ConvertOptions) -> WorkspaceConfig:
     cfg.session_len = opts.session_len or min(cfg.max_position_embeddings, 4096)
     check_tp(cfg, opts.tp)
     cfg.tensor_para_size = opts.tp
-    if cfg.weight_type == "int4":
+    if cfg.weight_type == "int4" and opts.quantizer is None:
         check_int4_tp(cfg, cfg.group_size)
     return cfg.validate()
 
@@ -134,6 +143,8 @@ def convert_model(source: str, dst_path: str | Path, opts: ConvertOptions) -> Ma
             "source": {"kind": src.kind, "name": src.name, "sha256": src.digest},
             "options": {"tp": opts.tp, "dtype": opts.dtype, "model_format": opts.model_format},
         }
+        if opts.quantizer is not None:
+            provenance["quantization"] = opts.quantizer.provenance
         manifest = Manifest.scan(dst, provenance)
         manifest.write(dst)
         return manifest
@@ -153,13 +164,21 @@ def _write_weights(src: Source, cfg: WorkspaceConfig, dst: Path, opts: ConvertOp
     adapter = adapter_for(cfg.model_arch, asdict(cfg))
     dtype = "fp16" if cfg.weight_type == "int4" else cfg.weight_type
     tp = cfg.tensor_para_size
-    for i in tqdm(range(cfg.num_layer), desc=f"converting {cfg.model_name} (tp={tp})", unit="layer"):
+    quantizer = opts.quantizer
+    if quantizer is not None:
+        quantizer.begin(src, cfg)
+    verb = "quantizing" if quantizer is not None else "converting"
+    for i in tqdm(range(cfg.num_layer), desc=f"{verb} {cfg.model_name} (tp={tp})", unit="layer"):
         layer = adapter.layer(i, src.get, src.get_linear)
+        if quantizer is not None:
+            layer = quantizer.layer(i, layer)
         for rank in range(tp):
             path = dst / layout.layer_file(i, rank)
             written.append(path)
-            save_tensors(path, split_layer(layer, cfg, rank, dtype))
+            save_tensors(path, split_layer(layer, cfg, rank, dtype, quantizer.linear if quantizer else None))
         del layer
+    if quantizer is not None:
+        quantizer.end()
     embed = src.get(adapter.embed)
     norm = src.get(adapter.norm)
     lm_head = None if cfg.tie_word_embeddings else src.get(adapter.lm_head)

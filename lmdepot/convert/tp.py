@@ -9,6 +9,7 @@ zero rows up to a multiple of tp.
 from __future__ import annotations
 
 from math import gcd
+from typing import Callable
 
 import torch
 
@@ -40,7 +41,11 @@ def check_int4_tp(cfg: WorkspaceConfig, group_size: int) -> None:
                                f" the checkpoint's group size {group_size}")
 
 
-def split_layer(layer: LayerTensors, cfg: WorkspaceConfig, rank: int, dtype: str) -> dict[str, torch.Tensor]:
+def split_layer(layer: LayerTensors, cfg: WorkspaceConfig, rank: int, dtype: str,
+                quantize: Callable[[Linear], Linear] | None = None) -> dict[str, torch.Tensor]:
+    """`quantize`, if given, turns each rank's float slice of a linear into int4, so quantization
+    groups never straddle two ranks (see `lmdepot.convert.quant_groups`)."""
+    q_ = quantize or (lambda lin: lin)
     tp, d = cfg.tensor_para_size, cfg.size_per_head
     hq, hkv = cfg.head_num // tp, cfg.kv_head_num // tp
     inter = cfg.inter_size // tp
@@ -49,11 +54,11 @@ def split_layer(layer: LayerTensors, cfg: WorkspaceConfig, rank: int, dtype: str
                               k.columns(rank * hkv * d, (rank + 1) * hkv * d),
                               v.columns(rank * hkv * d, (rank + 1) * hkv * d)])
     out = {}
-    out |= qkv.tensors(layout.W_QKV, dtype)
-    out |= layer.o.rows(rank * hq * d, (rank + 1) * hq * d).tensors(layout.W_O, dtype)
-    out |= layer.gate.columns(rank * inter, (rank + 1) * inter).tensors(layout.W_GATE, dtype)
-    out |= layer.up.columns(rank * inter, (rank + 1) * inter).tensors(layout.W_UP, dtype)
-    out |= layer.down.rows(rank * inter, (rank + 1) * inter).tensors(layout.W_DOWN, dtype)
+    out |= q_(qkv).tensors(layout.W_QKV, dtype)
+    out |= q_(layer.o.rows(rank * hq * d, (rank + 1) * hq * d)).tensors(layout.W_O, dtype)
+    out |= q_(layer.gate.columns(rank * inter, (rank + 1) * inter)).tensors(layout.W_GATE, dtype)
+    out |= q_(layer.up.columns(rank * inter, (rank + 1) * inter)).tensors(layout.W_UP, dtype)
+    out |= q_(layer.down.rows(rank * inter, (rank + 1) * inter)).tensors(layout.W_DOWN, dtype)
     torch_dtype = TORCH_DTYPES[dtype]
     out[layout.ATTN_NORM] = layer.attn_norm.to(torch_dtype)
     out[layout.FFN_NORM] = layer.ffn_norm.to(torch_dtype)

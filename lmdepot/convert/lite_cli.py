@@ -1,0 +1,112 @@
+"""`lmdepot lite`: offline quantization (calibration statistics, AWQ/RTN int4 weights, KV scales).
+
+Options are validated here rather than with click.Choice so that every bad value is reported as
+one `error: ...` line, like every other user error.
+"""
+
+from __future__ import annotations
+
+import click
+
+from lmdepot.convert.calib_data import PYDOC, CalibParams, parse_samples
+from lmdepot.errors import ConvertError
+
+_calib_options = [
+    click.option("--calib-dataset", default=PYDOC, show_default=True,
+                 help="'pydoc' (embedded Python docs, calibration part) or a .txt / .jsonl ({\"text\": ...}) file."),
+    click.option("--calib-samples", default="128", show_default=True,
+                 help="Number of token windows, or 'auto' (as many as the text holds, at most 128)."),
+    click.option("--calib-seqlen", default=2048, show_default=True, type=int, help="Tokens per window."),
+    click.option("--device", default=None, help="torch device (default: cuda if available, else cpu)."),
+]
+
+
+def calib_options(fn):
+    for opt in reversed(_calib_options):
+        fn = opt(fn)
+    return fn
+
+
+def _params(dataset, samples, seqlen) -> CalibParams:
+    return CalibParams(dataset, parse_samples(samples), seqlen)
+
+
+def _device(name):
+    import torch
+
+    if name is None:
+        return None
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConvertError(f"--device {name}: not a torch device") from None
+
+
+@click.group()
+def lite():
+    """Offline quantization: calibration statistics, int4 AWQ/RTN weights, KV-cache scales."""
+    import warnings
+
+    # Warnings (e.g. a calibration text shrunk by --calib-samples auto) read as one plain line.
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+
+
+@lite.command()
+@click.argument("model")
+@calib_options
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for the statistics (written as WORK_DIR/stats.zarr).")
+def calibrate(model, calib_dataset, calib_samples, calib_seqlen, device, work_dir):
+    """Collect per-layer activation and KV statistics of MODEL (HF dir, GGUF or built-in name)."""
+    from lmdepot.convert.calibrate import calibrate as run
+
+    path = run(model, work_dir, _params(calib_dataset, calib_samples, calib_seqlen), _device(device))
+    click.echo(f"wrote {path}")
+
+
+@lite.command("auto_awq")
+@click.argument("model")
+@click.option("--w-bits", default=4, show_default=True, type=int, help="Weight bits (only 4).")
+@click.option("--w-group-size", default=128, show_default=True, type=int, help="Group size: 32, 64, 128 or 256.")
+@click.option("--method", default="awq", show_default=True, help="awq (activation-aware) or rtn (round to nearest).")
+@click.option("--search-scale", is_flag=True,
+              help="Search AWQ scales (ratio grid of 20, block-output MSE) and weight clipping;"
+                   " without it scales use a fixed ratio of 0.5 on the activations' absmax.")
+@click.option("--search-tokens", default=4096, show_default=True, type=click.IntRange(1),
+              help="Calibration tokens (whole samples) the searches measure errors on.")
+@calib_options
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
+@click.option("--dst-path", required=True, type=click.Path(file_okay=False), help="Workspace directory to write.")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="Also store the calibration statistics there (for kv_qparams).")
+@click.option("--model-name", default=None, help="model_name in config.ini (default: from the source).")
+@click.option("--force", is_flag=True, help="Write into a non-empty dst (only files lmdepot writes are replaced).")
+def auto_awq(model, w_bits, w_group_size, method, search_scale, search_tokens, calib_dataset, calib_samples,
+             calib_seqlen, device, tp, dst_path, work_dir, model_name, force):
+    """Quantize MODEL's linear weights to int4 and write an int4 workspace."""
+    from lmdepot.convert.awq_quantizer import AwqQuantizer, QuantParams
+    from lmdepot.convert.converter import ConvertOptions, convert_model
+
+    params = QuantParams(method, w_bits, w_group_size, search_scale,
+                         _params(calib_dataset, calib_samples, calib_seqlen), search_tokens)
+    quantizer = AwqQuantizer(params, device=_device(device), stats_dir=work_dir)
+    opts = ConvertOptions(tp=tp, model_name=model_name, force=force, quantizer=quantizer)
+    manifest = convert_model(model, dst_path, opts)
+    click.echo(f"wrote {dst_path}: int4 g{w_group_size} ({method}), {len(manifest.files)} files, "
+               f"manifest sha256:{manifest.digest}")
+
+
+@lite.command("kv_qparams")
+@click.argument("calib_dir", type=click.Path(file_okay=False))
+@click.argument("workspace", type=click.Path(file_okay=False))
+@click.option("--kv-bits", default=8, show_default=True, type=int, help="KV-cache bits: 8 or 4.")
+@click.option("--kv-sym", is_flag=True, help="Symmetric scales (zero = 0) instead of asymmetric ones.")
+@click.option("--tp", default=None, type=int,
+              help="Expected tensor-parallel size; must equal the workspace's (which decides the split).")
+def kv_qparams(calib_dir, workspace, kv_bits, kv_sym, tp):
+    """Write per-head KV-cache scales from CALIB_DIR into WORKSPACE and update its manifest."""
+    from lmdepot.convert.kv_qparams import kv_qparams as run
+
+    manifest = run(calib_dir, workspace, kv_bits, kv_sym, tp)
+    click.echo(f"wrote kv scales ({kv_bits}-bit, {'sym' if kv_sym else 'asym'}) into {workspace},"
+               f" manifest sha256:{manifest.digest}")
