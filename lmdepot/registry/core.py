@@ -101,7 +101,7 @@ class Registry:
         entries = [e for t in tags for e in self.tags.history(name, t)]
         return sorted(entries, key=lambda e: (e.get("when", ""), e.get("tag", ""), e.get("generation", 0)))
 
-    def tag(self, src: str, new_tag: str, expect=ANY, retries: int = 5) -> dict:
+    def tag(self, src: str, new_tag: str, expect=ANY, retries: int = 64) -> dict:
         """Point NAME:NEW_TAG (or NEW_TAG of src's name) at src's version."""
         ref, digest = self.resolve(src)
         if ":" in new_tag:
@@ -121,7 +121,7 @@ class Registry:
         if self.tags.resolve(ref.name, ref.tag).digest is None:
             raise RegistryError(f"{ref}: no such tag in {self.url}")
         return self.tags.move(ref.name, ref.tag, None, expect=expect, action="rm",
-                              retries=0 if expect is not ANY else 5)
+                              retries=0 if expect is not ANY else 64)
 
     def verify(self, ref: str, show_progress: bool = True) -> tuple[str, int]:
         """Re-hash every blob of a version; raise naming each corrupt or missing one."""

@@ -61,7 +61,10 @@ class Cache:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp.{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
-            store.get_file(blob_key(b.digest), str(tmp))
+            try:
+                store.get_file(blob_key(b.digest), str(tmp))
+            except RegistryError as exc:
+                raise RegistryError(f"blob {b.digest} ({b.path}): {exc}") from None
             actual, size = _hash(tmp)
             if size != b.size:
                 raise RegistryError(f"blob {b.digest} ({b.path}) in the store has {size} bytes, expected "

@@ -23,7 +23,8 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 MAX_NAME = 128
 MAX_TAG = 128
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-ANY = object()  # no --expect: move whatever the tag points at now
+ANY = object()
+PROBE_OK = "probe/exclusive-create.json"  # no --expect: move whatever the tag points at now
 
 
 def check_name(value: str, what: str = "name") -> str:
@@ -100,6 +101,14 @@ class Tags:
     def probe(self) -> None:
         """Refuse to move tags unless a second create-only write of one key really fails."""
         if self._probed:
+            return
+        if not self.store.exclusive_create:
+            raise RegistryError(
+                f"store {self.store.url} has no create-only write that this lmdepot knows of (only local "
+                "directories, file://, memory:// and s3:// do), so racing tag moves could be lost; "
+                "refusing to move tags there")
+        if self.store.read(PROBE_OK) is not None:  # probed on first use of this store
+            self._probed = True
             return
         key = f"probe/{uuid.uuid4().hex}"
         try:

@@ -28,6 +28,7 @@ class TagConflictError(RegistryError):
     """Another writer moved the tag first; re-reading and retrying may succeed."""
 
     retryable = True
+    exit_code = 75  # EX_TEMPFAIL: scripts can tell "try again" from "wrong input"
 
 
 _STALE_LOCK_S = 60.0
@@ -150,19 +151,30 @@ class LocalStore(Store):
 
     def _tmp(self, key: str) -> Path:
         path = Path(self._p(key))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._wrap(exc, key) from None
         return path.parent / f".tmp.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
     def create(self, key: str, data: bytes) -> bool:
         tmp = self._tmp(key)
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._wrap(exc, key) from None
         return self._link_in(tmp, key)
 
     def create_file(self, key: str, local: str) -> bool:
         import shutil
 
         tmp = self._tmp(key)
-        shutil.copyfile(local, tmp)
+        try:
+            shutil.copyfile(local, tmp)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._wrap(exc, key) from None
         return self._link_in(tmp, key)
 
     def _link_in(self, tmp: Path, key: str) -> bool:
@@ -178,7 +190,7 @@ class LocalStore(Store):
 
     def update_if(self, key: str, data: bytes, newer) -> bool:
         lock = Path(self._p(key) + ".lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp(key)  # creates the parent
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
