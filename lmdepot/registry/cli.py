@@ -173,7 +173,7 @@ def diff(a, b, as_json, tensors, top, registry_url):
     from lmdepot.registry.audit import diff as do_diff, format_diff
 
     d = do_diff(_open(registry_url), a, b, tensors=tensors, top=top)
-    click.echo(json.dumps(d, indent=2, sort_keys=True) if as_json else format_diff(d), nl=not as_json or True)
+    click.echo(json.dumps(d, indent=2, sort_keys=True) if as_json else format_diff(d))
 
 
 @registry.command()
