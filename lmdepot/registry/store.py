@@ -8,7 +8,6 @@ fsspec URL gets the generic path, whose exclusivity the registry probes before m
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import threading
@@ -33,17 +32,6 @@ class TagConflictError(RegistryError):
 
 _STALE_LOCK_S = 60.0
 _MEM_LOCK = threading.Lock()
-
-
-def _is_precondition_failure(exc: BaseException) -> bool:
-    """A lost conditional write, as s3fs reports it on the servers we know of."""
-    if isinstance(exc, FileExistsError):  # moto, AWS
-        return True
-    if isinstance(exc, OSError) and exc.errno == errno.EINVAL:  # SeaweedFS: 412 as InvalidArgument
-        return "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower()
-    if isinstance(exc, OSError) and exc.errno == errno.EBUSY:  # 409: a concurrent conditional write
-        return True
-    return "PreconditionFailed" in str(exc) or "ConditionalRequestConflict" in str(exc)
 
 
 class Store:
@@ -232,49 +220,6 @@ class MemoryStore(Store):
             return True
 
 
-class S3Store(Store):
-    """Conditional PUTs: If-None-Match: * creates, If-Match: <etag> replaces."""
-
-    def create(self, key: str, data: bytes) -> bool:
-        try:
-            self.fs.pipe_file(self._p(key), data, mode="create")
-            return True
-        except Exception as exc:
-            if _is_precondition_failure(exc):
-                return False
-            raise self._wrap(exc, key) from None
-
-    def create_file(self, key: str, local: str) -> bool:
-        # Blobs are content-addressed: two writers racing on one key upload the same bytes.
-        if self.exists(key):
-            return False
-        try:
-            self.fs.put_file(local, self._p(key))
-            return True
-        except Exception as exc:
-            raise self._wrap(exc, key) from None
-
-    def update_if(self, key: str, data: bytes, newer) -> bool:
-        info = self.info(key)
-        self.fs.invalidate_cache(self._p(key))
-        current = None
-        if info is not None:
-            current = self.read(key)
-        if not newer(current):
-            return False
-        cond = {"IfMatch": info["ETag"]} if info is not None else {}
-        try:
-            if info is None:
-                self.fs.pipe_file(self._p(key), data, mode="create")
-            else:
-                self.fs.pipe_file(self._p(key), data, **cond)
-            return True
-        except Exception as exc:
-            if _is_precondition_failure(exc):
-                return False
-            raise self._wrap(exc, key) from None
-
-
 class GenericStore(MemoryStore):
     """Any other fsspec backend: exists-then-write, which the exclusivity probe will catch."""
 
@@ -296,24 +241,18 @@ def open_store(url: str) -> Store:
         root = os.path.abspath(os.path.expanduser(parsed.path if scheme else url))
         return LocalStore(url, fsspec.filesystem("file"), root)
     try:
-        fs, root = fsspec.core.url_to_fs(url, **_options(scheme))
+        opts = {}
+        if scheme in ("s3", "s3a"):
+            from lmdepot.registry.s3 import s3_options
+
+            opts = s3_options()
+        fs, root = fsspec.core.url_to_fs(url, **opts)
     except (ImportError, ValueError) as exc:
         raise RegistryError(f"cannot open store {url}: {exc}") from None
     if scheme == "memory":
         return MemoryStore(url, fs, "/" + root.strip("/"))
     if scheme in ("s3", "s3a"):
+        from lmdepot.registry.s3 import S3Store
+
         return S3Store(url, fs, root)
     return GenericStore(url, fs, root)
-
-
-def _options(scheme: str) -> dict:
-    if scheme not in ("s3", "s3a"):
-        return {}
-    # Each process must see other processes' writes at once, so no listing cache; bounded
-    # retries so that an unreachable endpoint fails in seconds rather than minutes.
-    opts: dict = {"skip_instance_cache": True, "use_listings_cache": False,
-                  "config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 2}}}
-    endpoint = os.environ.get("LMDEPOT_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        opts["client_kwargs"] = {"endpoint_url": endpoint}
-    return opts

@@ -10,7 +10,8 @@ from lmdepot.cli import main
 from lmdepot.formats.manifest import Manifest
 from lmdepot.registry import Registry
 from lmdepot.registry.refs import ANY
-from lmdepot.registry.store import S3Store, open_store
+from lmdepot.registry.s3 import S3Store
+from lmdepot.registry.store import open_store
 from lmdepot.registry.version import blob_key, manifest_key
 
 
@@ -28,7 +29,7 @@ def test_create_is_exclusive_and_update_is_conditional(store_url):
 
 
 def test_s3_if_match_refuses_a_stale_etag(store_url):
-    from lmdepot.registry.store import _is_precondition_failure
+    from lmdepot.registry.s3 import _is_precondition_failure
 
     store = open_store(store_url)
     if not isinstance(store, S3Store):
