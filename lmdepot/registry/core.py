@@ -99,6 +99,8 @@ class Registry:
         tags = [check_name(tag, "tag")] if tag else sorted(
             {k.split("/")[2] for k in self.store.list(f"history/{name}/") if k.count("/") == 3})
         entries = [e for t in tags for e in self.tags.history(name, t)]
+        if tag:  # one tag's generations are its true order, whatever the movers' clocks said
+            return sorted(entries, key=lambda e: e.get("generation", 0))
         return sorted(entries, key=lambda e: (e.get("when", ""), e.get("tag", ""), e.get("generation", 0)))
 
     def tag(self, src: str, new_tag: str, expect=ANY, retries: int = 64) -> dict:

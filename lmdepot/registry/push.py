@@ -18,7 +18,7 @@ from lmdepot.formats.layout import MANIFEST_FILE
 from lmdepot.formats.manifest import Manifest, sha256_file
 from lmdepot.registry.core import WORKERS, progress
 from lmdepot.registry.refs import parse_ref
-from lmdepot.registry.store import RegistryError
+from lmdepot.registry.store import RegistryError, TagConflictError
 from lmdepot.registry.version import Blob, Version, blob_key, manifest_key
 
 
@@ -121,5 +121,11 @@ def push(reg, workspace: str | Path, ref_text: str, show_progress: bool = True) 
     _pause("manifest")
     # CAS against the parent recorded in the manifest: a concurrent push to this tag makes this
     # one fail retryably instead of silently dropping the other's version from the parent chain.
-    reg.tags.move(ref.name, ref.tag, version.digest, expect=current, action="push")
+    try:
+        reg.tags.move(ref.name, ref.tag, version.digest, expect=current, action="push")
+    except TagConflictError:
+        # Someone pushed the very same version at the same moment: the tag already says what we
+        # wanted it to say.
+        if reg.tags.resolve(ref.name, ref.tag).digest != version.digest:
+            raise
     return result

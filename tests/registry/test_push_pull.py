@@ -149,3 +149,17 @@ def test_api_errors_are_registry_errors(store_url):
     reg = Registry(store_url)
     with pytest.raises(RegistryError, match="no such tag"):
         reg.pull("tiny:nope")
+
+
+def test_default_registry_and_cache_in_user_cache_dir(monkeypatch, tmp_path, workspace):
+    from lmdepot.registry.core import default_cache_dir, default_registry_url
+
+    monkeypatch.delenv("LMDEPOT_REGISTRY", raising=False)
+    monkeypatch.delenv("LMDEPOT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_registry_url() == str(tmp_path / "xdg" / "lmdepot" / "registry")
+    assert default_cache_dir() == tmp_path / "xdg" / "lmdepot"
+    run("push", str(workspace), "tiny:v1")
+    assert (tmp_path / "xdg" / "lmdepot" / "registry" / "tags" / "tiny" / "v1.json").is_file()
+    path = run("pull", "tiny:v1").stdout.strip()
+    assert path.startswith(str(tmp_path / "xdg" / "lmdepot" / "snapshots" / "tiny"))
