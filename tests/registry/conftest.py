@@ -130,10 +130,41 @@ def seaweed():
         shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def moto_s3():
+    """moto's S3 in a thread of this process: a second S3 implementation with its own error spellings."""
+    server_mod = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    port = _free_port()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    creds = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+             "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": creds["AWS_ENDPOINT_URL"]},
+                          skip_instance_cache=True).mkdir(BUCKET)
+        yield creds
+    finally:
+        server.stop()
+
+
 BACKENDS = ["memory", "file", "s3"]
 
 
-@pytest.fixture(params=BACKENDS)
+def pytest_configure(config):
+    config.addinivalue_line("markers", "moto: also run on moto's S3 (a second S3 implementation)")
+
+
+def pytest_generate_tests(metafunc):
+    # moto answers in this process's threads and is slow under load, so only the tests that
+    # exercise S3 error spellings and conditional writes run on it as well.
+    if "store_url" in metafunc.fixturenames:
+        extra = ["moto"] if metafunc.definition.get_closest_marker("moto") else []
+        metafunc.parametrize("store_url", BACKENDS + extra, indirect=True)
+
+
+@pytest.fixture
 def store_url(request, tmp_path, monkeypatch):
     """A fresh, empty registry URL on each backend; env points the CLI and subprocesses at it."""
     kind = request.param
@@ -142,7 +173,7 @@ def store_url(request, tmp_path, monkeypatch):
     elif kind == "file":
         url = f"file://{tmp_path}/registry"
     else:
-        creds = request.getfixturevalue("seaweed")
+        creds = request.getfixturevalue("seaweed" if kind == "s3" else "moto_s3")
         for k, v in creds.items():
             monkeypatch.setenv(k, v)
         url = f"s3://{BUCKET}/reg-{uuid.uuid4().hex[:8]}"

@@ -35,6 +35,7 @@ def _layer_blob(reg, rank=1):
     return next(b for b in version.files if b.rank == rank and b.path.endswith(".safetensors") and b.layer == 2)
 
 
+@pytest.mark.moto
 def test_flipped_byte_fails_verify_and_pull_naming_the_blob(store_url, workspace):
     reg = Registry(store_url)
     reg.push(workspace, "tiny:v1", show_progress=False)

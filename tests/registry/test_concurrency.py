@@ -43,6 +43,7 @@ def test_16_processes_moving_one_tag_lose_no_move(store_url, workspace, clone_ws
     assert reg.tags.list_tags("tiny")["race"] == chain[-1]["to"]
 
 
+@pytest.mark.moto
 def test_racing_cas_with_expect_has_exactly_one_winner_per_round(store_url, workspace, clone_ws):
     needs_processes(store_url)
     reg = Registry(store_url)

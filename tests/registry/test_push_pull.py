@@ -26,6 +26,7 @@ def same_tree(a, b, paths):
         assert (a / p).read_bytes() == (b / p).read_bytes(), p
 
 
+@pytest.mark.moto
 def test_push_pull_round_trip(store_url, workspace):
     res = run("push", str(workspace), "tiny:v1")
     assert "uploaded config.ini" in res.output and "skipped" in res.output
@@ -51,6 +52,7 @@ def test_same_workspace_twice_same_version(store_url, workspace):
     assert reg.resolve("tiny:v1")[1] == reg.resolve("tiny:v2")[1]  # no parent on a fresh tag, same bytes
 
 
+@pytest.mark.moto
 def test_config_only_change_uploads_under_64k(store_url, workspace, clone_ws):
     reg = Registry(store_url)
     first = reg.push(workspace, "tiny:v1", show_progress=False)

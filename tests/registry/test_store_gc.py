@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from lmdepot.cli import main
@@ -15,6 +16,7 @@ from lmdepot.registry.store import open_store
 from lmdepot.registry.version import blob_key, manifest_key
 
 
+@pytest.mark.moto
 def test_create_is_exclusive_and_update_is_conditional(store_url):
     store = open_store(store_url)
     assert store.create("k/a", b"first") is True
@@ -28,6 +30,7 @@ def test_create_is_exclusive_and_update_is_conditional(store_url):
     assert store.read_range("k/a", start=1, end=3) == b"hi"
 
 
+@pytest.mark.moto
 def test_s3_if_match_refuses_a_stale_etag(store_url):
     from lmdepot.registry.s3 import _is_precondition_failure
 
