@@ -119,7 +119,7 @@ class Registry:
     def rm(self, ref: str, expect=ANY) -> dict:
         ref = parse_ref(ref)
         if ref.digest:
-            raise RegistryError(f"rm takes NAME:TAG, not a digest; gc removes untagged versions")
+            raise RegistryError("rm takes NAME:TAG, not a digest; gc removes untagged versions")
         if self.tags.resolve(ref.name, ref.tag).digest is None:
             raise RegistryError(f"{ref}: no such tag in {self.url}")
         return self.tags.move(ref.name, ref.tag, None, expect=expect, action="rm",
@@ -139,12 +139,11 @@ class Registry:
             if info is None:
                 return f"blob {d} ({b.path}) is missing"
             h, n = hashlib.sha256(), 0
-            with self.store.open(blob_key(d)) as f:
-                while chunk := f.read(_CHUNK):
-                    h.update(chunk)
-                    n += len(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
+            for chunk in self.store.stream(blob_key(d), _CHUNK):
+                h.update(chunk)
+                n += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
             if n != b.size:
                 return f"blob {d} ({b.path}) has {n} bytes, expected {b.size} (truncated or corrupt)"
             if "sha256:" + h.hexdigest() != d:

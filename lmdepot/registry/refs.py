@@ -129,7 +129,7 @@ class Tags:
         state = TagState(None, 0)
         if raw is not None:
             body = _load(raw, tag_key(name, tag))
-            state = TagState(body.get("digest"), int(body["generation"]))
+            state = TagState(body.get("digest"), _generation(body, tag_key(name, tag)))
         # A mover killed between its log entry and the pointer leaves the pointer behind.
         while (entry := self._entry(name, tag, state.generation + 1)) is not None:
             state = TagState(entry["to"], entry["generation"])
@@ -181,7 +181,8 @@ class Tags:
         body = json.dumps({"digest": entry["to"], "generation": entry["generation"]}, sort_keys=True).encode()
 
         def newer(current: bytes | None) -> bool:
-            return current is None or int(_load(current, tag_key(name, tag))["generation"]) < entry["generation"]
+            return current is None or _generation(_load(current, tag_key(name, tag)), tag_key(name, tag)) \
+                < entry["generation"]
 
         # Losing this race is harmless: whoever holds the pointer writes a generation at least as
         # recent, and resolve() walks the log past a lagging pointer.
@@ -201,3 +202,10 @@ def _load(raw: bytes, key: str) -> dict:
         return body
     except ValueError as exc:
         raise RegistryError(f"{key}: corrupt JSON in the store ({exc})") from None
+
+
+def _generation(body: dict, key: str) -> int:
+    try:
+        return int(body["generation"])
+    except (KeyError, TypeError, ValueError):
+        raise RegistryError(f"{key}: corrupt tag pointer (no generation)") from None

@@ -3,7 +3,7 @@
 Every backend offers create-only writes (the first writer wins, later ones learn the key exists)
 and a conditional replace. Local directories get them from link(2) and an O_EXCL lock, S3 from
 If-None-Match / If-Match, memory:// from a process-wide lock (it is per-process anyway). Any other
-fsspec URL gets the generic path, whose exclusivity the registry probes before moving tags.
+fsspec URL gets a best-effort generic store that can hold blobs but is refused for tag moves.
 """
 
 from __future__ import annotations
@@ -69,8 +69,16 @@ class Store:
         except Exception as exc:
             raise self._wrap(exc, key) from None
 
-    def open(self, key: str):
-        return self.fs.open(self._p(key), "rb")
+    def stream(self, key: str, chunk: int = 1 << 20):
+        """Chunks of key's bytes, without holding the whole object in memory."""
+        try:
+            with self.fs.open(self._p(key), "rb") as f:
+                while data := f.read(chunk):
+                    yield data
+        except FileNotFoundError:
+            raise RegistryError(f"{key}: missing from store {self.url}") from None
+        except Exception as exc:
+            raise self._wrap(exc, key) from None
 
     def get_file(self, key: str, local: str) -> None:
         try:

