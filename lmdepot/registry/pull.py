@@ -133,10 +133,19 @@ def pull(reg, ref_text: str, rank: int | None = None, dst: str | Path | None = N
             bar.update(b.size)
         return b
 
+    # Let every transfer finish even when one fails, so that a retried pull resumes with only
+    # the failed blobs left to fetch.
     with ThreadPoolExecutor(WORKERS) as pool:
-        result.fetched = list(pool.map(fetch, missing))
+        futures = [pool.submit(fetch, b) for b in missing]
     if bar is not None:
         bar.close()
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors and not isinstance(errors[0], RegistryError):
+        raise errors[0]
+    if errors:
+        more = f" (and {len(errors) - 1} more blobs failed)" if len(errors) > 1 else ""
+        raise RegistryError(f"{ref}: {errors[0]}{more}") from None
+    result.fetched = [f.result() for f in futures]
 
     hexd = digest.split(":", 1)[1]
     snapshot = cache.root / "snapshots" / ref.name / (hexd if rank is None else f"{hexd}.rank{rank}")

@@ -97,7 +97,7 @@ def push(reg, workspace: str | Path, ref_text: str, show_progress: bool = True) 
         info = reg.store.info(key)
         if info is not None and info.get("size") == b.size:
             return b, False
-        created = reg.store.create_file(key, str(workspace / b.path))
+        created = reg.store.create_file(key, str(workspace / b.path), b.digest)
         info = reg.store.info(key)
         # Content addressing makes a size check enough to catch a short write or a different
         # object sitting under this key; verify re-hashes fully.

@@ -35,7 +35,7 @@ class S3Store(Store):
                 return False
             raise self._wrap(exc, key) from None
 
-    def create_file(self, key: str, local: str) -> bool:
+    def create_file(self, key: str, local: str, digest: str | None = None) -> bool:
         # s3fs sends If-None-Match on the single PUT and on CompleteMultipartUpload alike.
         try:
             self.fs.put_file(local, self._p(key), mode="create")

@@ -8,6 +8,7 @@ fsspec URL gets a best-effort generic store that can hold blobs but is refused f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -125,7 +126,8 @@ class Store:
         """Write key only if absent; False when it already exists. Readers never see part of it."""
         raise NotImplementedError
 
-    def create_file(self, key: str, local: str) -> bool:
+    def create_file(self, key: str, local: str, digest: str | None = None) -> bool:
+        """create() from a local file; where the backend can, check it still hashes to digest."""
         return self.create(key, Path(local).read_bytes())
 
     def delete(self, key: str) -> None:
@@ -162,15 +164,21 @@ class LocalStore(Store):
             raise self._wrap(exc, key) from None
         return self._link_in(tmp, key)
 
-    def create_file(self, key: str, local: str) -> bool:
-        import shutil
-
+    def create_file(self, key: str, local: str, digest: str | None = None) -> bool:
+        # Hash what is actually copied: the source may change between push's scan and this copy.
         tmp = self._tmp(key)
+        h = hashlib.sha256()
         try:
-            shutil.copyfile(local, tmp)
+            with open(local, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    h.update(chunk)
+                    dst.write(chunk)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise self._wrap(exc, key) from None
+        if digest is not None and "sha256:" + h.hexdigest() != digest:
+            tmp.unlink(missing_ok=True)
+            raise RegistryError(f"{local}: changed while being pushed (no longer {digest})")
         return self._link_in(tmp, key)
 
     def _link_in(self, tmp: Path, key: str) -> bool:

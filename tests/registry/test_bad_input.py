@@ -167,3 +167,19 @@ def test_rank_pull_of_snapshot_manifest_is_original(store_url, workspace):
     path = reg.pull("tiny:v1", rank=2)
     assert (path / "manifest.json").read_bytes() == (workspace / "manifest.json").read_bytes()
     assert Manifest.read(path).digest == Manifest.read(workspace).digest
+
+
+def test_pull_after_a_failed_pull_fetches_only_what_was_missing(store_url, workspace):
+    from lmdepot.registry.pull import pull
+
+    reg = Registry(store_url)
+    reg.push(workspace, "tiny:v1", show_progress=False)
+    b = _layer_blob(reg, rank=0)
+    good = reg.store.read(blob_key(b.digest))
+    reg.store.fs.pipe_file(reg.store._p(blob_key(b.digest)), good[:-1] + bytes([good[-1] ^ 0xFF]))
+    with pytest.raises(RegistryError, match=b.digest):
+        pull(reg, "tiny:v1", show_progress=False)
+    reg.store.fs.pipe_file(reg.store._p(blob_key(b.digest)), good)  # repaired, e.g. by a re-push
+    res = pull(reg, "tiny:v1", show_progress=False)
+    assert [x.digest for x in res.fetched] == [b.digest]
+    assert (res.path / b.path).read_bytes() == (workspace / b.path).read_bytes()
