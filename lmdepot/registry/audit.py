@@ -148,7 +148,11 @@ def diff(reg, a: str, b: str, tensors: bool = False, top: int = 5) -> dict:
 
 
 def format_diff(d: dict) -> str:
-    lines = [f"--- {d['a']['ref']} {d['a']['digest']}", f"+++ {d['b']['ref']} {d['b']['digest']}", "config.ini:"]
+    def head(side):
+        ref, digest = d[side]["ref"], d[side]["digest"]
+        return ref if ref.endswith(digest) else f"{ref} {digest}"
+
+    lines = [f"--- {head('a')}", f"+++ {head('b')}", "config.ini:"]
     c = d["config"]
     lines += [f"  + {k} = {v}" for k, v in c["added"].items()] + [f"  - {k} = {v}" for k, v in c["removed"].items()]
     lines += [f"  ~ {k}: {x} -> {y}" for k, (x, y) in c["changed"].items()]

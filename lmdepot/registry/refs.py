@@ -167,8 +167,9 @@ class Tags:
         for attempt in range(retries + 1):
             state = self.resolve(name, tag)
             if expect is not ANY and state.digest != expect:
-                raise TagConflictError(f"{name}:{tag} points at {state.digest or 'nothing'}, not the expected "
-                                       f"{expect or 'nothing'}; re-read it and retry")
+                wanted = f"the expected {expect}" if expect else "unset, as expected"
+                raise TagConflictError(f"{name}:{tag} points at {state.digest or 'nothing'}, not {wanted}; "
+                                       "re-read it and retry")
             entry = {"tag": tag, "from": state.digest, "to": to, "generation": state.generation + 1,
                      "when": _now(), "by": who(), "action": action}
             data = json.dumps(entry, sort_keys=True).encode()
