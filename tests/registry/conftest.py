@@ -94,7 +94,8 @@ def seaweed():
              "debug.port"]
     ports = {n: _free_port() for n in names}
     args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
-            "-admin.ui=false", "-master.telemetry=false", f"-bucket={BUCKET}"]
+            "-admin.ui=false", "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-filer.localSocket={data}/filer.sock", f"-s3.localSocket={data}/s3.sock", f"-bucket={BUCKET}"]
     args += [f"-{n}={p}" for n, p in ports.items()]
     env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
     log = open(os.path.join(data, "weed.log"), "wb")
