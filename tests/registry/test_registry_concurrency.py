@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from conftest import cli_proc, needs_processes
+from regkit import cli_proc, needs_processes
 
 from lmdepot.formats.manifest import Manifest
 from lmdepot.registry import Registry, TagConflictError

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_workspace
+from regkit import make_workspace
 
 from lmdepot.cli import main
 from lmdepot.formats.layout import layer_file
@@ -73,7 +73,7 @@ def test_diff_tensors_uses_ranged_reads(three_versions, monkeypatch):
 def test_registry_import_is_light():
     import subprocess
 
-    code = "import sys, lmdepot.registry, lmdepot.cli; print('torch' in sys.modules, 's3fs' in sys.modules)"
+    code = "import sys, lmdepot.registry, lmdepot.registry.cli; print('torch' in sys.modules, 's3fs' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
