@@ -66,16 +66,20 @@ def test_truncated_and_missing_blobs_are_named(store_url, workspace):
     fails("pull", "tiny:v1", match=b.digest)
 
 
-@pytest.mark.parametrize("args", [
+BAD_NAMES = [
     ["push", "{ws}", "Tiny:v1"], ["push", "{ws}", "tiny:v1/x"], ["push", "{ws}", "../tiny:v1"],
     ["push", "{ws}", "tiny:" + "x" * 129], ["push", "{ws}", "tiny"], ["pull", "tiny@sha256:abc"],
-    ["tag", "tiny:v1", "BAD TAG"], ["rm", "tiny:.."], ["tags", "a/b"], ["log", "--", "-x"], ["log", "tiny:" + "a" * 200],
-])
-def test_invalid_names_and_tags(store_url, workspace, args):
+    ["tag", "tiny:v1", "BAD TAG"], ["rm", "tiny:.."], ["tags", "a/b"], ["log", "--", "-x"],
+    ["log", "tiny:" + "a" * 200], ["audit", "a b"], ["diff", "tiny:v1", "x:Y"],
+]
+
+
+def test_invalid_names_and_tags(store_url, workspace):
     reg = Registry(store_url)
     reg.push(workspace, "tiny:v1", show_progress=False)
     before = snapshot(reg)
-    fails(*[a.format(ws=workspace) for a in args], match="invalid")
+    for args in BAD_NAMES:
+        fails(*[a.format(ws=workspace) for a in args], match="invalid")
     assert snapshot(reg) == before
 
 
