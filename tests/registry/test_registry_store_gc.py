@@ -115,3 +115,21 @@ def test_log_cli_text(store_url, workspace):
     digest = reg.resolve("tiny:v1")[1]
     assert f"tiny:v1  push  - -> {digest}  by tester@ci" in out
     assert json.loads(reg.store.read("tags/tiny/v1.json"))["digest"] == digest
+
+
+def test_mover_killed_between_log_and_pointer_is_rolled_forward(store_url, workspace, clone_ws):
+    from lmdepot.registry.refs import history_key
+
+    reg = Registry(store_url)
+    first, second = _two_versions(reg, workspace, clone_ws)
+    # the log entry of move 2 exists, the pointer still says move 1: the state a kill leaves
+    entry = {"tag": "v1", "from": first.digest, "to": second.digest, "generation": 2,
+             "when": "2026-01-01T00:00:00+00:00", "by": "killed@host", "action": "tag"}
+    assert reg.store.create(history_key("tiny", "v1", 2), json.dumps(entry).encode())
+    assert json.loads(reg.store.read("tags/tiny/v1.json"))["generation"] == 1
+    assert reg.resolve("tiny:v1")[1] == second.digest
+    assert reg.tags.list_tags("tiny")["v1"] == second.digest
+    e = reg.tag(f"tiny@{first.digest}", "v1", expect=second.digest)
+    assert e["generation"] == 3 and e["from"] == second.digest
+    assert json.loads(reg.store.read("tags/tiny/v1.json")) == {"digest": first.digest, "generation": 3}
+    assert [x["by"] for x in reg.log("tiny", "v1")] == ["tester@ci", "killed@host", "tester@ci"]
