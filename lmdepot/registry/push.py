@@ -77,9 +77,9 @@ def push(reg, workspace: str | Path, ref_text: str, show_progress: bool = True) 
     workspace = Path(workspace)
     if not workspace.is_dir():
         raise RegistryError(f"{workspace}: not a directory")
+    manifest, blobs = _scan(workspace)
     # Refuse before uploading anything if this backend cannot move tags safely.
     reg.tags.probe()
-    manifest, blobs = _scan(workspace)
     config = workspace / "config.ini"
     current = reg.tags.resolve(ref.name, ref.tag).digest
     version = Version(blobs, config.read_text() if config.is_file() else "", manifest.provenance, current)

@@ -122,6 +122,7 @@ def test_unknown_refs(store_url):
 def test_push_of_missing_workspace(store_url, tmp_path):
     fails("push", str(tmp_path / "nope"), "tiny:v1", match="not a directory")
     fails("push", str(tmp_path), "tiny:v1", match="no manifest.json")
+    assert Registry(store_url).store.list("") == []
 
 
 def test_unreachable_s3_store(monkeypatch, workspace):
