@@ -9,7 +9,7 @@ import click
 
 from lmdepot.registry.refs import ANY, check_digest
 
-_registry_opt = click.option("--registry", "registry_url", envvar="LMDEPOT_REGISTRY", default=None,
+_registry_opt = click.option("--registry", "registry_url", default=None, metavar="URL",
                              help="Store URL (any fsspec URL: a path, file://, memory://, s3://). "
                                   "Default: $LMDEPOT_REGISTRY, else a directory in the user cache.")
 
@@ -17,7 +17,9 @@ _registry_opt = click.option("--registry", "registry_url", envvar="LMDEPOT_REGIS
 def _open(url):
     from lmdepot.registry.core import Registry
 
-    return Registry(url)
+    # `lmdepot registry --registry URL CMD` and `lmdepot registry CMD --registry URL` both work.
+    group_url = (click.get_current_context().find_object(dict) or {}).get("registry")
+    return Registry(url or group_url)
 
 
 def _size(n: int) -> str:
@@ -42,8 +44,12 @@ def _expect(value):
 
 
 @click.group()
-def registry():
+@click.option("--registry", "registry_url", default=None, metavar="URL",
+              help="Store URL for every subcommand (default: $LMDEPOT_REGISTRY, else the user cache).")
+@click.pass_context
+def registry(ctx, registry_url):
     """Content-addressed workspace registry on any fsspec URL."""
+    ctx.obj = {"registry": registry_url}
 
 
 @registry.command()

@@ -165,3 +165,13 @@ def test_default_registry_and_cache_in_user_cache_dir(monkeypatch, tmp_path, wor
     assert (tmp_path / "xdg" / "lmdepot" / "registry" / "tags" / "tiny" / "v1.json").is_file()
     path = run("pull", "tiny:v1").stdout.strip()
     assert path.startswith(str(tmp_path / "xdg" / "lmdepot" / "snapshots" / "tiny"))
+
+
+def test_registry_option_on_group_or_command(tmp_path, workspace, monkeypatch):
+    monkeypatch.setenv("LMDEPOT_REGISTRY", f"file://{tmp_path}/from-env")  # the options win over it
+    url = f"file://{tmp_path}/explicit"
+    res = CliRunner().invoke(main, ["registry", "--registry", url, "push", str(workspace), "tiny:v1"])
+    assert res.exit_code == 0, res.output
+    assert run("tags", "tiny", "--registry", url).output.startswith("v1\tsha256:")
+    assert (tmp_path / "explicit" / "tags" / "tiny" / "v1.json").is_file()
+    assert not (tmp_path / "from-env").exists()
