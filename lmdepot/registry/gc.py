@@ -23,13 +23,8 @@ class GcReport:
     kept_manifests: int = 0
     deleted: list[str] = field(default_factory=list)
     young: list[str] = field(default_factory=list)
+    deleted_bytes: int = 0
     dry_run: bool = False
-
-    @property
-    def deleted_bytes(self) -> int:
-        return self._bytes
-
-    _bytes: int = 0
 
 
 def _roots(reg, grace_s: float, now: float) -> set[tuple[str, str]]:
@@ -76,7 +71,7 @@ def collect(reg, grace_s: float, dry_run: bool) -> GcReport:
             report.young.append(key)
             continue
         report.deleted.append(key)
-        report._bytes += int(info.get("size") or 0)
+        report.deleted_bytes += int(info.get("size") or 0)
         if not dry_run:
             reg.store.delete(key)
     return report

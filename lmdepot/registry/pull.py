@@ -119,6 +119,8 @@ def pull(reg, ref_text: str, rank: int | None = None, dst: str | Path | None = N
     ref, digest, version = reg.get(ref_text)
     if rank is not None and rank not in version.ranks():
         raise RegistryError(f"{ref}: no rank {rank}; the version has ranks {version.ranks()}")
+    if dst is not None and Path(dst).exists() and (not Path(dst).is_dir() or any(Path(dst).iterdir())):
+        raise RegistryError(f"{dst}: destination exists and is not an empty directory")
     files = version.for_rank(rank)
     cache = Cache(reg.cache_dir)
     result = PullResult(Path(), digest)
@@ -155,8 +157,6 @@ def pull(reg, ref_text: str, rank: int | None = None, dst: str | Path | None = N
     result.path = snapshot
     if dst is not None:
         dst = Path(dst)
-        if dst.exists() and any(dst.iterdir()):
-            raise RegistryError(f"{dst}: destination exists and is not empty")
         if dst.exists():
             dst.rmdir()
         cache.materialize(files, dst)

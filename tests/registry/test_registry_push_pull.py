@@ -96,7 +96,7 @@ def test_pull_cli_dst_and_bad_rank(store_url, workspace, tmp_path):
     res = run("pull", "tiny:v1", "--rank", "7", ok=False)
     assert res.exit_code == 2 and "no rank 7" in res.output
     res = run("pull", "tiny:v1", "--dst", str(dst), ok=False)
-    assert res.exit_code == 2 and "not empty" in res.output
+    assert res.exit_code == 2 and "not an empty directory" in res.output
 
 
 def test_pull_resumes_from_verified_blobs(store_url, workspace):
