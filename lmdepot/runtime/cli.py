@@ -62,7 +62,7 @@ def _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
                           repetition_penalty=repetition_penalty, seed=seed)
 
 
-def _stream(engine, ids, params, session_id=None) -> None:
+def _stream(engine, ids, params, session_id=None):
     seq = engine.add_request(ids, params, session_id=session_id)
     try:
         while not seq.finished:
@@ -73,24 +73,40 @@ def _stream(engine, ids, params, session_id=None) -> None:
     except KeyboardInterrupt:
         engine.abort(seq.id)
         click.echo(" [interrupted]", nl=False)
+    return seq
+
+
+def _stats_line(prompt_tokens: int, output_tokens: int, seconds: float) -> str:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return (f"[lmdepot] {prompt_tokens} prompt + {output_tokens} generated tokens in {seconds:.2f} s"
+            f" ({output_tokens / seconds:.1f} tok/s end to end); peak memory {peak:.0f} MiB (RSS)")
 
 
 @click.command()
 @click.argument("model")
 @click.option("--prompt", required=True, help="Prompt text (a user message, unless --no-chat-template).")
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
+@click.option("--stats", is_flag=True, help="Print token counts, tokens/s and peak memory to stderr.")
 @_runtime_options
-def generate(model, prompt, no_chat_template, tp, session_len, quant_policy, dtype, cache_max_entry_count,
+def generate(model, prompt, no_chat_template, stats, tp, session_len, quant_policy, dtype, cache_max_entry_count,
              memory_budget, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
     """Complete one prompt; prints only the completion. MODEL: workspace dir or NAME:TAG."""
+    import time
+
     from lmdepot.runtime.llm import encode_prompt
 
     params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
     llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget)
     try:
         ids = encode_prompt(llm.tokenizer, prompt, chat_template=not no_chat_template)
-        _stream(llm.engine, ids, params)
+        start = time.perf_counter()
+        seq = _stream(llm.engine, ids, params)
+        elapsed = time.perf_counter() - start
         click.echo()
+        if stats:
+            click.echo(_stats_line(len(ids), len(seq.token_ids) - len(ids), elapsed), err=True)
     finally:
         llm.close()
 
