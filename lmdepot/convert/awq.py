@@ -18,7 +18,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmdepot.convert.quant_groups import QMAX, _grouped, _ungrouped, fake_quantize, group_params
+from lmdepot.convert.quant_groups import _ungrouped, fake_quantize
+from lmdepot.formats.int4 import QMAX, group_params, group_rows
 
 N_GRID = 20
 MAX_SHRINK = 0.5
@@ -82,8 +83,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, g: int, parts: int = 1, n_grid
     """w (in, out) with its inputs x (tokens, in) -> w clamped to the best per-group bounds."""
     if x.shape[0] > CLIP_TOKENS:
         x = x[torch.linspace(0, x.shape[0] - 1, CLIP_TOKENS, device=x.device).long()]
-    wg = _grouped(w.float(), g, parts)                              # (G, g, out)
-    xg = _grouped(x.float().t().contiguous(), g, parts).permute(2, 0, 1)  # (t, G, g)
+    wg = group_rows(w.float(), g, parts)                              # (G, g, out)
+    xg = group_rows(x.float().t().contiguous(), g, parts).permute(2, 0, 1)  # (t, G, g)
     bounds = torch.cat([_clip_chunk(wg[..., c:c + CLIP_COLUMNS], xg, n_grid, max_shrink)
                         for c in range(0, wg.shape[-1], CLIP_COLUMNS)], dim=-1)
     clipped = torch.maximum(torch.minimum(wg, bounds[:, None]), -bounds[:, None])

@@ -41,26 +41,45 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return ((q - z) * s)[:in_features].to(dtype)
 
 
-def quantize_int4_rtn(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    """Asymmetric round-to-nearest group quantization of W (in, out) with zero-padded last group."""
-    w = w.to(torch.float32)
+QMAX = 15
+_TINY = 2.0**-24  # smallest positive fp16: an all-zero group keeps a usable (non-zero) scale
+
+
+def group_rows(w: torch.Tensor, g: int, parts: int = 1) -> torch.Tensor:
+    """(in, out) -> (parts * groups_per_part, g, out); each of `parts` equal row slices is zero-padded
+    on its own to whole groups (row-parallel weights are grouped per tensor-parallel rank)."""
     rows, cols = w.shape
-    padded = -(-rows // group_size) * group_size
-    if padded != rows:
-        w = torch.cat([w, w.new_zeros(padded - rows, cols)])
-    g = w.reshape(padded // group_size, group_size, cols)
-    if padded != rows:
-        # Statistics of the last group come from its real rows only: padded zeros must not widen it.
-        real = rows - (padded - group_size)
-        wmax = g.amax(dim=1)
-        wmin = g.amin(dim=1)
-        wmax[-1] = g[-1, :real].amax(dim=0)
-        wmin[-1] = g[-1, :real].amin(dim=0)
-    else:
-        wmax, wmin = g.amax(dim=1), g.amin(dim=1)
-    wmax, wmin = wmax.clamp(min=0), wmin.clamp(max=0)  # zero stays exactly representable
-    scales = ((wmax - wmin) / 15).clamp(min=1e-8).to(torch.float16).to(torch.float32)
-    zeros = torch.round(-wmin / scales).clamp(0, 15)
-    q = torch.round(g / scales.unsqueeze(1) + zeros.unsqueeze(1)).clamp(0, 15)
-    return {"qweight": pack_int4(q.reshape(padded, cols)), "scales": scales.to(torch.float16),
-            "zeros": zeros.to(torch.float16)}
+    if rows % parts:
+        raise FormatError(f"cannot split {rows} input rows into {parts} equal parts")
+    per = rows // parts
+    pad = -(-per // g) * g - per
+    w = w.reshape(parts, per, cols)
+    if pad:
+        w = torch.cat([w, w.new_zeros(parts, pad, cols)], dim=1)
+    return w.reshape(-1, g, cols)
+
+
+def group_params(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric scales (fp16-representable, as float32) and integer zeros of grouped weights.
+
+    The range always includes 0 (lo = min(w, 0), hi = max(w, 0)), so zero weights, padding
+    included, quantize to q = zero exactly and never widen a group's range."""
+    hi = wg.amax(dim=1).clamp(min=0)
+    lo = wg.amin(dim=1).clamp(max=0)
+    scales = ((hi - lo) / QMAX).to(torch.float16).clamp(min=_TINY).to(torch.float32)
+    zeros = torch.round(-lo / scales).clamp(0, QMAX)
+    return scales, zeros
+
+
+def quantize_groups(w: torch.Tensor, g: int, parts: int = 1):
+    """Round-to-nearest: (in, out) float -> codes (padded rows, out) uint8, scales, zeros (groups, out)."""
+    wg = group_rows(w.to(torch.float32), g, parts)
+    scales, zeros = group_params(wg)
+    q = torch.round(wg / scales[:, None] + zeros[:, None]).clamp(0, QMAX)
+    return q.reshape(-1, wg.shape[-1]).to(torch.uint8), scales, zeros
+
+
+def quantize_int4_rtn(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """The workspace tensors (qweight, scales, zeros) of W (in, out), last group zero-padded."""
+    q, scales, zeros = quantize_groups(w, group_size)
+    return {"qweight": pack_int4(q), "scales": scales.to(torch.float16), "zeros": zeros.to(torch.float16)}
