@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +32,9 @@ def resolve_workspace(source: str | Path, rank: int = 0) -> Path:
     if not is_ref(str(source)):
         raise RuntimeLoadError(f"{source}: no such workspace directory, and not a registry ref"
                                " (NAME:TAG or NAME@sha256:HEX)")
-    try:
-        from lmdepot.registry import Registry  # lazy: the registry pulls in fsspec
-    except ImportError:
-        raise RuntimeLoadError(f"{source}: looks like a registry ref, but this lmdepot has no registry"
-                               " client (lmdepot.registry.Registry)") from None
-    url = os.environ.get("LMDEPOT_REGISTRY")
-    try:
-        registry = Registry(url) if url else Registry()
-    except TypeError:
-        raise RuntimeLoadError(f"{source}: set LMDEPOT_REGISTRY to the registry URL to pull registry refs") from None
+    from lmdepot.registry import Registry  # lazy: plain workspace loads need no fsspec
+
+    registry = Registry()  # $LMDEPOT_REGISTRY, else the default store in the user cache
     try:
         return Path(registry.pull(str(source), rank=rank))
     except LmdepotError:

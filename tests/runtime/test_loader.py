@@ -1,11 +1,9 @@
 """Registry refs go through lmdepot.registry.Registry and pull one rank only."""
 
-import shutil
-from pathlib import Path
-
 import pytest
 
-import lmdepot.registry
+from lmdepot.errors import LmdepotError
+from lmdepot.registry import Registry
 from lmdepot.formats.manifest import Manifest
 from lmdepot.runtime.errors import RuntimeLoadError
 from lmdepot.runtime.llm import LLM
@@ -13,33 +11,13 @@ from lmdepot.runtime.loader import is_ref, resolve_workspace
 from lmdepot.runtime.sequence import SamplingParams
 
 
-class FakeRegistry:
-    """Stands in for the registry client: `pull` copies the rank's files of a known workspace."""
-
-    calls = []
-    known: dict = {}
-
-    def __init__(self, url=None):
-        self.url = url
-
-    def pull(self, ref, rank=0):
-        FakeRegistry.calls.append((self.url, ref, rank))
-        if ref not in self.known:
-            raise FileNotFoundError(f"no tag {ref}")
-        src, dst = self.known[ref]
-        for e in Manifest.read(src).for_rank(rank):
-            (dst / e.path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / e.path, dst / e.path)
-        shutil.copyfile(src / "manifest.json", dst / "manifest.json")
-        return str(dst)
-
-
 @pytest.fixture
-def registry(monkeypatch):
-    monkeypatch.setattr(lmdepot.registry, "Registry", FakeRegistry, raising=False)
-    monkeypatch.setenv("LMDEPOT_REGISTRY", "file:///fake")
-    FakeRegistry.calls, FakeRegistry.known = [], {}
-    return FakeRegistry
+def registry(monkeypatch, tmp_path):
+    """A real file:// registry; pulls land in a per-test cache."""
+    url = f"file://{tmp_path}/registry"
+    monkeypatch.setenv("LMDEPOT_REGISTRY", url)
+    monkeypatch.setenv("LMDEPOT_CACHE", str(tmp_path / "cache"))
+    return Registry(url, cache_dir=tmp_path / "cache")
 
 
 def test_ref_syntax():
@@ -49,15 +27,16 @@ def test_ref_syntax():
 
 def test_ref_is_pulled_for_rank_0_and_served(tiny, registry, tmp_path):
     _, ws = tiny("qwen2", tp=2)
-    registry.known["tiny:v1"] = (Path(ws), tmp_path / "pulled")
+    registry.push(ws, "tiny:v1")
     path = resolve_workspace("tiny:v1", rank=0)
-    assert registry.calls == [("file:///fake", "tiny:v1", 0)]
+    assert list(path.glob("weights/*.0.safetensors"))
     assert not list(path.glob("weights/*.1.safetensors"))   # rank 1's files never came
+    Manifest.read(path).verify(path, Manifest.read(path).for_rank(0))
 
 
 def test_llm_from_ref_matches_the_directory(tiny, registry, tmp_path):
     _, ws = tiny("llama")
-    registry.known["tiny:v1"] = (Path(ws), tmp_path / "pulled")
+    registry.push(ws, "tiny:v1")
     outs = []
     for source in (ws, "tiny:v1"):
         llm = LLM(source, dtype="fp32", num_kv_blocks=8, quiet=True)
@@ -69,7 +48,7 @@ def test_llm_from_ref_matches_the_directory(tiny, registry, tmp_path):
 
 
 def test_unknown_tag_is_a_clear_error(registry):
-    with pytest.raises(RuntimeLoadError, match="tiny:nope: not found in the registry"):
+    with pytest.raises(LmdepotError, match="tiny:nope: no such tag"):
         resolve_workspace("tiny:nope")
 
 
