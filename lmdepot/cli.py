@@ -66,6 +66,18 @@ def inspect(workspace, verify, as_json):
     click.echo(inspect_workspace(workspace, verify=verify, as_json=as_json), nl=False)
 
 
+@main.command("check_env")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def check_env(as_json):
+    """Python, torch, Triton, CUDA, driver, GPUs, NCCL, installed extras, registry and cache dirs."""
+    import json
+
+    from lmdepot.env import collect, render
+
+    info = collect()
+    click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else render(info), nl=as_json)
+
+
 def _register_subsystems():
     from lmdepot.bench.cli import bench
     from lmdepot.convert.lite_cli import lite
