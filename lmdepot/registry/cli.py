@@ -94,7 +94,13 @@ def tags(name, registry_url):
     """List the tags of NAME and the version each points at."""
     from lmdepot.registry.refs import check_name
 
-    for tag, digest in _open(registry_url).tags.list_tags(check_name(name)).items():
+    reg = _open(registry_url)
+    found = reg.tags.list_tags(check_name(name))
+    if not found:
+        from lmdepot.registry.store import RegistryError
+
+        raise RegistryError(f"{name}: no tags in {reg.url}")
+    for tag, digest in found.items():
         click.echo(f"{tag}\t{digest}")
 
 

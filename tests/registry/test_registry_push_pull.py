@@ -114,6 +114,8 @@ def test_pull_resumes_from_verified_blobs(store_url, workspace):
 
 
 def test_tags_ls_log(store_url, workspace, clone_ws):
+    unknown = run("tags", "tiny", ok=False)
+    assert unknown.exit_code == 2 and unknown.output.strip() == f"error: tiny: no tags in {store_url}"
     run("push", str(workspace), "tiny:v1")
     run("tag", "tiny:v1", "prod")
     out = run("tags", "tiny").output
