@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# One device call: GPU kernel tests at real sizes, then the kernel benchmark. Run from the repo root.
+# One device call: GPU kernel and runtime tests, then the benchmarks. Run from the repo root.
 set -uo pipefail
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+out=${OUT:-.}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tail -15
-python -m lmdepot.cli bench kernels | tee "${OUT:-.}/bench_kernels.txt"
+python -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tail -4
+# The runtime suite on the GPU (device=auto); SmolLM2 needs the GGUF package, TP needs 2 GPUs.
+python -m pytest tests/runtime -q -p no:cacheprovider -k "not smol and not tp" 2>&1 | tail -15
+python -m lmdepot.cli bench kernels | tee "$out/bench_kernels.txt"
+python -m lmdepot.cli bench generation ${BENCH_GENERATION_ARGS:---shape llama2-7b --layers 8} | tee "$out/bench_generation.json"

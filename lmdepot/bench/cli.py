@@ -15,3 +15,23 @@ def kernels(as_json):
     from lmdepot.bench.kernels import run
 
     click.echo(run(as_json=as_json), nl=False)
+
+
+@bench.command()
+@click.option("--shape", type=click.Choice(["llama2-7b", "llama3-8b", "qwen2.5-1.5b"]), default="llama2-7b",
+              show_default=True, help="Published config of the random-weight model.")
+@click.option("--layers", type=click.IntRange(1), default=None, help="Cut the depth (per-layer shape kept).")
+@click.option("--batch", "batches", default="1,16", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--output-len", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--peer", type=click.Choice(["hf", "none"]), default="hf", show_default=True,
+              help="Run HF transformers' eager generate on the same model in the same run.")
+def generation(shape, layers, batches, prompt_len, output_len, peer):
+    """Decode tokens/s and first-token latency of the engine vs HF, beside the roofline (JSON)."""
+    from lmdepot.bench.generation import run
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{batches!r} is not a comma-separated list of integers", param_hint="--batch")
+    click.echo(run(shape, layers, sizes, prompt_len, output_len, None if peer == "none" else peer), nl=False)

@@ -23,6 +23,8 @@ def _runtime_options(fn):
                      show_default=True, help="Compute/KV dtype (auto: bf16 for bf16 weights, else fp32 on CPU)."),
         click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
                      help="Fraction of free memory (CPU: of the budget) after weights given to KV blocks."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="auto: the GPU when one is visible (one per tensor-parallel rank), else the CPU."),
         click.option("--memory-budget", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True),
                      help="CPU only: GiB for weights + KV cache; KV gets cache_max_entry_count of what weights leave."),
         click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(0),
@@ -46,13 +48,13 @@ def _check_quant_policy(quant_policy: int) -> None:
         raise RuntimeLoadError(f"--quant-policy {quant_policy} is not one of 0, 4, 8")
 
 
-def _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget):
+def _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, device, memory_budget):
     from lmdepot.runtime.llm import LLM
 
     _check_quant_policy(quant_policy)
     # tp None: the workspace's own tensor_para_size
     return LLM(model, tp=tp, session_len=session_len, dtype=dtype, cache_max_entry_count=cache_max_entry_count,
-               cpu_memory_budget=int(memory_budget * 2**30))
+               device=device, cpu_memory_budget=int(memory_budget * 2**30))
 
 
 def _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
@@ -91,14 +93,14 @@ def _stats_line(prompt_tokens: int, output_tokens: int, seconds: float) -> str:
 @click.option("--stats", is_flag=True, help="Print token counts, tokens/s and peak memory to stderr.")
 @_runtime_options
 def generate(model, prompt, no_chat_template, stats, tp, session_len, quant_policy, dtype, cache_max_entry_count,
-             memory_budget, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
+             device, memory_budget, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
     """Complete one prompt; prints only the completion. MODEL: workspace dir or NAME:TAG."""
     import time
 
     from lmdepot.runtime.llm import encode_prompt
 
     params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
-    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget)
+    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, device, memory_budget)
     try:
         ids = encode_prompt(llm.tokenizer, prompt, chat_template=not no_chat_template)
         start = time.perf_counter()
@@ -131,13 +133,13 @@ def _read_turn(prompt: str) -> str | None:
 @click.command()
 @click.argument("model")
 @_runtime_options
-def chat(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget, temperature, top_p, top_k,
-         repetition_penalty, max_new_tokens, seed):
+def chat(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, device, memory_budget, temperature, top_p,
+         top_k, repetition_penalty, max_new_tokens, seed):
     """Interactive chat; end an input with a double enter, `exit` quits. MODEL: workspace dir or NAME:TAG."""
     from lmdepot.runtime.llm import encode_prompt
 
     params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
-    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget)
+    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, device, memory_budget)
     engine, tok = llm.engine, llm.tokenizer
     messages: list[dict] = []
     session = 0

@@ -23,9 +23,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     quant_policy: int = 0
     verify: bool = True                  # re-hash the rank's files against the manifest before loading
-    device: str = "cpu"
+    device: str = "auto"                 # auto | cpu | cuda (one GPU per rank: cuda:<rank>)
     seed: int | None = None
     quiet: bool = False
+
+    def __post_init__(self):
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def torch_dtype(self, weight_type: str) -> torch.dtype:
         if self.dtype != "auto":

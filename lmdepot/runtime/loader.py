@@ -51,6 +51,11 @@ class RankWeights:
     layers: list[dict[str, torch.Tensor]]
     globals: dict[str, torch.Tensor]
 
+    def to(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            self.layers = [{k: v.to(device) for k, v in t.items()} for t in self.layers]
+            self.globals = {k: v.to(device) for k, v in self.globals.items()}
+
     @property
     def nbytes(self) -> int:
         ts = [t for d in self.layers for t in d.values()] + list(self.globals.values())

@@ -39,19 +39,27 @@ class ModelRunner:
         if ecfg.quant_policy not in (0,):
             raise RuntimeLoadError(f"--quant-policy {ecfg.quant_policy} (int{ecfg.quant_policy} KV cache) is not yet"
                                    " supported; use 0")
+        # One GPU per rank: "cuda" means cuda:<rank>.
+        self.device = torch.device(f"cuda:{rank}" if ecfg.device == "cuda" else ecfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            from lmdepot.runtime.ops import triton_ops
+
+            triton_ops.install()
         weights = load_rank(source, rank, tp=ecfg.tp, verify=ecfg.verify)
         self.cfg = cfg = weights.cfg
         self.workspace = weights.workspace
         self.dtype = ecfg.torch_dtype(cfg.weight_type)
-        self.model = LlamaModel(weights, self.dtype)
+        weights.to(self.device)
+        self.model = LlamaModel(weights, self.dtype).to(self.device)
         del weights
         self.block_size = ecfg.cache_block_seq_len or cfg.cache_block_seq_len
         self.num_blocks = self._size_cache(ecfg)
         _, hkv = cfg.heads_of_rank()
         shape = (self.num_blocks, self.block_size, hkv, cfg.size_per_head)
         for layer in self.model.layers:
-            layer.attention.k_cache = torch.empty(shape, dtype=self.dtype)  # pages commit on first write
-            layer.attention.v_cache = torch.empty(shape, dtype=self.dtype)
+            layer.attention.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)  # CPU pages commit
+            layer.attention.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)  # on first write
 
     def _size_cache(self, ecfg: EngineConfig) -> int:
         block = kv_block_bytes(self.cfg, self.block_size, self.dtype)
@@ -67,7 +75,7 @@ class ModelRunner:
                 free = ecfg.cpu_memory_budget - weights
             n = int(max(free, 0) * ratio) // block
         if tp.world_size() > 1:  # every rank must agree on the block ids
-            t = torch.tensor([n])
+            t = torch.tensor([n], device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
             n = int(t)
         if n < 1:
@@ -79,17 +87,19 @@ class ModelRunner:
         return n
 
     def execute(self, meta: dict) -> torch.Tensor:
-        tokens = torch.tensor(meta["tokens"], dtype=torch.int64)
-        positions = torch.tensor(meta["positions"], dtype=torch.int64)
+        dev = self.device
+        tokens = torch.tensor(meta["tokens"], dtype=torch.int64, device=dev)
+        positions = torch.tensor(meta["positions"], dtype=torch.int64, device=dev)
         seqs, start = [], 0
         for q_len, ctx_len, table in meta["seqs"]:
-            seqs.append(SeqSlice(start, q_len, ctx_len, torch.tensor(table, dtype=torch.int64)))
+            seqs.append(SeqSlice(start, q_len, ctx_len, torch.tensor(table, dtype=torch.int64, device=dev)))
             start += q_len
-        set_context(Context(torch.tensor(meta["slots"], dtype=torch.int64), seqs, self.block_size,
+        set_context(Context(torch.tensor(meta["slots"], dtype=torch.int64, device=dev), seqs, self.block_size,
                             self.cfg.sliding_window))
         try:
             hidden = self.model(tokens, positions)
-            return self.model.logits(hidden[meta["logit_rows"]])
+            # Sampling runs on the host for now: one device-to-host copy of the logits per step.
+            return self.model.logits(hidden[meta["logit_rows"]]).cpu()
         finally:
             reset_context()
 

@@ -18,7 +18,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    freqs = positions[:, None].float() * inv_freq.float()
+    freqs = positions[:, None].float() * inv_freq.float().to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -66,15 +66,15 @@ def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
         if s.ctx_len == s.q_len:  # nothing cached: attend over the fresh k/v, like a plain prefill
             ks, vs = k[s.q_start:s.q_start + s.q_len], v[s.q_start:s.q_start + s.q_len]
         else:
-            slots = (s.block_table[:, None] * bs + torch.arange(bs)).reshape(-1)[:s.ctx_len]
+            slots = (s.block_table[:, None] * bs + torch.arange(bs, device=q.device)).reshape(-1)[:s.ctx_len]
             ks, vs = kc[slots], vc[slots]
         mask, causal = None, s.q_len > 1
         window = ctx.sliding_window
         if (causal and s.ctx_len > s.q_len) or (window and s.ctx_len > window):
             # Queries sit at the end of the context: query i sees keys up to ctx_len - q_len + i,
             # and with a sliding window only the last `window` of them.
-            qpos = torch.arange(s.ctx_len - s.q_len, s.ctx_len)[:, None]
-            kpos = torch.arange(s.ctx_len)[None, :]
+            qpos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)[:, None]
+            kpos = torch.arange(s.ctx_len, device=q.device)[None, :]
             mask = kpos <= qpos
             if window:
                 mask &= kpos > qpos - window
