@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = os.environ.get("LMDEPOT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def torch_dtype(self, weight_type: str) -> torch.dtype:
         if self.dtype != "auto":

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -5,8 +7,9 @@ from runtime_helpers import build_hf, convert
 
 # Tiny matmuls on a shared 2-core box: one thread avoids oversubscription stalls (20x here).
 torch.set_num_threads(1)
-
-
+# These tests pin the CPU semantics (bit-exact against HF on the CPU), also on a GPU machine;
+# test_gpu.py runs the engine on CUDA explicitly.
+os.environ.setdefault("LMDEPOT_DEVICE", "cpu")
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):

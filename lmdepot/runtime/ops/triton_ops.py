@@ -31,7 +31,9 @@ def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
     """Decode steps (one new token per sequence) use the split-K paged kernel; prefill and sliding
     windows past their width fall back to the reference."""
     window = ctx.sliding_window
-    if any(s.q_len != 1 or (window and s.ctx_len > window) for s in ctx.seqs):
+    # tl.dot needs 16 rows/cols: tiny head dims or pages go to the reference too.
+    if q.shape[-1] < 16 or k_cache.shape[1] < 16 or \
+            any(s.q_len != 1 or (window and s.ctx_len > window) for s in ctx.seqs):
         return reference.paged_attention(q, k, v, k_cache, v_cache, ctx, scale)
     from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention
 
