@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from lmdepot.runtime.errors import RequestError, RuntimeLoadError
+from lmdepot.runtime.errors import RequestError
 
 
 def _runtime_options(fn):
@@ -18,7 +18,9 @@ def _runtime_options(fn):
                      help="Tensor-parallel ranks (must equal the workspace's tensor_para_size)."),
         click.option("--session-len", default=None, type=click.IntRange(1), help="Max tokens of a session."),
         click.option("--quant-policy", default=0, show_default=True, type=int,
-                     help="KV cache quantization: 0 only for now (4/8 are not yet supported)."),
+                     help="KV cache: 0 float, 8 int8, 4 int4 (per-token scales unless --kv-scales static)."),
+        click.option("--kv-scales", default="online", show_default=True,
+                     help="online (per-token scales in the cache) or static (the workspace's calibrated scales)."),
         click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
                      show_default=True, help="Compute/KV dtype (auto: bf16 for bf16 weights, else fp32 on CPU)."),
         click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
@@ -38,21 +40,14 @@ def _runtime_options(fn):
     return fn
 
 
-def _check_quant_policy(quant_policy: int) -> None:
-    if quant_policy in (4, 8):
-        raise RuntimeLoadError(f"--quant-policy {quant_policy} (int{quant_policy} KV cache) is not yet supported;"
-                               " use --quant-policy 0")
-    if quant_policy != 0:
-        raise RuntimeLoadError(f"--quant-policy {quant_policy} is not one of 0, 4, 8")
-
-
-def _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget):
+def _open(model, tp, session_len, quant_policy, kv_scales, dtype, cache_max_entry_count, memory_budget):
+    from lmdepot.runtime.kv_cache import make_spec
     from lmdepot.runtime.llm import LLM
 
-    _check_quant_policy(quant_policy)
+    make_spec(quant_policy, None, 64, kv_scales)  # checks the options before loading anything
     # tp None: the workspace's own tensor_para_size
     return LLM(model, tp=tp, session_len=session_len, dtype=dtype, cache_max_entry_count=cache_max_entry_count,
-               cpu_memory_budget=int(memory_budget * 2**30))
+               cpu_memory_budget=int(memory_budget * 2**30), quant_policy=quant_policy, kv_scales=kv_scales)
 
 
 def _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
@@ -80,13 +75,13 @@ def _stream(engine, ids, params, session_id=None) -> None:
 @click.option("--prompt", required=True, help="Prompt text (a user message, unless --no-chat-template).")
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @_runtime_options
-def generate(model, prompt, no_chat_template, tp, session_len, quant_policy, dtype, cache_max_entry_count,
+def generate(model, prompt, no_chat_template, tp, session_len, quant_policy, kv_scales, dtype, cache_max_entry_count,
              memory_budget, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
     """Complete one prompt; prints only the completion. MODEL: workspace dir or NAME:TAG."""
     from lmdepot.runtime.llm import encode_prompt
 
     params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
-    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget)
+    llm = _open(model, tp, session_len, quant_policy, kv_scales, dtype, cache_max_entry_count, memory_budget)
     try:
         ids = encode_prompt(llm.tokenizer, prompt, chat_template=not no_chat_template)
         _stream(llm.engine, ids, params)
@@ -115,13 +110,13 @@ def _read_turn(prompt: str) -> str | None:
 @click.command()
 @click.argument("model")
 @_runtime_options
-def chat(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget, temperature, top_p, top_k,
+def chat(model, tp, session_len, quant_policy, kv_scales, dtype, cache_max_entry_count, memory_budget, temperature, top_p, top_k,
          repetition_penalty, max_new_tokens, seed):
     """Interactive chat; end an input with a double enter, `exit` quits. MODEL: workspace dir or NAME:TAG."""
     from lmdepot.runtime.llm import encode_prompt
 
     params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
-    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, memory_budget)
+    llm = _open(model, tp, session_len, quant_policy, kv_scales, dtype, cache_max_entry_count, memory_budget)
     engine, tok = llm.engine, llm.tokenizer
     messages: list[dict] = []
     session = 0
