@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 
 @torch.inference_mode()
-def hf_perplexity(hf_dir, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
-    """exp(mean -log p) over the windows' seqlen - 1 predicted tokens each, one full forward a window."""
+def hf_perplexity(model, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """exp(mean -log p) over the windows' seqlen - 1 predicted tokens each, one full forward a window.
+    `model`: an HF checkpoint directory or an already loaded causal LM."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
+    if isinstance(model, (str, Path)):
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).eval()
     nll = 0.0
     for w in ids:
         logits = model(w[None]).logits[0, :-1].double()
