@@ -133,3 +133,17 @@ def test_runner_blocks_in_same_budget(tiny):
     # tiny head_dim 16: 32 B fp16 vs 16 + 3 (int8) and 8 + 3 (int4) per head and token
     assert blocks[8] / blocks[0] == pytest.approx(32 / 19, rel=1e-3)
     assert blocks[4] / blocks[0] == pytest.approx(32 / 11, rel=1e-3)
+
+
+@pytest.mark.parametrize("policy", [8, 4])
+def test_generate_cli_with_quantized_cache(tiny, policy):
+    from click.testing import CliRunner
+
+    from lmdepot.cli import main
+
+    _, ws = tiny("llama")
+    r = CliRunner().invoke(main, ["generate", str(ws), "--prompt", "w5 w6 w7", "--no-chat-template",
+                                  "--temperature", "0", "--max-new-tokens", "6", "--quant-policy", str(policy),
+                                  "--cache-max-entry-count", "0.01"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert f"int{policy} KV cache" in r.stderr and len(r.stdout.split()) >= 1
