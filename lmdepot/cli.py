@@ -81,10 +81,11 @@ def check_env(as_json):
 def _register_subsystems():
     from lmdepot.bench.cli import bench
     from lmdepot.convert.lite_cli import lite
+    from lmdepot.eval.cli import eval_group
     from lmdepot.registry.cli import registry
     from lmdepot.runtime.cli import chat, generate
 
-    for command in (lite, registry, generate, chat, bench):
+    for command in (lite, registry, generate, chat, bench, eval_group):
         main.add_command(command)
 
 

@@ -110,3 +110,48 @@ def kv_qparams(calib_dir, workspace, kv_bits, kv_sym, tp):
     manifest = run(calib_dir, workspace, kv_bits, kv_sym, tp)
     click.echo(f"wrote kv scales ({kv_bits}-bit, {'sym' if kv_sym else 'asym'}) into {workspace},"
                f" manifest sha256:{manifest.digest}")
+
+
+@lite.command("report")
+@click.argument("model")
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False),
+              help="Where the fp16, RTN and AWQ workspaces are written (complete ones are reused).")
+@click.option("--w-group-size", "group_sizes", default="128", show_default=True,
+              help="Comma-separated weight group sizes for the RTN/AWQ rungs; KV rungs use the first.")
+@click.option("--search-scale", is_flag=True, help="AWQ rungs with the scale and clipping search.")
+@click.option("--text", default="pydoc-eval", show_default=True,
+              help="Evaluation text: 'pydoc-eval' (never used for calibration) or a UTF-8 file.")
+@click.option("--seqlen", default=1024, show_default=True, type=click.IntRange(2), help="Tokens per window.")
+@click.option("--samples", default=4, show_default=True, type=click.IntRange(1), help="Windows evaluated per rung.")
+@click.option("--chunk", default=256, show_default=True, type=click.IntRange(1), help="Prefill chunk of the engine.")
+@click.option("--hf-reference", is_flag=True, help="Add HF transformers' fp32 perplexity of the source model.")
+@calib_options
+def report(model, work_dir, group_sizes, search_scale, text, seqlen, samples, chunk, hf_reference, calib_dataset,
+           calib_samples, calib_seqlen, device):
+    """Fidelity ladder of MODEL: fp16, KV int8/int4, W4A16 RTN/AWQ, AWQ + KV; prints a markdown table."""
+    from pathlib import Path
+
+    import torch
+
+    from lmdepot.eval.report import build_workspaces, format_table, rungs, run_ladder
+
+    try:
+        sizes = [int(g) for g in group_sizes.split(",")]
+    except ValueError:
+        raise ConvertError(f"--w-group-size {group_sizes}: expected comma-separated integers") from None
+    run_device = "cuda" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
+    built = build_workspaces(model, Path(work_dir), sizes, _params(calib_dataset, calib_samples, calib_seqlen),
+                             search_scale, _device(device))
+    ladder = run_ladder(built, rungs(sizes), text, seqlen, samples, chunk, run_device)
+    hf = None
+    if hf_reference:
+        from lmdepot.convert.source import open_source
+        from lmdepot.eval.hf_ppl import hf_perplexity
+        from lmdepot.eval.ppl import eval_text, windows
+        from lmdepot.runtime.engine import load_tokenizer
+
+        tok = load_tokenizer(built["fp16"])
+        ids = windows(tok(eval_text(text), add_special_tokens=False)["input_ids"], seqlen, samples)
+        hf = hf_perplexity(open_source(model).hf_dir, ids)
+    click.echo(f"{model}: {samples} x {seqlen} tokens of {text}, prefill chunk {chunk}, device {run_device}\n")
+    click.echo(format_table(ladder, hf), nl=False)

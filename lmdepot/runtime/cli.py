@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from lmdepot.runtime.errors import RequestError, RuntimeLoadError
+from lmdepot.runtime.errors import RequestError
 
 
 def _runtime_options(fn):
@@ -18,7 +18,9 @@ def _runtime_options(fn):
                      help="Tensor-parallel ranks (must equal the workspace's tensor_para_size)."),
         click.option("--session-len", default=None, type=click.IntRange(1), help="Max tokens of a session."),
         click.option("--quant-policy", default=0, show_default=True, type=int,
-                     help="KV cache quantization: 0 only for now (4/8 are not yet supported)."),
+                     help="KV cache: 0 float, 8 int8, 4 int4 (per-token scales unless --kv-scales static)."),
+        click.option("--kv-scales", default="online", show_default=True,
+                     help="online (per-token scales in the cache) or static (the workspace's calibrated scales)."),
         click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
                      show_default=True, help="Compute/KV dtype (auto: bf16 for bf16 weights, else fp32 on CPU)."),
         click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
@@ -40,28 +42,23 @@ def _runtime_options(fn):
     return fn
 
 
-def _check_quant_policy(quant_policy: int) -> None:
-    if quant_policy in (4, 8):
-        raise RuntimeLoadError(f"--quant-policy {quant_policy} (int{quant_policy} KV cache) is not yet supported;"
-                               " use --quant-policy 0")
-    if quant_policy != 0:
-        raise RuntimeLoadError(f"--quant-policy {quant_policy} is not one of 0, 4, 8")
-
-
-def _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, device, memory_budget):
+def _open(model, opts: dict):
+    """The engine from the runtime options (tp None: the workspace's own tensor_para_size)."""
+    from lmdepot.runtime.kv_cache import make_spec
     from lmdepot.runtime.llm import LLM
 
-    _check_quant_policy(quant_policy)
-    # tp None: the workspace's own tensor_para_size
-    return LLM(model, tp=tp, session_len=session_len, dtype=dtype, cache_max_entry_count=cache_max_entry_count,
-               device=device, cpu_memory_budget=int(memory_budget * 2**30))
+    make_spec(opts["quant_policy"], None, 64, opts["kv_scales"])  # checks the options before loading anything
+    return LLM(model, tp=opts["tp"], session_len=opts["session_len"], dtype=opts["dtype"],
+               cache_max_entry_count=opts["cache_max_entry_count"], device=opts["device"],
+               cpu_memory_budget=int(opts["memory_budget"] * 2**30), quant_policy=opts["quant_policy"],
+               kv_scales=opts["kv_scales"])
 
 
-def _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
+def _params(opts: dict):
     from lmdepot.runtime.sequence import SamplingParams
 
-    return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          repetition_penalty=repetition_penalty, seed=seed)
+    return SamplingParams(max_tokens=opts["max_new_tokens"], temperature=opts["temperature"], top_p=opts["top_p"],
+                          top_k=opts["top_k"], repetition_penalty=opts["repetition_penalty"], seed=opts["seed"])
 
 
 def _stream(engine, ids, params, session_id=None):
@@ -92,15 +89,14 @@ def _stats_line(prompt_tokens: int, output_tokens: int, seconds: float) -> str:
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @click.option("--stats", is_flag=True, help="Print token counts, tokens/s and peak memory to stderr.")
 @_runtime_options
-def generate(model, prompt, no_chat_template, stats, tp, session_len, quant_policy, dtype, cache_max_entry_count,
-             device, memory_budget, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
+def generate(model, prompt, no_chat_template, stats, **opts):
     """Complete one prompt; prints only the completion. MODEL: workspace dir or NAME:TAG."""
     import time
 
     from lmdepot.runtime.llm import encode_prompt
 
-    params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
-    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, device, memory_budget)
+    params = _params(opts)
+    llm = _open(model, opts)
     try:
         ids = encode_prompt(llm.tokenizer, prompt, chat_template=not no_chat_template)
         start = time.perf_counter()
@@ -133,13 +129,12 @@ def _read_turn(prompt: str) -> str | None:
 @click.command()
 @click.argument("model")
 @_runtime_options
-def chat(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, device, memory_budget, temperature, top_p,
-         top_k, repetition_penalty, max_new_tokens, seed):
+def chat(model, **opts):
     """Interactive chat; end an input with a double enter, `exit` quits. MODEL: workspace dir or NAME:TAG."""
     from lmdepot.runtime.llm import encode_prompt
 
-    params = _params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
-    llm = _open(model, tp, session_len, quant_policy, dtype, cache_max_entry_count, device, memory_budget)
+    params = _params(opts)
+    llm = _open(model, opts)
     engine, tok = llm.engine, llm.tokenizer
     messages: list[dict] = []
     session = 0

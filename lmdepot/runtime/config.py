@@ -22,7 +22,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None     # overrides the memory-derived block count (tests, tiny budgets)
     cpu_memory_budget: int = 4 << 30     # bytes the CPU runtime may use for weights + KV
     enable_prefix_caching: bool = True
-    quant_policy: int = 0
+    quant_policy: int = 0                # KV cache: 0 float, 8 int8, 4 int4 (runtime/kv_cache.py)
+    kv_scales: str = "online"            # online: per-token params; static: the workspace's scale files
+    kv_group_size: int | None = None     # online channels per quantizer; None: the whole head
+    kv_rotate: bool | None = None        # Hadamard rotation before online quantization; None: int4 only
     verify: bool = True                  # re-hash the rank's files against the manifest before loading
     device: str = "auto"                 # auto | cpu | cuda (one GPU per rank: cuda:<rank>)
     seed: int | None = None

@@ -89,6 +89,7 @@ class Attention(nn.Module):
         b = t.get(f"{layout.W_O}.bias")
         self.wo_bias = None if b is None else b.to(dtype)  # full on every rank: added once, after the reduce
         self.k_cache = self.v_cache = None
+        self.kv_quant = None   # a QuantKVCache when quant_policy is 4 or 8
 
     def forward(self, x, cos, sin):
         qkv = self.w_qkv(x)
@@ -97,8 +98,12 @@ class Attention(nn.Module):
         k = ops.apply_rope(k.view(-1, self.hkv, self.d), cos, sin, self.rot_dim)
         v = v.view(-1, self.hkv, self.d)
         ctx = get_context()
-        ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        o = ops.paged_attention(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
+        if self.kv_quant is not None:
+            ops.store_kv_quant(k, v, self.kv_quant, ctx.slot_mapping)
+            o = ops.paged_attention_quant(q, k, v, self.kv_quant, ctx, self.scale)
+        else:
+            ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            o = ops.paged_attention(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
         out = tp.all_reduce(self.wo(o.reshape(o.shape[0], -1)))
         return out if self.wo_bias is None else out + self.wo_bias
 

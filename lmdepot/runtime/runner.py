@@ -13,15 +13,10 @@ import torch
 from lmdepot.runtime import tp
 from lmdepot.runtime.config import EngineConfig
 from lmdepot.runtime.context import Context, SeqSlice, reset_context, set_context
-from lmdepot.runtime.errors import CacheFullError, RuntimeLoadError
+from lmdepot.runtime.errors import CacheFullError
+from lmdepot.runtime.kv_cache import allocate, kv_block_bytes, load_static_scales, make_spec
 from lmdepot.runtime.loader import load_rank
 from lmdepot.runtime.model import LlamaModel
-
-
-def kv_block_bytes(cfg, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV block on one rank: K and V, every layer, this rank's kv heads."""
-    _, hkv = cfg.heads_of_rank()
-    return 2 * cfg.num_layer * block_size * hkv * cfg.size_per_head * torch.empty((), dtype=dtype).element_size()
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -36,9 +31,6 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 class ModelRunner:
     def __init__(self, source, ecfg: EngineConfig, rank: int = 0):
-        if ecfg.quant_policy not in (0,):
-            raise RuntimeLoadError(f"--quant-policy {ecfg.quant_policy} (int{ecfg.quant_policy} KV cache) is not yet"
-                                   " supported; use 0")
         # One GPU per rank: "cuda" means cuda:<rank>.
         self.device = torch.device(f"cuda:{rank}" if ecfg.device == "cuda" else ecfg.device)
         if self.device.type == "cuda":
@@ -50,19 +42,27 @@ class ModelRunner:
         self.cfg = cfg = weights.cfg
         self.workspace = weights.workspace
         self.dtype = ecfg.torch_dtype(cfg.weight_type)
+        self.kv_spec = make_spec(ecfg.quant_policy, self.dtype, cfg.size_per_head, ecfg.kv_scales,
+                                 ecfg.kv_group_size, ecfg.kv_rotate)
+        static, sym = None, False
+        if self.kv_spec.static:  # before the model is built: a missing file must fail fast
+            static, sym = load_static_scales(self.workspace, cfg, rank, ecfg.quant_policy)
         weights.to(self.device)
         self.model = LlamaModel(weights, self.dtype).to(self.device)
         del weights
         self.block_size = ecfg.cache_block_seq_len or cfg.cache_block_seq_len
         self.num_blocks = self._size_cache(ecfg)
         _, hkv = cfg.heads_of_rank()
-        shape = (self.num_blocks, self.block_size, hkv, cfg.size_per_head)
-        for layer in self.model.layers:
-            layer.attention.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)  # CPU pages commit
-            layer.attention.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)  # on first write
+        for i, layer in enumerate(self.model.layers):
+            cache = allocate(self.kv_spec, self.num_blocks, self.block_size, hkv, cfg.size_per_head,
+                             static[i] if static else None, sym, device=self.device)
+            if self.kv_spec.bits:
+                layer.attention.kv_quant = cache
+            else:
+                layer.attention.k_cache, layer.attention.v_cache = cache
 
     def _size_cache(self, ecfg: EngineConfig) -> int:
-        block = kv_block_bytes(self.cfg, self.block_size, self.dtype)
+        block = self.block_bytes = kv_block_bytes(self.cfg, self.block_size, self.kv_spec)
         weights = self.weight_bytes = model_bytes(self.model)
         if ecfg.num_kv_blocks is not None:
             n = ecfg.num_kv_blocks
@@ -82,7 +82,8 @@ class ModelRunner:
             raise CacheFullError(f"no room for a single KV block ({block} bytes) after {weights} bytes of weights;"
                                  " raise --cache-max-entry-count or the memory budget")
         if tp.rank() == 0 and not ecfg.quiet:
-            print(f"[lmdepot] weights {weights / 2**20:.1f} MiB/rank; KV cache: {n} blocks x {self.block_size}"
+            kind = "float" if not self.kv_spec.bits else f"int{self.kv_spec.bits}"
+            print(f"[lmdepot] weights {weights / 2**20:.1f} MiB/rank; {kind} KV cache: {n} blocks x {self.block_size}"
                   f" tokens = {n * self.block_size} tokens max ({n * block / 2**20:.1f} MiB/rank)", file=sys.stderr)
         return n
 

@@ -67,8 +67,13 @@ def test_unknown_registry_tag(tmp_path):
     assert "nosuchmodel:v9" in msg
 
 
-def test_kv_quant_policy_not_yet_supported(ws_copy):
-    assert "not yet supported" in run("generate", ws_copy, "--quant-policy", "8", *ARGS)
+def test_kv_quant_policy_not_in_0_4_8(ws_copy):
+    assert "--quant-policy 3 is not one of 0, 4, 8" in run("generate", ws_copy, "--quant-policy", "3", *ARGS)
+
+
+def test_static_kv_scales_without_files(ws_copy):
+    msg = run("generate", ws_copy, "--quant-policy", "8", "--kv-scales", "static", *ARGS)
+    assert "no KV scale files" in msg and "past_kv_scale" in msg
 
 
 def test_chat_rejects_wrong_tp_too(ws_copy):

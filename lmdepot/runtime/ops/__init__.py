@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lmdepot.runtime.ops import reference
+from lmdepot.runtime.ops import kv_quant, reference
 
 _TABLE: dict[str, Callable] = {
     name: getattr(reference, name)
     for name in ("rms_norm", "rope_cos_sin", "apply_rope", "linear", "linear_int4", "silu_mul",
-                 "store_kv", "paged_attention")
+                 "store_kv", "paged_attention", "paged_attention_quant")
 }
+_TABLE["store_kv_quant"] = kv_quant.store_kv_quant
 
 
 def register(name: str, fn: Callable) -> None:
@@ -54,3 +55,12 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
 
 def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
     return _TABLE["paged_attention"](q, k, v, k_cache, v_cache, ctx, scale)
+
+
+def store_kv_quant(k, v, cache, slot_mapping):
+    """Quantize and store new k/v into a QuantKVCache (runtime/kv_cache.py)."""
+    return _TABLE["store_kv_quant"](k, v, cache, slot_mapping)
+
+
+def paged_attention_quant(q, k, v, cache, ctx, scale):
+    return _TABLE["paged_attention_quant"](q, k, v, cache, ctx, scale)

@@ -55,19 +55,39 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
 
 
+def _slots(s, bs: int) -> torch.Tensor:
+    return (s.block_table[:, None] * bs + torch.arange(bs, device=s.block_table.device)).reshape(-1)[:s.ctx_len]
+
+
 def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
     """q: (T, hq, d) new queries; k/v: (T, hkv, d) new keys, already stored. Returns (T, hq, d)."""
-    out = torch.empty_like(q)
     bs = ctx.block_size
     kc, vc = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-    gqa = q.shape[1] != k.shape[1]
+
+    def kv_of(s):
+        if s.ctx_len == s.q_len:  # nothing cached: attend over the fresh k/v, like a plain prefill
+            return k[s.q_start:s.q_start + s.q_len], v[s.q_start:s.q_start + s.q_len]
+        slots = _slots(s, bs)
+        return kc[slots], vc[slots]
+
+    return _attend(q, ctx, scale, kv_of, gqa=q.shape[1] != k.shape[1])
+
+
+def paged_attention_quant(q, k, v, cache, ctx, scale):
+    """Like paged_attention over a QuantKVCache. Every key and value, the new ones included, is read
+    back dequantized from the cache, as a decode step reads it, so the quantization error is what
+    the model sees."""
+    from lmdepot.runtime.ops.kv_quant import gather_kv_quant
+
+    return _attend(q, ctx, scale, lambda s: gather_kv_quant(cache, _slots(s, ctx.block_size), q.dtype),
+                   gqa=q.shape[1] != k.shape[1])
+
+
+def _attend(q, ctx, scale, kv_of, gqa: bool):
+    out = torch.empty_like(q)
     for s in ctx.seqs:
         qs = q[s.q_start:s.q_start + s.q_len]
-        if s.ctx_len == s.q_len:  # nothing cached: attend over the fresh k/v, like a plain prefill
-            ks, vs = k[s.q_start:s.q_start + s.q_len], v[s.q_start:s.q_start + s.q_len]
-        else:
-            slots = (s.block_table[:, None] * bs + torch.arange(bs, device=q.device)).reshape(-1)[:s.ctx_len]
-            ks, vs = kc[slots], vc[slots]
+        ks, vs = kv_of(s)
         mask, causal = None, s.q_len > 1
         window = ctx.sliding_window
         if (causal and s.ctx_len > s.q_len) or (window and s.ctx_len > window):
