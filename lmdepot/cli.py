@@ -71,8 +71,9 @@ def _register_subsystems():
     from lmdepot.convert.lite_cli import lite
     from lmdepot.registry.cli import registry
     from lmdepot.runtime.cli import chat, generate
+    from lmdepot.serve.cli import serve
 
-    for command in (lite, registry, generate, chat, bench):
+    for command in (lite, registry, generate, chat, bench, serve):
         main.add_command(command)
 
 

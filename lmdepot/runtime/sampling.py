@@ -48,12 +48,16 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         p = seq.params
         raw = row
         row = apply_penalties(row.clone(), seq, p)
+        if p.logits_processor is not None:
+            row = p.logits_processor(seq.output_ids, row)
         if p.greedy:
             tok = int(torch.argmax(row))
         else:
             probs = filter_logits(row, p).softmax(-1)
             tok = int(torch.multinomial(probs, 1, generator=seq.generator))
         tokens.append(tok)
+        if p.accept_token is not None:
+            p.accept_token(tok)
         if p.logprobs is not None:
             # Logprobs describe the model's distribution, before penalties and temperature.
             lp = raw.log_softmax(-1)
