@@ -49,7 +49,7 @@ async def chat_interactive(req: InteractiveRequest, request: Request):
     if not req.interactive_mode:
         state.llm.end_session(key)   # LMDeploy: a non-interactive request starts the session afresh
         known["turns"] = 0
-    history = state.llm.engine.scheduler.sessions.get(key)
+    history = state.llm.engine.scheduler.sessions.get(key) if req.interactive_mode else None
     history_tokens = len(history.token_ids) if history is not None else 0
     try:
         ids = _turn_ids(state.tokenizer, req.prompt, known["turns"] == 0)
