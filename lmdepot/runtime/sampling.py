@@ -34,6 +34,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already reach top_p; the first always stays
         drop = (probs.cumsum(-1) - probs) >= p.top_p
+        drop[0] = False  # explicitly: a top_p below float32's smallest value rounds to 0 and would drop it
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     if p.min_p > 0.0:
         probs = logits.softmax(-1)

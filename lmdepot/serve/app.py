@@ -121,6 +121,8 @@ def create_app(llm, cfg: ServeConfig, owns_llm: bool = False) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not llm.alive:
+            return _error(503, "the engine has stopped")
         return {"status": "ok"}
 
     @app.get("/metrics")

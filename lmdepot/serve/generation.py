@@ -43,10 +43,15 @@ def stop_list(stop) -> list[str]:
     return [stop] if isinstance(stop, str) else [s for s in stop if s]
 
 
+def temperature(t: float) -> float:
+    """Below 1e-5, logits / t overflows to inf and sampling fails: such a temperature means greedy."""
+    return 0.0 if t < 1e-5 else t
+
+
 def sampling_params(req, max_tokens: int, logprobs: int | None, index: int = 0, hooks: dict | None = None):
     seed = req.seed + index if req.seed is not None else None  # n > 1 must not return n copies
     return SamplingParams(
-        max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+        max_tokens=max_tokens, temperature=temperature(req.temperature), top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, seed=seed, stop=stop_list(req.stop),
         ignore_eos=req.ignore_eos, logprobs=logprobs, **(hooks or {}))
@@ -54,6 +59,8 @@ def sampling_params(req, max_tokens: int, logprobs: int | None, index: int = 0, 
 
 async def stream_one(state, ids: list[int], params: SamplingParams, session_id=None, cancel=None):
     """Engine outputs for one sequence, with metrics; leaving early aborts the sequence in the engine."""
+    if not state.llm.alive:
+        raise HTTPException(503, "the engine has stopped; restart the server")
     m = state.metrics
     timer = RequestTimer(m)
     m.prompt_tokens.inc(len(ids))

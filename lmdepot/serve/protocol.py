@@ -61,7 +61,7 @@ class _Sampling(_Loose):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)   # what torch generators take
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -71,7 +71,7 @@ class _Sampling(_Loose):
     # LMDeploy extras
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0, le=1)
-    repetition_penalty: float = Field(default=1.0, gt=0)
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=100)   # beyond, logits overflow to inf
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     session_id: int | None = None
@@ -113,11 +113,11 @@ class InteractiveRequest(_Loose):
     top_p: float = Field(default=0.8, gt=0, le=1)
     top_k: int = Field(default=40, ge=0)
     temperature: float = Field(default=0.8, ge=0, le=2)
-    repetition_penalty: float = Field(default=1.0, gt=0)
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=100)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     cancel: bool = False
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
 
 
 def new_id(prefix: str) -> str:
