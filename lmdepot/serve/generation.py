@@ -49,10 +49,11 @@ def temperature(t: float) -> float:
 
 
 def sampling_params(req, max_tokens: int, logprobs: int | None, index: int = 0, hooks: dict | None = None):
-    seed = req.seed + index if req.seed is not None else None  # n > 1 must not return n copies
+    # n > 1 must not return n copies; the modulo keeps seed + index within what torch generators take
+    seed = (req.seed + index) % 2**63 if req.seed is not None else None
     return SamplingParams(
-        max_tokens=max_tokens, temperature=temperature(req.temperature), top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
-        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        max_tokens=max_tokens, temperature=temperature(req.temperature), top_k=req.top_k, top_p=req.top_p,
+        min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, seed=seed, stop=stop_list(req.stop),
         ignore_eos=req.ignore_eos, logprobs=logprobs, **(hooks or {}))
 

@@ -61,8 +61,8 @@ async def chat_interactive(req: InteractiveRequest, request: Request):
                                  f" left in session_len = {state.session_len}; end the session"
                                  " (interactive_mode=false) to start over")
     max_tokens = min(req.request_output_len or room, room)
-    params = SamplingParams(max_tokens=max_tokens, temperature=g.temperature(req.temperature), top_p=req.top_p, top_k=req.top_k,
-                            repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
+    params = SamplingParams(max_tokens=max_tokens, temperature=g.temperature(req.temperature), top_p=req.top_p,
+                            top_k=req.top_k, repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
                             stop=g.stop_list(req.stop), seed=req.seed)
     cancel = known["cancel"] = asyncio.Event()
     stream = g.stream_one(state, ids, params, session_id=key, cancel=cancel)

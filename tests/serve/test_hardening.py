@@ -68,7 +68,8 @@ def guarded(tiny_ws):
 def test_api_keys(guarded):
     body = {"model": "tiny", "prompt": "w7 w8", "max_tokens": 2}
     _is_openai_error(httpx.post(guarded.url + "/v1/completions", json=body), 401)
-    _is_openai_error(httpx.post(guarded.url + "/v1/completions", json=body, headers={"Authorization": "Bearer no"}), 401)
+    wrong = httpx.post(guarded.url + "/v1/completions", json=body, headers={"Authorization": "Bearer no"})
+    _is_openai_error(wrong, 401)
     _is_openai_error(httpx.get(guarded.url + "/v1/models"), 401)
     for key in ("key-a", "key-b"):
         assert httpx.post(guarded.url + "/v1/completions", json=body, timeout=30,
@@ -133,8 +134,7 @@ def test_sigterm_drains_in_flight_requests(tiny_ws):
 def test_schemathesis_finds_no_server_errors(tiny_server, tmp_path):
     pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install schemathesis)")
     proc = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", tiny_server.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "10",
-         "--seed", "1", "--workers", "2", "--request-timeout", "60", "--phases", "examples,fuzzing",
+X, "1", "--workers", "2", "--request-timeout", "60", "--phases", "examples,fuzzing",
          "--max-time", "60"],
         capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
