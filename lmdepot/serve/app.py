@@ -6,7 +6,7 @@ import contextlib
 import secrets
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -67,9 +67,37 @@ def _error(status: int, message: str, headers=None) -> JSONResponse:
     return JSONResponse(error_body(message, _TYPES.get(status, "server_error"), status), status, headers=headers)
 
 
-def _route_label(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", "unmatched")
+class _AuthAndCount:
+    """Bearer-key check on /v1 routes, and the requests-by-route-and-status counter."""
+
+    def __init__(self, app, state: ServerState, api_keys: list[str]):
+        self.app, self.state, self.keys = app, state, [k.encode() for k in api_keys]
+
+    def _authorized(self, scope) -> bool:
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        token = auth[7:] if auth[:7].lower() == b"bearer " else b""
+        return any(secrets.compare_digest(token, k) for k in self.keys)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        counter = self.state.metrics.requests
+        if self.keys and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS" \
+                and not self._authorized(scope):
+            counter.labels("auth", "401").inc()
+            response = _error(401, "Incorrect or missing API key. Send it as `Authorization: Bearer KEY`.")
+            return await response(scope, receive, send)
+        status = ["500"]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            counter.labels(getattr(scope.get("route"), "path", "unmatched"), status[0]).inc()
 
 
 def create_app(llm, cfg: ServeConfig, owns_llm: bool = False) -> FastAPI:
@@ -86,22 +114,12 @@ def create_app(llm, cfg: ServeConfig, owns_llm: bool = False) -> FastAPI:
     app = FastAPI(title="lmdepot api_server", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API over the lmdepot runtime")
     state = app.state.serve = ServerState(llm, cfg)
-    if cfg.allow_origins:
+    # Plain ASGI rather than @app.middleware("http"): that wrapper hides client disconnects from
+    # the routes, and a non-streamed request could then not be aborted when its client goes away.
+    app.add_middleware(_AuthAndCount, state=state, api_keys=cfg.api_keys)
+    if cfg.allow_origins:  # added last, so outermost: preflights and 401s carry CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=cfg.allow_origins, allow_credentials=True,
                            allow_methods=["*"], allow_headers=["*"])
-
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if cfg.api_keys and path.startswith("/v1") and request.method != "OPTIONS":
-            auth = request.headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not any(secrets.compare_digest(token, k) for k in cfg.api_keys):
-                state.metrics.requests.labels("auth", "401").inc()
-                return _error(401, "Incorrect or missing API key. Send it as `Authorization: Bearer KEY`.")
-        response = await call_next(request)
-        state.metrics.requests.labels(_route_label(request), str(response.status_code)).inc()
-        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):

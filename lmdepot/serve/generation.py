@@ -7,6 +7,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from fastapi import HTTPException
+from fastapi.responses import StreamingResponse
 
 from lmdepot.runtime.sequence import SamplingParams
 from lmdepot.serve.metrics import RequestTimer
@@ -118,6 +119,15 @@ async def merge(streams):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def collect_unless_gone(request, items, on_item) -> None:
+    """Feed items to on_item; stop (and so abort the engine request) if the client disconnects.
+    A non-streamed reply has no send that could fail, so the disconnect is polled between tokens."""
+    async for i, out in items:
+        on_item(i, out)
+        if not out.finished and await request.is_disconnected():
+            raise HTTPException(499, "client closed the request")
+
+
 def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -140,6 +150,38 @@ def completion_logprobs(tokenizer, entries: list[dict], offset: int = 0) -> dict
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{token_text(tokenizer, t): v for t, v in e["top"].items()} for e in entries],
             "text_offset": offsets}
+
+
+def closer(state, gen):
+    """Idempotent cleanup of one admitted request: end its engine streams, give back its queue slot."""
+    done = False
+
+    async def close():
+        nonlocal done
+        if not done:
+            done = True
+            try:
+                await gen.aclose()
+            finally:
+                state.release()
+
+    return close
+
+
+class ClosingStream(StreamingResponse):
+    """A streaming response that always runs `on_close`. The body generator's own `finally` is not
+    enough: when the client is gone before the first byte, the generator is never started, and an
+    unstarted generator runs no `finally` - the request would hold its queue slot and keep generating."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -12,7 +12,6 @@ import json
 import random
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import StreamingResponse
 
 from lmdepot.runtime.sequence import SamplingParams
 from lmdepot.serve import generation as g
@@ -86,9 +85,16 @@ async def chat_interactive(req: InteractiveRequest, request: Request):
         return {"text": text, "tokens": len(res.token_ids), "input_tokens": len(ids),
                 "history_tokens": history_tokens, "finish_reason": res.finish_reason, "session_id": sid}
 
-    def done():
-        state.release()
-        known["cancel"] = None
+    release, ended = g.closer(state, stream), False
+
+    async def done():  # idempotent: the body's finally and the response's on_close both call it
+        nonlocal ended
+        if ended:
+            return
+        ended = True
+        await release()
+        if known["cancel"] is cancel:
+            known["cancel"] = None
         if not req.interactive_mode:  # history is kept only in interactive mode
             state.llm.end_session(key)
             known["turns"] = 0
@@ -103,8 +109,7 @@ async def chat_interactive(req: InteractiveRequest, request: Request):
             async for out in outputs():
                 record(out)
         finally:
-            await stream.aclose()
-            done()
+            await done()
         res.finish_reason = res.finish_reason or "abort"
         return line(res.text)
 
@@ -118,7 +123,6 @@ async def chat_interactive(req: InteractiveRequest, request: Request):
                 res.finish_reason = "abort"
                 yield json.dumps(line("")) + "\n"
         finally:
-            await stream.aclose()
-            done()
+            await done()
 
-    return StreamingResponse(body(), media_type="application/x-ndjson")
+    return g.ClosingStream(body(), done, media_type="application/x-ndjson")

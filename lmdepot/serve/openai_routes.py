@@ -6,7 +6,6 @@ import asyncio
 import json
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import StreamingResponse
 
 from lmdepot.serve import generation as g
 from lmdepot.serve.protocol import ChatCompletionRequest, CompletionRequest, new_id, now
@@ -135,8 +134,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 
     if not req.stream:
         try:
-            async for i, out in _items(gen, first):
-                collect(i, out)
+            await g.collect_unless_gone(request, _items(gen, first), collect)
         finally:
             await gen.aclose()
             state.release()
@@ -185,11 +183,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         except Exception as exc:  # the engine failed mid-stream: tell the client instead of cutting off
             yield _sse({"error": {"message": str(exc), "type": "server_error", "code": 500}})
         finally:
-            await gen.aclose()
-            state.release()
+            await close()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    close = g.closer(state, gen)
+    return g.ClosingStream(body(), close, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _completion_prompts(state, prompt) -> list[list[int]]:
@@ -228,13 +226,15 @@ async def completions(req: CompletionRequest, request: Request):
         return g.usage(sum(len(p) for p in prompts), sum(len(r.token_ids) for r in results))
 
     if not req.stream:
+        def collect(i, out):
+            r = results[i]
+            r.text += out.text
+            r.token_ids += [out.token_id] if out.token_id is not None else []
+            r.logprobs += [out.logprob] if out.logprob is not None else []
+            r.finish_reason = out.finish_reason if out.finished else None
+
         try:
-            async for i, out in _items(gen, first):
-                r = results[i]
-                r.text += out.text
-                r.token_ids += [out.token_id] if out.token_id is not None else []
-                r.logprobs += [out.logprob] if out.logprob is not None else []
-                r.finish_reason = out.finish_reason if out.finished else None
+            await g.collect_unless_gone(request, _items(gen, first), collect)
         finally:
             await gen.aclose()
             state.release()
@@ -271,8 +271,8 @@ async def completions(req: CompletionRequest, request: Request):
         except Exception as exc:
             yield _sse({"error": {"message": str(exc), "type": "server_error", "code": 500}})
         finally:
-            await gen.aclose()
-            state.release()
+            await close()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    close = g.closer(state, gen)
+    return g.ClosingStream(body(), close, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -111,6 +111,16 @@ def test_client_disconnect_aborts_and_frees_blocks(tiny_server):
     assert tiny_server.metric("lmdepot_num_requests_running") == 0
 
 
+def test_disconnect_before_a_non_streamed_reply_aborts_it(smol_server):
+    aborted = smol_server.metric("lmdepot_request_finished_total", 'finish_reason="abort"')
+    body = {"model": "smollm2-135m", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(smol_server.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+    wait_until(lambda: smol_server.metric("lmdepot_request_finished_total", 'finish_reason="abort"') == aborted + 1,
+               30, "the non-streamed request to be aborted")
+    wait_until(lambda: smol_server.metric("lmdepot_num_requests_running") == 0, 30, "the batch to empty")
+
+
 def test_sigterm_drains_in_flight_requests(tiny_ws):
     server = Server("api_server", tiny_ws, "--model-name", "tiny", "--log-level", "warning")
     try:
