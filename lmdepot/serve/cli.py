@@ -70,8 +70,10 @@ def api_server(model, server_name, server_port, tp, quant_policy, cache_max_entr
     app = create_app(llm, cfg, owns_llm=True)
     click.echo(f"serving {cfg.model_name} on http://{server_name}:{server_port}/v1", err=True)
     # timeout_graceful_shutdown=None: on SIGTERM, streams in flight run to their end before exit.
+    # Keep-alive outlives the clients' own idle expiry (httpx, hence the openai SDK: 5 s), so a client never
+    # sends a request on a connection the server is closing at that moment.
     uvicorn.run(app, host=server_name, port=server_port, log_level=log_level.lower(),
-                timeout_graceful_shutdown=None)
+                timeout_graceful_shutdown=None, timeout_keep_alive=30)
 
 
 @serve.command("api_client")

@@ -59,7 +59,9 @@ async def _plan_chat(state, req: ChatCompletionRequest) -> _Plan:
 def _finish_chat(state, plan: _Plan, res: g.Result, skip_special: bool) -> tuple[dict, str | None]:
     """The assistant message and the finish reason of one choice."""
     reason, text = res.finish_reason, res.text
-    ids = [t for t in res.token_ids if t not in state.llm.engine.eos_ids]
+    ids = res.token_ids
+    if ids and reason == "stop" and ids[-1] in state.llm.engine.eos_ids:
+        ids = ids[:-1]  # the stop token ends the reply; it is not part of it
     raw = state.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
     msg = {"role": "assistant", "content": text if skip_special else raw}
     try:

@@ -101,3 +101,31 @@ def test_metrics_exposition(smol_server):
                  "lmdepot_generation_tokens_total"):
         assert name in text, name
     assert 'route="/v1/completions",status="200"' in text
+
+
+def test_chat_n_choices_stream_and_special_tokens(smol_server):
+    body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 5,
+            "n": 2, "seed": 11, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", f"{smol_server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        events, done = sse_events(r.iter_lines())
+    assert done
+    finished = sorted(c["index"] for e in events for c in e["choices"] if c["finish_reason"])
+    assert finished == [0, 1]
+    raw = httpx.post(f"{smol_server.url}/v1/chat/completions", timeout=60, json={
+        "model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40,
+        "temperature": 0, "ignore_eos": True, "skip_special_tokens": False}).json()
+    assert "<|im_end|>" in raw["choices"][0]["message"]["content"]   # kept when asked
+
+
+def test_interactive_cancel_stops_the_turn(smol_server):
+    import json
+
+    url = f"{smol_server.url}/v1/chat/interactive"
+    body = {"prompt": "Tell a long story.", "session_id": 777, "interactive_mode": True, "stream": True,
+            "request_output_len": 400, "ignore_eos": True}
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        assert httpx.post(url, json={"prompt": "", "session_id": 777, "cancel": True}).status_code == 200
+        rest = [json.loads(x) for x in lines if x]
+    assert rest[-1]["finish_reason"] == "abort" and rest[-1]["tokens"] < 400

@@ -177,10 +177,16 @@ def test_load_64_concurrent_streams_500_requests(tiny_server):
         async with httpx.AsyncClient(base_url=tiny_server.url, timeout=120, limits=limits) as client:
             async def worker():
                 while queue:
-                    await one(client, queue.pop())
+                    i = queue.pop()
+                    try:
+                        await one(client, i)
+                    except Exception as exc:  # counted as lost; the others go on, to report them all
+                        errors.append(f"request {i}: {type(exc).__name__}: {exc}")
             await asyncio.gather(*(worker() for _ in range(concurrency)))
 
+    errors: list[str] = []
     asyncio.run(asyncio.wait_for(main(), 300))
+    assert not errors, f"{len(errors)} lost or malformed: {errors[:5]}"
     assert len(results) == total
     assert all(done for done, _, _ in results)
     assert {r for _, _, r in results} <= {"stop", "length"}
