@@ -9,4 +9,5 @@ quickstart: $(VENV)/.bootstrapped
 	bash scripts/quickstart.sh
 
 test: $(VENV)/.bootstrapped
+	bash scripts/system_deps.sh
 	$(VENV)/bin/python -m pytest -q

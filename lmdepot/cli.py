@@ -84,8 +84,9 @@ def _register_subsystems():
     from lmdepot.eval.cli import eval_group
     from lmdepot.registry.cli import registry
     from lmdepot.runtime.cli import chat, generate
+    from lmdepot.serve.cli import serve
 
-    for command in (lite, registry, generate, chat, bench, eval_group):
+    for command in (lite, registry, generate, chat, serve, eval_group, bench):
         main.add_command(command)
 
 

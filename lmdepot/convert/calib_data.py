@@ -14,10 +14,12 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lmdepot.errors import ConvertError
+
+if TYPE_CHECKING:
+    import torch
 
 PYDOC = "pydoc"
 CALIB_FRACTION = 0.8
@@ -148,5 +150,7 @@ def calibration_tokens(encode, params: CalibParams) -> tuple[torch.Tensor, str]:
                 f" need {samples * params.seqlen} tokens, it has {len(ids)}"
                 + (f" (enough for --calib-samples {have}, or pass --calib-samples auto)" if have else
                    " (not one window; use a shorter --calib-seqlen or a longer text)"))
+    import torch  # here: the CLI imports this module for its defaults and must start fast
+
     window = torch.tensor(ids[:samples * params.seqlen], dtype=torch.int64)
     return window.reshape(samples, params.seqlen), text_digest(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lmdepot.eval.ppl import PYDOC_EVAL
+from lmdepot.eval import PYDOC_EVAL
 
 
 def kv_options(fn):

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lmdepot.errors import LmdepotError
-
-PYDOC_EVAL = "pydoc-eval"
+from lmdepot.eval import PYDOC_EVAL
 
 
 class EvalError(LmdepotError):

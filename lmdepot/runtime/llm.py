@@ -149,6 +149,11 @@ class AsyncLLM:
     def end_session(self, session_id) -> None:
         self._submit(lambda: self.engine.end_session(session_id))
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine loop has stopped (closed, or died on an error): new requests would wait forever."""
+        return self._thread.is_alive() and not self._closed
+
     def close(self) -> None:
         with self._cv:
             self._closed = True

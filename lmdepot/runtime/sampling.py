@@ -34,6 +34,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already reach top_p; the first always stays
         drop = (probs.cumsum(-1) - probs) >= p.top_p
+        drop[0] = False  # explicitly: a top_p below float32's smallest value rounds to 0 and would drop it
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     if p.min_p > 0.0:
         probs = logits.softmax(-1)
@@ -48,12 +49,16 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         p = seq.params
         raw = row
         row = apply_penalties(row.clone(), seq, p)
+        if p.logits_processor is not None:
+            row = p.logits_processor(seq.output_ids, row)
         if p.greedy:
             tok = int(torch.argmax(row))
         else:
             probs = filter_logits(row, p).softmax(-1)
             tok = int(torch.multinomial(probs, 1, generator=seq.generator))
         tokens.append(tok)
+        if p.accept_token is not None:
+            p.accept_token(tok)
         if p.logprobs is not None:
             # Logprobs describe the model's distribution, before penalties and temperature.
             lp = raw.log_softmax(-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -24,6 +25,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None      # number of top alternatives to return with each token's logprob
+    # Per-request hooks (e.g. grammar-constrained decoding), called on rank 0 in the engine thread:
+    # logits_processor(output_ids, logits) -> logits runs after penalties and before sampling;
+    # accept_token(token_id) sees every sampled token. Neither may raise.
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    accept_token: Callable[[int], None] | None = field(default=None, repr=False)
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: api_server, api_client and the web UI."""
