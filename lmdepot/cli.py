@@ -78,6 +78,26 @@ def check_env(as_json):
     click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else render(info), nl=as_json)
 
 
+@main.command("list")
+@click.option("--registry", "registry_url", default=None, help="Registry URL (default: $LMDEPOT_REGISTRY).")
+def list_(registry_url):
+    """Supported architectures, chat-template tool-call formats, and the registry's names."""
+    from lmdepot.convert.arch import SUPPORTED
+    from lmdepot.registry import Registry
+
+    click.echo("architectures (lmdepot convert):")
+    for arch in SUPPORTED:
+        click.echo(f"  {arch}")
+    click.echo("chat templates: each workspace's own (tokenizer/tokenizer_config.json), applied by the runtime;"
+               " tool-call formats detected from them (serve --tool-call-parser):")
+    click.echo("  internlm2 (<|action_start|><|plugin|>), llama3 (<|python_tag|> JSON), hermes/qwen (<tool_call> JSON)")
+    registry = Registry(registry_url)
+    names = registry.ls()
+    click.echo(f"registry {registry.url}: {len(names)} name(s)")
+    for name, tags in names.items():
+        click.echo(f"  {name}\t{', '.join(tags)}")
+
+
 def _register_subsystems():
     from lmdepot.bench.cli import bench
     from lmdepot.convert.lite_cli import lite

@@ -27,7 +27,9 @@ def serve():
 @click.option("--tp", default=None, type=click.IntRange(1, 64),
               help="Tensor-parallel ranks (must equal the workspace's tensor_para_size).")
 @click.option("--quant-policy", default=0, show_default=True, type=int,
-              help="KV cache quantization: 0 only for now (4/8 are not yet supported).")
+              help="KV cache: 0 float, 8 int8, 4 int4 (per-token scales unless --kv-scales static).")
+@click.option("--kv-scales", default="online", show_default=True,
+              help="online (per-token scales in the cache) or static (the workspace's calibrated scales).")
 @click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of free memory (CPU: of --memory-budget) after weights given to KV blocks.")
 @click.option("--max-batch-size", default=None, type=click.IntRange(1), help="Sequences per engine step.")
@@ -47,9 +49,9 @@ def serve():
               help="CPU only: GiB for weights + KV cache.")
 @click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True,
               help="Compute/KV dtype.")
-def api_server(model, server_name, server_port, tp, quant_policy, cache_max_entry_count, max_batch_size, session_len,
-               model_name, api_keys, tool_call_parser, max_queued_requests, log_level, allow_origins, memory_budget,
-               dtype):
+def api_server(model, server_name, server_port, tp, quant_policy, kv_scales, cache_max_entry_count, max_batch_size,
+               session_len, model_name, api_keys, tool_call_parser, max_queued_requests, log_level, allow_origins,
+               memory_budget, dtype):
     """OpenAI-compatible API server. MODEL: workspace dir or NAME:TAG.
 
     Routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/chat/interactive, /health, /metrics,
@@ -57,14 +59,14 @@ def api_server(model, server_name, server_port, tp, quant_policy, cache_max_entr
     """
     import uvicorn
 
-    from lmdepot.runtime.cli import _check_quant_policy
+    from lmdepot.runtime.kv_cache import make_spec
     from lmdepot.runtime.llm import AsyncLLM
     from lmdepot.serve.app import ServeConfig, create_app
 
-    _check_quant_policy(quant_policy)
+    make_spec(quant_policy, None, 64, kv_scales)  # checks the options before loading anything
     llm = AsyncLLM(model, tp=tp, session_len=session_len, max_batch_size=max_batch_size,
                    cache_max_entry_count=cache_max_entry_count, cpu_memory_budget=int(memory_budget * 2**30),
-                   dtype=dtype)
+                   dtype=dtype, quant_policy=quant_policy, kv_scales=kv_scales)
     cfg = ServeConfig(model_name=model_name or model, api_keys=_split(api_keys), tool_call_parser=tool_call_parser,
                       max_queued_requests=max_queued_requests, allow_origins=_split(allow_origins))
     app = create_app(llm, cfg, owns_llm=True)

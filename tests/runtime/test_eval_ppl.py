@@ -4,7 +4,6 @@ import random
 import re
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from lmdepot.cli import main

@@ -1,12 +1,9 @@
 """Quantized KV cache: writes and reads against a float64 reference, static scales, capacity."""
 
-import math
 
-import numpy as np
 import pytest
 import torch
 
-from lmdepot.formats import layout
 from lmdepot.formats.config import WorkspaceConfig
 from lmdepot.runtime.kv_cache import KVSpec, allocate, kv_block_bytes, make_spec
 from lmdepot.runtime.ops import kv_quant

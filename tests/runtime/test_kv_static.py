@@ -3,7 +3,6 @@
 import shutil
 
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 
