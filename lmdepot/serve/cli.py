@@ -34,7 +34,8 @@ def serve():
               help="Fraction of free memory (CPU: of --memory-budget) after weights given to KV blocks.")
 @click.option("--max-batch-size", default=None, type=click.IntRange(1), help="Sequences per engine step.")
 @click.option("--session-len", default=None, type=click.IntRange(2), help="Max prompt + reply tokens.")
-@click.option("--model-name", default=None, help="Name served by /v1/models (default: MODEL as given).")
+@click.option("--model-name", default=None,
+              help="Name served by /v1/models (default: MODEL as given; for a registry ref NAME:TAG, its NAME).")
 @click.option("--api-keys", multiple=True,
               help="Accepted API keys (Authorization: Bearer KEY); several may be given, space- or comma-separated,"
                    " or by repeating the flag. Default: no authentication.")
@@ -67,7 +68,7 @@ def api_server(model, server_name, server_port, tp, quant_policy, kv_scales, cac
     llm = AsyncLLM(model, tp=tp, session_len=session_len, max_batch_size=max_batch_size,
                    cache_max_entry_count=cache_max_entry_count, cpu_memory_budget=int(memory_budget * 2**30),
                    dtype=dtype, quant_policy=quant_policy, kv_scales=kv_scales)
-    cfg = ServeConfig(model_name=model_name or model, api_keys=_split(api_keys), tool_call_parser=tool_call_parser,
+    cfg = ServeConfig(model_name=model_name or _default_model_name(model), api_keys=_split(api_keys), tool_call_parser=tool_call_parser,
                       max_queued_requests=max_queued_requests, allow_origins=_split(allow_origins))
     app = create_app(llm, cfg, owns_llm=True)
     click.echo(f"serving {cfg.model_name} on http://{server_name}:{server_port}/v1", err=True)
@@ -76,6 +77,16 @@ def api_server(model, server_name, server_port, tp, quant_policy, kv_scales, cac
     # sends a request on a connection the server is closing at that moment.
     uvicorn.run(app, host=server_name, port=server_port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=None, timeout_keep_alive=30)
+
+
+def _default_model_name(model: str) -> str:
+    from pathlib import Path
+
+    from lmdepot.runtime.loader import is_ref
+
+    if not Path(model).exists() and is_ref(model):
+        return model.split("@")[0].rsplit(":", 1)[0]
+    return model
 
 
 @serve.command("api_client")

@@ -22,9 +22,15 @@ def tiny_ws(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smol_server(smollm2_ws):
-    server = Server("api_server", smollm2_ws[1], "--session-len", "1024", "--model-name", "smollm2-135m",
-                    "--log-level", "warning")
+def smol_server(smollm2_ws, tmp_path_factory):
+    """The embedded default served by registry tag, as in the seeds: `api_server smollm2-135m:latest`."""
+    from lmdepot.registry import Registry
+
+    root = tmp_path_factory.mktemp("serve-registry")
+    url = f"file://{root}/registry"
+    Registry(url).push(smollm2_ws[1], "smollm2-135m:latest", show_progress=False)
+    server = Server("api_server", "smollm2-135m:latest", "--session-len", "1024", "--log-level", "warning",
+                    extra_env={"LMDEPOT_REGISTRY": url, "LMDEPOT_CACHE": str(root / "cache")})
     yield server
     server.stop()
 

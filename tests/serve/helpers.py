@@ -23,8 +23,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env() -> dict:
-    e = dict(os.environ)
+def env(**extra: str) -> dict:
+    e = dict(os.environ) | extra
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")
     return e
@@ -44,14 +44,15 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
 class Server:
     """`lmdepot serve <command> ...` in a subprocess, on 127.0.0.1 and a free port."""
 
-    def __init__(self, command: str, target: str, *args: str, health: str = "/health", timeout: float = 180):
+    def __init__(self, command: str, target: str, *args: str, health: str = "/health", timeout: float = 180,
+                 extra_env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # A file, not a pipe: nobody reads a pipe while tests run, and a full pipe blocks the server.
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"lmdepot-{command}-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "lmdepot.cli", "serve", command, str(target), "--server-name", "127.0.0.1",
                "--server-port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env=env(**(extra_env or {})), cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
         def up():
             if self.proc.poll() is not None:
