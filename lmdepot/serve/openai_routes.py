@@ -159,27 +159,38 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
             c["usage"] = usage
         return _sse(c)
 
+    async def events():
+        for i in range(req.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        async for i, out in _items(gen, first):
+            r = collect(i, out)
+            if not buffered and (out.text or (out.logprob is not None and k is not None)):
+                c = {"index": i, "delta": {"content": out.text}, "finish_reason": None}
+                if k is not None and out.logprob is not None:
+                    c["logprobs"] = g.chat_logprobs(tok, [out.logprob])
+                yield chunk([c])
+            if out.finished:
+                msg, reason = _finish_chat(state, plan, r, req.skip_special_tokens)
+                if buffered:
+                    delta = {k2: v for k2, v in msg.items() if k2 != "role" and v is not None}
+                    if "tool_calls" in delta:
+                        delta["tool_calls"] = [dict(c, index=n) for n, c in enumerate(delta["tool_calls"])]
+                    yield chunk([{"index": i, "delta": delta, "finish_reason": None}])
+                yield chunk([{"index": i, "delta": {}, "finish_reason": reason}])
+        if include_usage:
+            yield chunk([], total_usage())
+
+    return _sse_response(state, gen, events())
+
+
+def _sse_response(state, gen, events):
+    """An SSE stream of `events` that always ends with [DONE], reports an engine failure as an error
+    event instead of cutting off, and releases the request however the client leaves."""
+
     async def body():
         try:
-            for i in range(req.n):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            async for i, out in _items(gen, first):
-                r = collect(i, out)
-                if not buffered and (out.text or (out.logprob is not None and k is not None)):
-                    c = {"index": i, "delta": {"content": out.text}, "finish_reason": None}
-                    if k is not None and out.logprob is not None:
-                        c["logprobs"] = g.chat_logprobs(tok, [out.logprob])
-                    yield chunk([c])
-                if out.finished:
-                    msg, reason = _finish_chat(state, plan, r, req.skip_special_tokens)
-                    if buffered:
-                        delta = {k2: v for k2, v in msg.items() if k2 != "role" and v is not None}
-                        if "tool_calls" in delta:
-                            delta["tool_calls"] = [dict(c, index=n) for n, c in enumerate(delta["tool_calls"])]
-                        yield chunk([{"index": i, "delta": delta, "finish_reason": None}])
-                    yield chunk([{"index": i, "delta": {}, "finish_reason": reason}])
-            if include_usage:
-                yield chunk([], total_usage())
+            async for event in events:
+                yield event
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the engine failed mid-stream: tell the client instead of cutting off
@@ -254,27 +265,18 @@ async def completions(req: CompletionRequest, request: Request):
             c["usage"] = use
         return _sse(c)
 
-    async def body():
-        try:
-            for i, e in enumerate(echo):
-                if e:
-                    yield chunk([{"index": i, "text": e, "finish_reason": None, "logprobs": None}])
-            async for i, out in _items(gen, first):
-                results[i].token_ids += [out.token_id] if out.token_id is not None else []
-                if out.text or out.finished:
-                    lp = (g.completion_logprobs(tok, [out.logprob]) if req.logprobs is not None
-                          and out.logprob is not None else None)
-                    yield chunk([{"index": i, "text": out.text, "logprobs": lp,
-                                  "finish_reason": out.finish_reason if out.finished else None}])
-            if include_usage:
-                yield chunk([], usage())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            yield _sse({"error": {"message": str(exc), "type": "server_error", "code": 500}})
-        finally:
-            await close()
-        yield "data: [DONE]\n\n"
+    async def events():
+        for i, e in enumerate(echo):
+            if e:
+                yield chunk([{"index": i, "text": e, "finish_reason": None, "logprobs": None}])
+        async for i, out in _items(gen, first):
+            results[i].token_ids += [out.token_id] if out.token_id is not None else []
+            if out.text or out.finished:
+                lp = (g.completion_logprobs(tok, [out.logprob]) if req.logprobs is not None
+                      and out.logprob is not None else None)
+                yield chunk([{"index": i, "text": out.text, "logprobs": lp,
+                              "finish_reason": out.finish_reason if out.finished else None}])
+        if include_usage:
+            yield chunk([], usage())
 
-    close = g.closer(state, gen)
-    return g.ClosingStream(body(), close, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _sse_response(state, gen, events())
