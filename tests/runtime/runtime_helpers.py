@@ -138,3 +138,16 @@ def hf_greedy(model, ids: list[int], steps: int) -> list[int]:
         out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
                              pad_token_id=0, eos_token_id=None)
     return out[0, len(ids):].tolist()
+
+
+def eval_ppl_error(*args) -> str:
+    """`lmdepot eval ppl ARGS` must fail with exit 2 and exactly one `error:` line; returns it."""
+    from click.testing import CliRunner
+
+    from lmdepot.cli import main
+
+    r = CliRunner().invoke(main, ["eval", "ppl", *map(str, args)])
+    assert r.exit_code == 2, (r.output, r.exception)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]

@@ -10,7 +10,7 @@ from lmdepot.cli import main
 from lmdepot.eval.hf_ppl import hf_perplexity
 from lmdepot.eval.ppl import windows
 from lmdepot.runtime.engine import load_tokenizer
-from runtime_helpers import VOCAB
+from runtime_helpers import VOCAB, eval_ppl_error
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +47,10 @@ def test_quantized_kv_ppl_close_but_not_equal(tiny, text_file):
     assert int4 != base and abs(int4 / base - 1) < 3e-2
 
 
-def bad(*args) -> str:
-    r = CliRunner().invoke(main, ["eval", "ppl", *map(str, args)])
-    assert r.exit_code == 2, (r.output, r.exception)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
-
-
 def test_bad_input(tiny, text_file, tmp_path):
     _, ws = tiny("llama")
-    assert "--quant-policy 2 is not one of 0, 4, 8" in bad(ws, "--quant-policy", 2)
-    assert "--kv-scales dynamic" in bad(ws, "--quant-policy", 8, "--kv-scales", "dynamic")
-    assert "no KV scale files" in bad(ws, "--quant-policy", 4, "--kv-scales", "static")
-    assert "no such file" in bad(ws, "--text", tmp_path / "missing.txt")
-    assert "fewer than --seqlen 4096" in bad(ws, "--text", text_file, "--seqlen", 4096)
+    assert "--quant-policy 2 is not one of 0, 4, 8" in eval_ppl_error(ws, "--quant-policy", 2)
+    assert "--kv-scales dynamic" in eval_ppl_error(ws, "--quant-policy", 8, "--kv-scales", "dynamic")
+    assert "no KV scale files" in eval_ppl_error(ws, "--quant-policy", 4, "--kv-scales", "static")
+    assert "no such file" in eval_ppl_error(ws, "--text", tmp_path / "missing.txt")
+    assert "fewer than --seqlen 4096" in eval_ppl_error(ws, "--text", text_file, "--seqlen", 4096)

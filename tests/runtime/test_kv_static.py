@@ -4,16 +4,14 @@ import shutil
 
 import numpy as np
 import torch
-from click.testing import CliRunner
 
-from lmdepot.cli import main
 from lmdepot.formats import layout
 from lmdepot.formats.config import WorkspaceConfig
 from lmdepot.formats.kv_scales import write_kv_scales
 from lmdepot.formats.manifest import FileEntry, Manifest, sha256_file
 from lmdepot.runtime.config import EngineConfig
 from lmdepot.runtime.engine import Engine
-from runtime_helpers import prefill_logits
+from runtime_helpers import eval_ppl_error, prefill_logits
 
 
 def with_scales(src, dst, heads: int, bits: int = 8):
@@ -61,18 +59,10 @@ def test_static_scales_read_back_and_used(tiny, tmp_path):
     assert (want > 0).all() and (want < 255).all()   # in range: the test scales fit these keys
 
 
-def bad(*args) -> str:
-    r = CliRunner().invoke(main, ["eval", "ppl", *map(str, args)])
-    assert r.exit_code == 2, (r.output, r.exception)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
-
-
 def test_head_count_mismatch_and_bits_mismatch(tiny, tmp_path):
     _, ws = tiny("llama")
     wrong = with_scales(ws, tmp_path / "wrong", heads=3)
-    msg = bad(wrong, "--quant-policy", 8, "--kv-scales", "static")
+    msg = eval_ppl_error(wrong, "--quant-policy", 8, "--kv-scales", "static")
     assert "past_kv_scale.0.weight: 48 bytes, expected 32 for 2 kv heads" in msg
     right = with_scales(ws, tmp_path / "right", heads=2, bits=8)
-    assert "scales are for int8" in bad(right, "--quant-policy", 4, "--kv-scales", "static")
+    assert "scales are for int8" in eval_ppl_error(right, "--quant-policy", 4, "--kv-scales", "static")
