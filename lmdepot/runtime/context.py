@@ -25,6 +25,18 @@ class Context:
     seqs: list[SeqSlice] = field(default_factory=list)
     block_size: int = 64
     sliding_window: int = 0   # 0: full attention
+    # The same batch as device tensors, built once per step, for kernels (and CUDA graphs, whose
+    # captured kernels read these buffers in place): no per-op host-to-device copies.
+    block_tables: torch.Tensor = None     # (S, max_blocks) int32, padded with 0
+    context_lens: torch.Tensor = None     # (S,) int32: ctx_len of each sequence
+    q_start_loc: torch.Tensor = None      # (S + 1,) int32: cumulative q_len
+    max_q_len: int = 0
+    max_ctx_len: int = 0
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes exactly one new token."""
+        return self.max_q_len == 1
 
 
 _CTX = Context()

@@ -91,18 +91,29 @@ class ModelRunner:
         dev = self.device
         tokens = torch.tensor(meta["tokens"], dtype=torch.int64, device=dev)
         positions = torch.tensor(meta["positions"], dtype=torch.int64, device=dev)
-        seqs, start = [], 0
-        for q_len, ctx_len, table in meta["seqs"]:
-            seqs.append(SeqSlice(start, q_len, ctx_len, torch.tensor(table, dtype=torch.int64, device=dev)))
-            start += q_len
-        set_context(Context(torch.tensor(meta["slots"], dtype=torch.int64, device=dev), seqs, self.block_size,
-                            self.cfg.sliding_window))
+        set_context(self.context(meta))
         try:
             hidden = self.model(tokens, positions)
             # Sampling runs on the host for now: one device-to-host copy of the logits per step.
             return self.model.logits(hidden[meta["logit_rows"]]).cpu()
         finally:
             reset_context()
+
+    def context(self, meta: dict) -> Context:
+        dev = self.device
+        seqs, starts = [], [0]
+        width = max((len(table) for _, _, table in meta["seqs"]), default=0)
+        tables = torch.zeros(len(meta["seqs"]), max(width, 1), dtype=torch.int32)
+        for i, (q_len, ctx_len, table) in enumerate(meta["seqs"]):
+            tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
+            seqs.append(SeqSlice(starts[-1], q_len, ctx_len, tables[i, :len(table)].to(dev, torch.int64)))
+            starts.append(starts[-1] + q_len)
+        lens = [ctx_len for _, ctx_len, _ in meta["seqs"]]
+        return Context(torch.tensor(meta["slots"], dtype=torch.int64, device=dev), seqs, self.block_size,
+                       self.cfg.sliding_window, block_tables=tables.to(dev),
+                       context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+                       q_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+                       max_q_len=max((q for q, _, _ in meta["seqs"]), default=0), max_ctx_len=max(lens, default=0))
 
     def run(self, meta: dict) -> torch.Tensor:
         if tp.world_size() > 1:

@@ -43,12 +43,7 @@ def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
         return reference.paged_attention(q, k, v, k_cache, v_cache, ctx, scale)
     from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention
 
-    width = max(len(s.block_table) for s in ctx.seqs)
-    tables = torch.zeros(len(ctx.seqs), width, dtype=torch.int32, device=q.device)
-    for i, s in enumerate(ctx.seqs):
-        tables[i, :len(s.block_table)] = s.block_table
-    lens = torch.tensor([s.ctx_len for s in ctx.seqs], dtype=torch.int32, device=q.device)
-    return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
 
 
 def install() -> None:
