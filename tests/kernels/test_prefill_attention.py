@@ -54,10 +54,11 @@ def test_tile_sizes_and_head_dim_128(dtype, block_m, block_n):
            config=dict(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1))
 
 
-@pytest.mark.parametrize("window", [1, 8, 17])
+@pytest.mark.parametrize("window", [1, 8, 17, 40])
 @pytest.mark.parametrize("page", [16, 32])
 def test_sliding_window(window, page):
-    _check([(30, 45), (1, 40), (9, 9), (3, 20)], page, 4, 2, 64, DTYPES[0], window=window, config=SMALL)
+    # (40, 100) with window 40: some key tiles lie inside every row's window (the unmasked loop)
+    _check([(30, 45), (1, 40), (9, 9), (3, 20), (40, 100)], page, 4, 2, 64, DTYPES[0], window=window, config=SMALL)
 
 
 def test_non_power_of_two_group_and_default_config():

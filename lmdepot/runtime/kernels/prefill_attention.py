@@ -48,6 +48,35 @@ def reference(q, k_cache, v_cache, block_tables, q_start_loc, context_lens, sm_s
 
 
 @triton.jit
+def _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, k_ptr, v_ptr, qk_scale, stride_bt,
+          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+          PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """One BLOCK_N tile of keys starting at position `start`. MASK=False: every key of the tile is
+    visible to every row (below the causal diagonal, inside the window), so no masking at all."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kpos = start + offs_n
+    mask_n = kpos < hi
+    mask_d = offs_d < D
+    blk = tl.load(bt_ptr + seq * stride_bt + kpos // PAGE, mask=mask_n, other=0).to(tl.int64)
+    slot = kpos % PAGE
+    kt = tl.load(k_ptr + blk[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh + offs_d[:, None],
+                 mask=mask_n[None, :] & mask_d[:, None], other=0.0)   # (D, N)
+    qk = tl.dot(q, kt.to(q.dtype)) * qk_scale
+    if MASK:
+        valid = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window) & mask_n[None, :]
+        qk = tl.where(valid, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)   # (N, D)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, lens_ptr, qk_scale, window,
             stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
             stride_vb, stride_vs, stride_vh, stride_bt,
@@ -71,34 +100,30 @@ def _kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, lens_ptr, qk_scale, win
     q = tl.load(q_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
                 + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
-    # Keys this block needs: causal end after its last token, window start before its first one.
+    # Keys this block needs: [lo, hi), from the window start of its first token to its last token.
+    # Tiles in [full_lo, full_hi) are visible to all its rows and skip the masking.
+    first_tok = (mblk * BLOCK_M) // GROUPS
     last_tok = tl.minimum((mblk * BLOCK_M + BLOCK_M - 1) // GROUPS, q_len - 1)
     hi = past + last_tok + 1
-    lo = tl.maximum(past + (mblk * BLOCK_M) // GROUPS - window + 1, 0)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    lo = (tl.maximum(past + first_tok - window + 1, 0) // BLOCK_N) * BLOCK_N
+    full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(past + last_tok - window + 1, 0), BLOCK_N) * BLOCK_N)
+    full_hi = tl.maximum(full_lo, ((past + first_tok + 1) // BLOCK_N) * BLOCK_N)
 
     m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)   # finite: a fully masked tile gives p = 0, not NaN
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        kpos = start + offs_n
-        mask_n = kpos < hi
-        blk = tl.load(bt_ptr + seq * stride_bt + kpos // PAGE, mask=mask_n, other=0).to(tl.int64)
-        slot = kpos % PAGE
-        kt = tl.load(k_ptr + blk[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
-                     + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None], other=0.0)   # (D, N)
-        qk = tl.dot(q, kt.to(q.dtype)) * qk_scale
-        valid = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window) & mask_n[None, :]
-        qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-                    + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)   # (N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
+    for start in range(lo, full_lo, BLOCK_N):
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, k_ptr, v_ptr, qk_scale,
+                              stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                              PAGE, D, BLOCK_D, BLOCK_N, True)
+    for start in range(full_lo, full_hi, BLOCK_N):
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, k_ptr, v_ptr, qk_scale,
+                              stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                              PAGE, D, BLOCK_D, BLOCK_N, False)
+    for start in range(full_hi, hi, BLOCK_N):
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, k_ptr, v_ptr, qk_scale,
+                              stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                              PAGE, D, BLOCK_D, BLOCK_N, True)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
              + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
