@@ -10,7 +10,8 @@ One program handles BLOCK_M rows of one (sequence, kv head): a row is a (token, 
 kv head's group, so every K/V tile is read once for all the heads sharing it, and a decode row of a
 GQA model still fills GROUPS rows of the tile. Keys come in BLOCK_N tiles gathered through the
 block table (a tile may span pages or cover part of one, so BLOCK_N does not depend on the page
-size). Flash-attention online softmax in fp32, exp2 with log2(e) folded into the scale.
+size). Flash-attention online softmax in fp32, exp2 with log2(e) folded into the scale; key tiles
+that every row of the block sees whole (below its causal diagonal, inside its window) skip masking.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ contraction off, so the result is bit-identical to the torch reference.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
