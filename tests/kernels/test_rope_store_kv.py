@@ -55,3 +55,14 @@ def test_cache_views_with_strides():
 def test_empty_batch_is_a_no_op():
     q, k, v, cos, sin, slots, (kc, vc) = _inputs(0, 4, 2, 64, 64, 16, DTYPES[0])
     assert rope_store_kv(q, k, v, cos, sin, 64, kc, vc, slots)[0].shape == (0, 4, 64)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_real_size_llama3_exact(dtype):
+    q, k, v, cos, sin, slots, (kc, vc) = _inputs(4096, 32, 8, 128, 128, 64, dtype, blocks=80)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q_ref, k_ref = reference(q.clone(), k.clone(), v, cos, sin, 128, kc_ref, vc_ref, slots)
+    rope_store_kv(q, k, v, cos, sin, 128, kc, vc, slots)
+    for got, want in ((q, q_ref), (k, k_ref), (kc, kc_ref), (vc, vc_ref)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
