@@ -1,11 +1,58 @@
-"""`lmdepot bench ...`: benchmarks that print the device, the date, a peer and the roofline."""
+"""`lmdepot bench ...`: benchmarks that print the device, the date, the copy bandwidth, a peer and the roofline."""
 
 import click
+
+from lmdepot.bench.models import SHAPES
+
+_SHAPES = click.Choice(list(SHAPES))
+
+
+def _model_options(fn):
+    options = [
+        click.option("--model", default=None,
+                     help="A workspace dir, or an HF checkpoint dir (converted in the run). Default: --shape."),
+        click.option("--shape", type=_SHAPES, default="llama2-7b", show_default=True,
+                     help="Random-weight model with this published config (used without --model)."),
+        click.option("--layers", type=click.IntRange(1), default=None, help="Cut --shape's depth (per-layer shape kept)."),
+        click.option("--int4", is_flag=True, help="Convert to int4 (RTN, group 128) instead of fp16."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+                     help="Also write the results as JSON to this file."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _kv_options(fn):
+    fn = click.option("--kv-scales", type=click.Choice(["online", "static"]), default="online", show_default=True,
+                      help="KV int scales: per token (online) or the workspace's calibrated ones (static).")(fn)
+    return click.option("--quant-policy", type=click.Choice(["0", "8", "4"]), default="0", show_default=True,
+                        help="KV cache: 0 float, 8 int8, 4 int4.")(fn)
+
+
+def _workload_options(fn):
+    options = [
+        click.option("--num-prompts", "-n", default=256, show_default=True, type=click.IntRange(1),
+                     help="Number of requests."),
+        click.option("--prompt", "prompt_len", default="64-512", show_default=True,
+                     help="Prompt tokens: N or LO-HI (uniform). Long context: 2048-4096."),
+        click.option("--output", "output_len", default="256", show_default=True,
+                     help="Output tokens (exact, ignore_eos): N or LO-HI."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the synthetic workload."),
+        click.option("--dataset", default=None,
+                     help="ShareGPT JSON instead of the synthetic workload: first human turn = prompt, its gpt"
+                          " reply's token count = output length; -n requests drawn with --seed."),
+        click.option("--max-batch-size", default=None, type=click.IntRange(1), help="Sequences per engine step."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
 
 
 @click.group()
 def bench():
-    """Benchmarks (GPU): kernels against cuBLAS/torch and the memory roofline."""
+    """Benchmarks: kernels, generation latency grid, offline throughput, serving, cold start."""
 
 
 @bench.command()
@@ -18,20 +65,88 @@ def kernels(as_json):
 
 
 @bench.command()
-@click.option("--shape", type=click.Choice(["llama2-7b", "llama3-8b", "qwen2.5-1.5b"]), default="llama2-7b",
-              show_default=True, help="Published config of the random-weight model.")
-@click.option("--layers", type=click.IntRange(1), default=None, help="Cut the depth (per-layer shape kept).")
-@click.option("--batch", "batches", default="1,16", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--output-len", default=128, show_default=True, type=click.IntRange(2))
-@click.option("--peer", type=click.Choice(["hf", "none"]), default="hf", show_default=True,
-              help="Run HF transformers' eager generate on the same model in the same run.")
-def generation(shape, layers, batches, prompt_len, output_len, peer):
-    """Decode tokens/s and first-token latency of the engine vs HF, beside the roofline (JSON)."""
+@_model_options
+@_kv_options
+@click.option("--concurrency", default="1,16,64", show_default=True, help="Comma-separated concurrencies.")
+@click.option("--cases", default="1x128,128x128,2048x128,128x2048", show_default=True,
+              help="Comma-separated PROMPTxOUTPUT token lengths.")
+@click.option("--peer", type=click.Choice(["hf", "none"]), default="none", show_default=True,
+              help="Also run HF transformers' eager generate (batch = concurrency) on the same model.")
+@click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="Fraction of free memory given to KV blocks.")
+def generation(model, shape, layers, int4, device, json_path, quant_policy, kv_scales, concurrency, cases, peer,
+               cache_max_entry_count):
+    """First-token and per-token latency (p50/p90/p99), output tok/s and peak memory over a grid."""
     from lmdepot.bench.generation import run
+    from lmdepot.bench.workload import parse_cases, parse_ints
 
-    try:
-        sizes = tuple(int(b) for b in batches.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{batches!r} is not a comma-separated list of integers", param_hint="--batch")
-    click.echo(run(shape, layers, sizes, prompt_len, output_len, None if peer == "none" else peer), nl=False)
+    conc, grid = parse_ints(concurrency, "--concurrency"), parse_cases(cases)
+    _, text = run(model, shape, layers, conc, grid, None if peer == "none" else peer, device, int(quant_policy),
+                  kv_scales, int4, cache_max_entry_count, json_path)
+    click.echo(text, nl=False)
+
+
+@bench.command()
+@_model_options
+@_kv_options
+@_workload_options
+@click.option("--peer", type=click.Choice(["hf", "none"]), default="none", show_default=True,
+              help="Also run HF transformers' continuous batching (generate_batch) on the same requests.")
+@click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="Fraction of free memory given to KV blocks.")
+def throughput(model, shape, layers, int4, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
+               output_len, seed, dataset, max_batch_size, peer, cache_max_entry_count):
+    """Offline request throughput (output tok/s, req/s) of N requests, optionally vs HF generate_batch."""
+    from lmdepot.bench.throughput import run
+    from lmdepot.bench.workload import parse_range
+
+    _, text = run(model, shape, layers, num_prompts, parse_range(prompt_len, "--prompt"),
+                  parse_range(output_len, "--output"), seed, dataset, None if peer == "none" else peer, device,
+                  int(quant_policy), kv_scales, int4, max_batch_size, cache_max_entry_count, json_path)
+    click.echo(text, nl=False)
+
+
+@bench.command()
+@_model_options
+@_kv_options
+@_workload_options
+@click.option("--url", default=None, help="A running api_server (default: start one on a free local port).")
+@click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1),
+              help="Requests in flight at most.")
+@click.option("--compare-offline", is_flag=True, help="Also run the same requests through the engine directly.")
+def serving(model, shape, layers, int4, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
+            output_len, seed, dataset, max_batch_size, url, concurrency, compare_offline):
+    """Streaming requests through the HTTP server: TTFT, ITL (p50/p90/p99), output tok/s, req/s."""
+    from lmdepot.bench.serving import run
+    from lmdepot.bench.workload import parse_range
+
+    _, text = run(model, shape, layers, url, num_prompts, parse_range(prompt_len, "--prompt"),
+                  parse_range(output_len, "--output"), seed, dataset, concurrency, compare_offline, device,
+                  int(quant_policy), kv_scales, int4, max_batch_size, json_path)
+    click.echo(text, nl=False)
+
+
+@bench.command()
+@_model_options
+@click.option("--registry", default=None,
+              help="Registry URL holding --ref (default: push the workspace to a temp file:// registry first).")
+@click.option("--ref", default=None, help="NAME:TAG to pull.")
+def coldstart(model, shape, layers, int4, device, json_path, registry, ref):
+    """Pull a tag into a fresh cache, load, first token: the time of each phase and the total."""
+    from lmdepot.bench.coldstart import run
+
+    _, text = run(model, shape, layers, int4, registry, ref, device, json_path)
+    click.echo(text, nl=False)
+
+
+@bench.command("model")
+@click.argument("shape", type=_SHAPES)
+@click.option("--dst", required=True, type=click.Path(file_okay=False), help="Writes DST/hf, DST/fp16, DST/int4.")
+@click.option("--layers", type=click.IntRange(1), default=None, help="Cut the depth (per-layer shape kept).")
+@click.option("--int4", is_flag=True, help="Also write an int4 RTN (group 128) workspace.")
+def model_(shape, dst, layers, int4):
+    """A random-weight checkpoint of SHAPE (on the GPU if any) and its fp16 (and int4) workspaces, timed."""
+    from lmdepot.bench.models import build
+
+    r = build(shape, dst, layers, int4)
+    click.echo("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))

@@ -1,128 +1,124 @@
-"""`lmdepot bench generation`: decode speed of the engine and of HF transformers on the same model, in
-the same run, beside the memory roofline (weight + KV bytes per step / measured copy bandwidth).
+"""`lmdepot bench generation`: first-token and per-token latency, output tok/s and peak memory over a
+grid of concurrency x (prompt, output) lengths, beside the decode roofline measured in the same run.
 
-Models at real scale are random-weight checkpoints built from published configs (no hub access);
-`--layers` keeps the per-layer shape and cuts the depth so a run fits a short device lease.
+Each grid point submits `concurrency` requests at once (prompt P, exactly O new tokens: ignore_eos)
+and times every token. Roofline: a decode step must read the weights once plus the batch's KV
+(context ~ P + O/2 on average), so roofline tok/s = concurrency x bandwidth / those bytes.
+Optional peer: HF transformers' eager `generate` on the same checkpoint, batch = concurrency.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                      num_hidden_layers=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                      num_hidden_layers=32, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
-                         num_hidden_layers=28, vocab_size=151936, max_position_embeddings=32768),
-}
+from lmdepot.bench.models import SHAPES, prepare, random_checkpoint  # noqa: F401 - re-exported
+from lmdepot.bench.offline import open_llm, run_offline, step_bytes, warmup
+from lmdepot.bench.workload import (Request, bandwidth, device_of, dump, header, meta, peak_memory, reset_peak,
+                                    synthetic)
+
+DEFAULT_CASES = [(1, 128), (128, 128), (2048, 128), (128, 2048)]
+DEFAULT_CONCURRENCY = [1, 16, 64]
 
 
-def word_tokenizer(dst: Path, vocab_size: int) -> None:
-    """A word-level tokenizer covering the vocabulary, so synthetic checkpoints convert like real ones."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(dst)
-
-
-def random_checkpoint(shape: str, dst: Path, layers: int | None = None) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    kw = dict(SHAPES[shape]) | ({"num_hidden_layers": layers} if layers else {})
-    config = (Qwen2Config if shape.startswith("qwen") else LlamaConfig)(**kw, tie_word_embeddings=False,
-                                                                        bos_token_id=1, eos_token_id=2)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-    model.save_pretrained(dst)
-    word_tokenizer(dst, config.vocab_size)
-    return dst
-
-
-def _engine_decode(ws: Path, batch: int, prompt_len: int, output_len: int) -> dict:
-    from lmdepot.runtime.llm import LLM
-    from lmdepot.runtime.sequence import SamplingParams
-
-    llm = LLM(ws, dtype="fp16", max_batch_size=max(batch, 1), quiet=True, verify=False)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-        llm.generate([torch.randint(3, 1000, (prompt_len,), generator=gen).tolist()], SamplingParams(max_tokens=4))
-        seqs = [llm.engine.add_request(torch.randint(3, 1000, (prompt_len,), generator=gen).tolist(), params)
-                for _ in range(batch)]
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        first = None
-        while llm.engine.has_unfinished():
-            llm.engine.step()
-            if first is None and all(s.num_output >= 1 for s in seqs):
-                first = time.perf_counter()
-        end = time.perf_counter()
-    finally:
-        llm.close()
-    return {"ttft_s": first - start, "decode_tok_s": batch * (output_len - 1) / (end - first)}
-
-
-def _hf_decode(hf_dir: Path, batch: int, prompt_len: int, output_len: int) -> dict:
+def _hf_decode(hf_dir: Path, device: str, batch: int, prompt_len: int, output_len: int) -> dict:
+    """HF eager generate, greedy, exactly output_len tokens: prefill time and decode tok/s."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float16).cuda().eval()
-    ids = torch.randint(3, 1000, (batch, prompt_len), device="cuda")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+    ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, prompt_len), device=device)
 
     def run(n):
-        torch.cuda.synchronize()
+        from lmdepot.bench.workload import sync
+
+        sync(device)
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
+        sync(device)
         return time.perf_counter() - t
 
     run(2)
     prefill = run(1)
     total = run(output_len)
-    return {"ttft_s": prefill, "decode_tok_s": batch * (output_len - 1) / (total - prefill)}
+    del model
+    return {"ttft_ms": 1e3 * prefill, "decode_tok_s": batch * (output_len - 1) / max(total - prefill, 1e-9)}
 
 
-def run(shape: str = "llama2-7b", layers: int | None = 8, batches=(1, 16), prompt_len: int = 128,
-        output_len: int = 128, peer: str | None = "hf") -> str:
-    from lmdepot.bench.kernels import copy_bandwidth
-    from lmdepot.convert.converter import ConvertOptions, convert_model
-    from lmdepot.errors import LmdepotError
+def point(llm, device: str, bw: float, concurrency: int, prompt_len: int, output_len: int, vocab: int,
+          seed: int = 0) -> dict:
+    reqs = [Request(r.prompt_ids, output_len)
+            for r in synthetic(concurrency, (prompt_len, prompt_len), (output_len, output_len), vocab, seed)]
+    reset_peak(device)
+    timing = run_offline(llm, reqs, device)
+    s = timing.summary()
+    all_first = max(t[0] for t in timing.token_times)
+    decode_s = timing.elapsed - all_first
+    decode_tok_s = concurrency * (output_len - 1) / decode_s if output_len > 1 and decode_s > 0 else math.nan
+    weights, kv_token = step_bytes(llm)
+    roof = concurrency * bw / (weights + concurrency * (prompt_len + output_len // 2) * kv_token)
+    return {"concurrency": concurrency, "prompt_len": prompt_len, "output_len": output_len,
+            "completed": s["completed"], "output_tokens": s["output_tokens"],
+            "first_token_ms": s["ttft_ms"], "per_token_ms": s["itl_ms"], "output_tok_s": s["output_tok_s"],
+            "decode_tok_s": decode_tok_s, "roofline_tok_s": roof, "roofline_pct": 100 * decode_tok_s / roof,
+            "peak_memory_GB": peak_memory(device) / 1e9}
 
-    if not torch.cuda.is_available():
-        raise LmdepotError("bench generation needs a CUDA GPU (none visible)")
-    bw = copy_bandwidth("cuda")
+
+def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int | None = None,
+        concurrency=tuple(DEFAULT_CONCURRENCY), cases=tuple(DEFAULT_CASES), peer: str | None = None,
+        device: str = "auto", quant_policy: int = 0, kv_scales: str = "online", int4: bool = False,
+        cache_max_entry_count: float | None = None, json_path: str | None = None) -> tuple[dict, str]:
+    device = device_of(device)
+    bw = bandwidth(device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmdepot-bench-") as tmp:
-        hf_dir = random_checkpoint(shape, Path(tmp) / "hf", layers)
-        ws = Path(tmp) / "ws"
-        convert_model(str(hf_dir), ws, ConvertOptions(tp=1, dtype="fp16"))
-        weight_bytes = sum(p.stat().st_size for p in (ws / "weights").glob("*.safetensors"))
-        cfg = SHAPES[shape]
-        kv_per_token = 2 * (layers or cfg["num_hidden_layers"]) * cfg["num_key_value_heads"] * \
-            cfg["hidden_size"] // cfg["num_attention_heads"] * 2
-        for batch in batches:
-            ours = _engine_decode(ws, batch, prompt_len, output_len)
-            step_bytes = weight_bytes + batch * (prompt_len + output_len // 2) * kv_per_token
-            roof = batch * bw / step_bytes
-            row = {"batch": batch, "engine": ours, "roofline_tok_s": roof,
-                   "engine_roofline_pct": 100 * ours["decode_tok_s"] / roof}
-            if peer == "hf":
-                row["hf"] = _hf_decode(hf_dir, batch, prompt_len, output_len)
-                torch.cuda.empty_cache()
-                row["engine_vs_hf"] = ours["decode_tok_s"] / row["hf"]["decode_tok_s"]
-            rows.append(row)
-    meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "shape": shape, "layers": layers or SHAPES[shape]["num_hidden_layers"], "prompt_len": prompt_len,
-            "output_len": output_len, "copy_bandwidth_TBps": bw / 1e12, "weight_bytes": weight_bytes}
-    return json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"
+        hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4)
+        session_len = max(p + o for p, o in cases) + 8
+        llm = open_llm(ws, device, max(concurrency), session_len, quant_policy, kv_scales, cache_max_entry_count)
+        try:
+            vocab = llm.engine.cfg.vocab_size
+            warmup(llm, vocab)
+            weights, kv_token = step_bytes(llm)
+            num_layer = llm.engine.cfg.num_layer
+            for p, o in cases:
+                for c in concurrency:
+                    rows.append(point(llm, device, bw, c, p, o, vocab))
+        finally:
+            llm.close()
+        if peer == "hf":
+            if hf_dir is None:
+                raise_peer = "the HF peer needs an HF checkpoint (--shape, or --model pointing at one)"
+                for r in rows:
+                    r["hf"] = {"error": raise_peer}
+            else:
+                for r in rows:
+                    r["hf"] = _hf_decode(hf_dir, device, r["concurrency"], r["prompt_len"], r["output_len"])
+                    r["engine_vs_hf"] = r["decode_tok_s"] / r["hf"]["decode_tok_s"]
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+    m = meta(device, bw, bench="generation", model=model or shape,
+             layers=num_layer,
+             quant_policy=quant_policy, kv_scales=kv_scales, int4=int4, weight_bytes=weights,
+             kv_bytes_per_token=kv_token)
+    result = {"meta": m, "rows": rows}
+    dump(result, json_path)
+    return result, render(result)
+
+
+def render(result: dict) -> str:
+    m = result["meta"]
+    lines = header(m) + [f"model {m['model']} layers {m['layers']}  weights {m['weight_bytes'] / 1e9:.2f} GB"
+                         f"  KV {m['kv_bytes_per_token'] / 1e3:.1f} kB/token  quant_policy {m['quant_policy']}", "",
+                         f"{'conc':>5} {'prompt':>7} {'output':>7} {'1st tok ms':>11} {'tok p50':>8} {'p90':>8}"
+                         f" {'p99':>8} {'out tok/s':>10} {'roofline':>9} {'peak GB':>8} {'vs HF':>6}"]
+    for r in result["rows"]:
+        ratio = f"{r['engine_vs_hf']:5.2f}x" if "engine_vs_hf" in r else ""
+        lines.append(f"{r['concurrency']:5d} {r['prompt_len']:7d} {r['output_len']:7d}"
+                     f" {r['first_token_ms']['p50']:11.1f} {r['per_token_ms']['p50']:8.2f}"
+                     f" {r['per_token_ms']['p90']:8.2f} {r['per_token_ms']['p99']:8.2f} {r['output_tok_s']:10.1f}"
+                     f" {r['roofline_pct']:8.1f}% {r['peak_memory_GB']:8.2f} {ratio:>6}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,79 @@
+"""The engine driven directly (no server): open it, run requests, time every token of every request.
+
+Shared by `bench generation`, `bench throughput` and `bench serving --compare-offline`, so the three
+measure the same engine the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmdepot.bench.workload import Request, percentiles, sync
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds from the submit of all requests: each request's token times."""
+    token_times: list[list[float]] = field(default_factory=list)
+    token_counts: list[int] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def summary(self) -> dict:
+        n_out = sum(self.token_counts)
+        firsts = [t[0] for t in self.token_times if t]
+        itl = [b - a for t in self.token_times for a, b in zip(t, t[1:])]
+        return {"requests": len(self.token_counts), "completed": sum(1 for c in self.token_counts if c > 0),
+                "output_tokens": n_out, "elapsed_s": self.elapsed,
+                "output_tok_s": n_out / self.elapsed if self.elapsed else 0.0,
+                "req_s": len(self.token_counts) / self.elapsed if self.elapsed else 0.0,
+                "ttft_ms": percentiles(firsts), "itl_ms": percentiles(itl)}
+
+
+def open_llm(ws: Path, device: str, max_batch_size: int, session_len: int | None = None, quant_policy: int = 0,
+             kv_scales: str = "online", cache_max_entry_count: float | None = None):
+    from lmdepot.runtime.llm import LLM
+
+    dtype = "fp16" if device.startswith("cuda") else "auto"
+    return LLM(ws, dtype=dtype, device=device, max_batch_size=max_batch_size, session_len=session_len,
+               quant_policy=quant_policy, kv_scales=kv_scales, cache_max_entry_count=cache_max_entry_count,
+               quiet=True, verify=False)
+
+
+def run_offline(llm, requests: list[Request], device: str) -> Timing:
+    """Submit every request at once (continuous batching admits what fits) and step until all finish."""
+    from lmdepot.runtime.sequence import SamplingParams
+
+    sync(device)
+    start = time.perf_counter()
+    seqs = [llm.engine.add_request(list(r.prompt_ids),
+                                   SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True))
+            for r in requests]
+    index = {s.id: i for i, s in enumerate(seqs)}
+    times: list[list[float]] = [[] for _ in requests]
+    while llm.engine.has_unfinished():
+        outs = llm.engine.step()
+        now = time.perf_counter() - start  # tokens reach the host inside step(): no extra sync needed
+        for out in outs:
+            if out.token_id is not None and out.seq_id in index:
+                times[index[out.seq_id]].append(now)
+    elapsed = time.perf_counter() - start
+    return Timing(times, [len(s.output_ids) for s in seqs], elapsed)
+
+
+def warmup(llm, vocab: int) -> None:
+    """One short request: first-call costs (kernel compilation, allocator growth) stay out of the numbers."""
+    from lmdepot.runtime.sequence import SamplingParams
+
+    llm.generate([list(range(3, min(vocab, 11)))], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+
+
+def step_bytes(llm) -> tuple[int, int]:
+    """(weight bytes read per decode step, KV bytes per token of context) of rank 0's engine."""
+    runner = llm.engine.runner
+    cfg = runner.cfg
+    weight_bytes = sum(p.stat().st_size for p in Path(runner.workspace).rglob("*.safetensors")
+                       if "kv_scales" not in p.name)
+    hkv = max(1, cfg.kv_head_num // max(1, cfg.tensor_para_size))
+    return weight_bytes, cfg.num_layer * runner.kv_spec.token_bytes(hkv, cfg.size_per_head)

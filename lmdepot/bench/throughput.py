@@ -1,0 +1,121 @@
+"""`lmdepot bench throughput`: N requests through the offline engine (continuous batching), output
+tok/s and req/s; with `--peer hf`, HF transformers' continuous-batching `generate_batch` on the same
+requests in the same run, and the ratio.
+
+Requests come from a seeded distribution (the issue's anchor: 256 requests, prompts uniform 64-512,
+256 output tokens) or a ShareGPT file; all run with ignore_eos so both sides emit the same tokens.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lmdepot.bench.models import prepare
+from lmdepot.bench.offline import open_llm, run_offline, step_bytes, warmup
+from lmdepot.bench.workload import (BenchError, Request, bandwidth, device_of, dump, header, meta, peak_memory,
+                                    reset_peak, sharegpt, synthetic, sync)
+
+
+def hf_generate_batch(hf_dir: Path, requests: list[Request], device: str) -> dict:
+    """HF's continuous batching (transformers >= 4.56) on the same requests; {"error": ...} when unavailable."""
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if not hasattr(transformers.GenerationMixin, "generate_batch"):
+        return {"error": f"transformers {transformers.__version__} has no generate_batch (needs >= 4.56)"}
+    # 5.x: paged attention is chosen by generate_batch itself ("paged|" prefixes are deprecated);
+    # 4.56-4.57: it needs the paged implementation named explicitly.
+    impl = "sdpa" if int(transformers.__version__.split(".")[0]) >= 5 else "sdpa_paged"
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation=impl).to(device).eval()
+        max_new = max(r.output_len for r in requests)
+        if any(r.output_len != max_new for r in requests):
+            return {"error": "generate_batch takes one max_new_tokens; use a fixed output length for the HF peer"}
+        # eos_token_id=-1: no token ever matches, so every request emits exactly max_new tokens (ignore_eos)
+        gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        model.generate_batch(inputs=[list(r.prompt_ids) for r in requests[:2]], generation_config=gen)  # warmup
+        sync(device)
+        t = time.perf_counter()
+        out = model.generate_batch(inputs=[list(r.prompt_ids) for r in requests], generation_config=gen)
+        sync(device)
+        elapsed = time.perf_counter() - t
+    except Exception as exc:  # noqa: BLE001 - the API is young and differs across versions; report, don't crash
+        return {"error": f"generate_batch failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    n_out = sum(len(o.generated_tokens) for o in out.values())
+    return {"impl": f"generate_batch attn={impl} transformers {transformers.__version__}", "requests": len(out),
+            "output_tokens": n_out, "elapsed_s": elapsed, "output_tok_s": n_out / elapsed,
+            "req_s": len(requests) / elapsed}
+
+
+def make_requests(n: int, prompt: tuple[int, int], output: tuple[int, int], seed: int, vocab: int,
+                  dataset: str | None, tokenizer, session_len: int | None) -> list[Request]:
+    if dataset:
+        return sharegpt(dataset, tokenizer, n, seed, max_len=session_len - 1 if session_len else None)
+    return synthetic(n, prompt, output, vocab, seed)
+
+
+def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int | None = None, n: int = 256,
+        prompt=(64, 512), output=(256, 256), seed: int = 0, dataset: str | None = None, peer: str | None = None,
+        device: str = "auto", quant_policy: int = 0, kv_scales: str = "online", int4: bool = False,
+        max_batch_size: int | None = None, cache_max_entry_count: float | None = None,
+        json_path: str | None = None) -> tuple[dict, str]:
+    device = device_of(device)
+    if dataset and not Path(dataset).is_file():  # before building a model
+        raise BenchError(f"--dataset: {dataset}: no such file")
+    bw = bandwidth(device)
+    with tempfile.TemporaryDirectory(prefix="lmdepot-bench-") as tmp:
+        hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4)
+        session_len = None if dataset else prompt[1] + output[1] + 8
+        llm = open_llm(ws, device, max_batch_size or 256, session_len, quant_policy, kv_scales,
+                       cache_max_entry_count)
+        try:
+            vocab = llm.engine.cfg.vocab_size
+            requests = make_requests(n, prompt, output, seed, vocab, dataset, llm.tokenizer, llm.engine.session_len)
+            warmup(llm, vocab)
+            reset_peak(device)
+            engine = run_offline(llm, requests, device).summary()
+            engine["peak_memory_GB"] = peak_memory(device) / 1e9
+            weights, kv_token = step_bytes(llm)
+            num_layer = llm.engine.cfg.num_layer
+            num_blocks, block_size = llm.engine.bm.num_blocks, llm.engine.bm.block_size
+        finally:
+            llm.close()
+        result = {"engine": engine}
+        if peer == "hf":
+            result["hf"] = hf_generate_batch(hf_dir, requests, device) if hf_dir is not None else \
+                {"error": "the HF peer needs an HF checkpoint (--shape, or --model pointing at one)"}
+            if "output_tok_s" in result["hf"]:
+                result["engine_vs_hf"] = engine["output_tok_s"] / result["hf"]["output_tok_s"]
+    result["meta"] = meta(device, bw, bench="throughput", model=model or shape,
+                          layers=num_layer,
+                          requests=len(requests), dataset=dataset, seed=seed,
+                          prompt_tokens=sum(len(r.prompt_ids) for r in requests),
+                          expected_output_tokens=sum(r.output_len for r in requests),
+                          quant_policy=quant_policy, kv_scales=kv_scales, int4=int4, weight_bytes=weights,
+                          kv_bytes_per_token=kv_token, kv_cache_tokens=num_blocks * block_size)
+    dump(result, json_path)
+    return result, render(result)
+
+
+def render(result: dict) -> str:
+    m, e = result["meta"], result["engine"]
+    lines = header(m) + [
+        f"model {m['model']} layers {m['layers']}  {m['requests']} requests  prompt tokens {m['prompt_tokens']}"
+        f"  output tokens {m['expected_output_tokens']}  quant_policy {m['quant_policy']}"
+        f"  KV cache {m['kv_cache_tokens']} tokens", "",
+        f"{'':10} {'out tok/s':>10} {'req/s':>8} {'elapsed s':>10} {'TTFT p50 ms':>12} {'ITL p50 ms':>11}",
+        f"{'lmdepot':10} {e['output_tok_s']:10.1f} {e['req_s']:8.2f} {e['elapsed_s']:10.2f}"
+        f" {e['ttft_ms']['p50']:12.1f} {e['itl_ms']['p50']:11.2f}"]
+    hf = result.get("hf")
+    if hf and "error" in hf:
+        lines.append(f"{'HF':10} unavailable: {hf['error']}")
+    elif hf:
+        lines.append(f"{'HF':10} {hf['output_tok_s']:10.1f} {hf['req_s']:8.2f} {hf['elapsed_s']:10.2f}"
+                     f"   ({hf['impl']})")
+        lines.append(f"lmdepot / HF: {result['engine_vs_hf']:.2f}x")
+    return "\n".join(lines) + "\n"
