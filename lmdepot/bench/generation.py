@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from lmdepot.bench.models import SHAPES, prepare, random_checkpoint  # noqa: F401 - re-exported
+from lmdepot.bench.models import prepare
 from lmdepot.bench.offline import open_llm, run_offline, step_bytes, warmup
 from lmdepot.bench.workload import (Request, bandwidth, device_of, dump, header, meta, peak_memory, reset_peak,
-                                    synthetic)
+                                    synthetic, sync)
 
 DEFAULT_CASES = [(1, 128), (128, 128), (2048, 128), (128, 2048)]
 DEFAULT_CONCURRENCY = [1, 16, 64]
@@ -34,8 +34,6 @@ def _hf_decode(hf_dir: Path, device: str, batch: int, prompt_len: int, output_le
     ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, prompt_len), device=device)
 
     def run(n):
-        from lmdepot.bench.workload import sync
-
         sync(device)
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -45,7 +43,6 @@ def _hf_decode(hf_dir: Path, device: str, batch: int, prompt_len: int, output_le
     run(2)
     prefill = run(1)
     total = run(output_len)
-    del model
     return {"ttft_ms": 1e3 * prefill, "decode_tok_s": batch * (output_len - 1) / max(total - prefill, 1e-9)}
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from lmdepot.bench.models import prepare
 from lmdepot.bench.offline import open_llm, run_offline, warmup
 from lmdepot.bench.throughput import make_requests
-from lmdepot.bench.workload import BenchError, Request, bandwidth, device_of, dump, header, meta, percentiles
+from lmdepot.bench.workload import (BenchError, Request, bandwidth, device_of, dump, header, load_sharegpt, meta,
+                                    percentiles)
 
 
 def free_port() -> int:
@@ -116,8 +117,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         kv_scales: str = "online", int4: bool = False, max_batch_size: int | None = None,
         json_path: str | None = None) -> tuple[dict, str]:
     device = device_of(device)
-    if dataset and not Path(dataset).is_file():
-        raise BenchError(f"--dataset: {dataset}: no such file")
+    pairs = load_sharegpt(dataset) if dataset else None  # a bad file fails before a model is built
     if url and not model and (compare_offline or dataset):
         raise BenchError("--url: --dataset and --compare-offline need the workspace too; add --model")
     bw = bandwidth(device)
@@ -131,7 +131,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
 
             cfg = read_config(ws, None)
             session_len = None if dataset else prompt[1] + output[1] + 8
-            requests = make_requests(n, prompt, output, seed, cfg.vocab_size, dataset, load_tokenizer(ws),
+            requests = make_requests(n, prompt, output, seed, cfg.vocab_size, pairs, load_tokenizer(ws),
                                      session_len or cfg.session_len)
         else:  # a running server and no workspace: ids below 1000 are valid in any real vocabulary
             requests = make_requests(n, prompt, output, seed, 1000, None, None, None)

@@ -16,7 +16,7 @@ import torch
 
 from lmdepot.bench.models import prepare
 from lmdepot.bench.offline import open_llm, run_offline, step_bytes, warmup
-from lmdepot.bench.workload import (BenchError, Request, bandwidth, device_of, dump, header, meta, peak_memory,
+from lmdepot.bench.workload import (Request, bandwidth, device_of, dump, header, load_sharegpt, meta, peak_memory,
                                     reset_peak, sharegpt, synthetic, sync)
 
 
@@ -53,9 +53,9 @@ def hf_generate_batch(hf_dir: Path, requests: list[Request], device: str) -> dic
 
 
 def make_requests(n: int, prompt: tuple[int, int], output: tuple[int, int], seed: int, vocab: int,
-                  dataset: str | None, tokenizer, session_len: int | None) -> list[Request]:
-    if dataset:
-        return sharegpt(dataset, tokenizer, n, seed, max_len=session_len - 1 if session_len else None)
+                  pairs: list | None, tokenizer, session_len: int | None) -> list[Request]:
+    if pairs:
+        return sharegpt(pairs, tokenizer, n, seed, max_len=session_len - 1 if session_len else None)
     return synthetic(n, prompt, output, vocab, seed)
 
 
@@ -65,8 +65,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         max_batch_size: int | None = None, cache_max_entry_count: float | None = None,
         json_path: str | None = None) -> tuple[dict, str]:
     device = device_of(device)
-    if dataset and not Path(dataset).is_file():  # before building a model
-        raise BenchError(f"--dataset: {dataset}: no such file")
+    pairs = load_sharegpt(dataset) if dataset else None  # a bad file fails before a model is built
     bw = bandwidth(device)
     with tempfile.TemporaryDirectory(prefix="lmdepot-bench-") as tmp:
         hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4)
@@ -75,7 +74,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
                        cache_max_entry_count)
         try:
             vocab = llm.engine.cfg.vocab_size
-            requests = make_requests(n, prompt, output, seed, vocab, dataset, llm.tokenizer, llm.engine.session_len)
+            requests = make_requests(n, prompt, output, seed, vocab, pairs, llm.tokenizer, llm.engine.session_len)
             warmup(llm, vocab)
             reset_peak(device)
             engine = run_offline(llm, requests, device).summary()

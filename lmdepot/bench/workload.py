@@ -76,11 +76,10 @@ def synthetic(n: int, prompt: tuple[int, int], output: tuple[int, int], vocab: i
     return out
 
 
-def sharegpt(path: str | Path, tokenizer, n: int | None, seed: int = 0, max_len: int | None = None) -> list[Request]:
-    """ShareGPT JSON -> requests: prompt = first human turn tokenized, output length = its gpt reply's tokens.
+def load_sharegpt(path: str | Path) -> list[tuple[str, str]]:
+    """ShareGPT JSON -> (first human turn, the gpt reply after it) pairs; checked before any model is built.
 
-    Conversations without a human turn followed by a gpt turn are skipped; with n, n of them are drawn
-    (seeded). max_len drops pairs whose prompt + output exceed it (they would not fit a session).
+    Conversations that do not start with a human turn followed by a gpt turn are skipped.
     """
     path = Path(path)
     if not path.is_file():
@@ -94,24 +93,33 @@ def sharegpt(path: str | Path, tokenizer, n: int | None, seed: int = 0, max_len:
     pairs = []
     for item in data:
         turns = item.get("conversations") if isinstance(item, dict) else None
-        if not isinstance(turns, list) or len(turns) < 2:
+        if not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) for t in turns[:2]):
             continue
-        first, second = turns[0], turns[1]
-        if not (isinstance(first, dict) and isinstance(second, dict)) or first.get("from") != "human" \
-                or second.get("from") != "gpt":
-            continue
-        prompt = tokenizer.encode(str(first.get("value", "")), add_special_tokens=False)
-        output = len(tokenizer.encode(str(second.get("value", "")), add_special_tokens=False))
-        if len(prompt) < 1 or output < 1 or (max_len and len(prompt) + output > max_len):
-            continue
-        pairs.append(Request(tuple(prompt), output))
+        if turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
+            pairs.append((str(turns[0].get("value", "")), str(turns[1].get("value", ""))))
     if not pairs:
         raise BenchError(f"--dataset: {path}: no usable conversation (a human turn followed by a gpt turn)")
+    return pairs
+
+
+def sharegpt(pairs: list[tuple[str, str]], tokenizer, n: int | None, seed: int = 0,
+             max_len: int | None = None) -> list[Request]:
+    """Requests as LMDeploy's profile_throughput makes them: prompt = the human turn tokenized, output
+    length = the gpt reply's token count. Empty pairs and pairs longer than max_len (prompt + output:
+    they would not fit a session) are dropped; with n, n requests are drawn (seeded)."""
+    reqs = []
+    for human, gpt in pairs:
+        prompt = tokenizer.encode(human, add_special_tokens=False)
+        output = len(tokenizer.encode(gpt, add_special_tokens=False))
+        if prompt and output and not (max_len and len(prompt) + output > max_len):
+            reqs.append(Request(tuple(prompt), output))
+    if not reqs:
+        raise BenchError(f"--dataset: no conversation fits (session length {max_len})")
     if n is not None:
         rng = random.Random(seed)
-        pairs = [pairs[i] for i in rng.sample(range(len(pairs)), n)] if n <= len(pairs) else \
-            [rng.choice(pairs) for _ in range(n)]
-    return pairs
+        reqs = [reqs[i] for i in rng.sample(range(len(reqs)), n)] if n <= len(reqs) else \
+            [rng.choice(reqs) for _ in range(n)]
+    return reqs
 
 
 def percentiles(values: list[float], qs=(50, 90, 99)) -> dict:

@@ -1,0 +1,226 @@
+"""`lmdepot bench ...` end to end on the CPU with a tiny model and tiny workloads.
+
+Timings on a CPU mean nothing; what is checked is that every request completes, token counts are
+exact (ignore_eos), the JSON has its keys, percentiles are ordered and bad inputs are one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from lmdepot.bench import workload
+from lmdepot.bench.workload import BenchError, Request
+from lmdepot.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(hf):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf)
+
+
+def _ordered(p: dict) -> bool:
+    return p["p50"] <= p["p90"] <= p["p99"]
+
+
+def _sharegpt_file(tmp_path, convs) -> str:
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps([{"conversations": c} for c in convs]))
+    return str(path)
+
+
+SHAREGPT = [
+    [{"from": "human", "value": "w5 w6 w7"}, {"from": "gpt", "value": "w8 w9 w10 w11"}],
+    [{"from": "gpt", "value": "w5"}, {"from": "human", "value": "w6"}],                # no human-then-gpt: skipped
+    [{"from": "human", "value": "w12 w13"}],                                           # no reply: skipped
+    [{"from": "human", "value": "w20 w21 w22 w23 w24"}, {"from": "gpt", "value": "w30 w31"},
+     {"from": "human", "value": "w40"}, {"from": "gpt", "value": "w41"}],            # first exchange only
+]
+
+
+# --- workload ---------------------------------------------------------------------------------
+def test_synthetic_workload_is_seeded_and_in_range():
+    a = workload.synthetic(20, (4, 9), (3, 5), vocab=100, seed=7)
+    assert a == workload.synthetic(20, (4, 9), (3, 5), vocab=100, seed=7)
+    assert a != workload.synthetic(20, (4, 9), (3, 5), vocab=100, seed=8)
+    assert all(4 <= len(r.prompt_ids) <= 9 and 3 <= r.output_len <= 5 for r in a)
+    assert all(3 <= t < 100 for r in a for t in r.prompt_ids)
+    assert {len(r.prompt_ids) for r in a} != {4}     # the lengths do vary
+
+
+def test_sharegpt_parsing(tmp_path, tokenizer):
+    pairs = workload.load_sharegpt(_sharegpt_file(tmp_path, SHAREGPT))
+    assert pairs == [("w5 w6 w7", "w8 w9 w10 w11"), ("w20 w21 w22 w23 w24", "w30 w31")]
+    reqs = workload.sharegpt(pairs, tokenizer, None)
+    assert reqs == [Request(tuple(tokenizer.encode("w5 w6 w7", add_special_tokens=False)), 4),
+                    Request(tuple(tokenizer.encode("w20 w21 w22 w23 w24", add_special_tokens=False)), 2)]
+    assert [len(r.prompt_ids) for r in reqs] == [3, 5]
+    # max_len drops what cannot fit a session; n draws (seeded, with repeats once n > len)
+    assert workload.sharegpt(pairs + [("w1 w2", "w3 w4 w5 w6 w7 w8")], tokenizer, None, max_len=7) == reqs
+    with pytest.raises(BenchError, match="no conversation fits"):
+        workload.sharegpt(pairs, tokenizer, None, max_len=6)
+    drawn = workload.sharegpt(pairs, tokenizer, 5, seed=3)
+    assert len(drawn) == 5 and set(drawn) <= set(reqs) and drawn == workload.sharegpt(pairs, tokenizer, 5, seed=3)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2", "not valid JSON"),
+    ('{"conversations": []}', "expected a JSON list"),
+    ('[{"conversations": [{"from": "gpt", "value": "x"}]}]', "no usable conversation"),
+])
+def test_sharegpt_bad_files(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(BenchError, match=message):
+        workload.load_sharegpt(path)
+
+
+def test_parsers():
+    assert workload.parse_ints("1,16,64", "--concurrency") == [1, 16, 64]
+    assert workload.parse_cases("1x128, 2048X128") == [(1, 128), (2048, 128)]
+    assert workload.parse_range("64-512", "--prompt") == (64, 512)
+    assert workload.parse_range("256", "--output") == (256, 256)
+    for fn, arg in [(workload.parse_ints, "1,x"), (workload.parse_ints, "0"), (workload.parse_ints, ""),
+                    (workload.parse_range, "9-3"), (workload.parse_range, "a")]:
+        with pytest.raises(BenchError):
+            fn(arg, "--opt")
+    for bad in ["128", "1x0", "ax2", ""]:
+        with pytest.raises(BenchError):
+            workload.parse_cases(bad)
+
+
+def test_percentiles_nearest_rank():
+    p = workload.percentiles([i / 1000 for i in range(1, 101)])   # 1..100 ms
+    assert p == pytest.approx({"p50": 50.0, "p90": 90.0, "p99": 99.0})
+    assert all(math.isnan(v) for v in workload.percentiles([]).values())
+
+
+# --- the benches, end to end ---------------------------------------------------------------------
+def test_generation_grid(hf, tmp_path):
+    from lmdepot.bench.generation import run
+
+    out = tmp_path / "g.json"
+    result, text = run(model=str(hf), concurrency=(1, 3), cases=((4, 5), (9, 2)), device="cpu", json_path=str(out))
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"], default=float))
+    assert [(r["concurrency"], r["prompt_len"], r["output_len"]) for r in result["rows"]] == \
+        [(1, 4, 5), (3, 4, 5), (1, 9, 2), (3, 9, 2)]
+    for r in result["rows"]:
+        assert r["completed"] == r["concurrency"]
+        assert r["output_tokens"] == r["concurrency"] * r["output_len"]
+        assert _ordered(r["first_token_ms"]) and _ordered(r["per_token_ms"])
+        assert r["output_tok_s"] > 0 and r["peak_memory_GB"] > 0 and 0 < r["roofline_pct"] < 100
+    m = result["meta"]
+    assert m["layers"] == 2 and m["copy_bandwidth_GBps"] > 0 and m["weight_bytes"] > 0
+    assert m["kv_bytes_per_token"] == 2 * 2 * 4 * 8 * 4          # K+V x layers x kv heads x head dim x fp32
+    assert {"device", "date", "torch", "triton", "transformers"} <= set(m)
+    assert "roofline" in text and "copy bandwidth" in text
+
+
+def test_throughput_synthetic_and_kv_int8(hf, tmp_path):
+    from lmdepot.bench.throughput import run
+
+    result, text = run(model=str(hf), n=5, prompt=(3, 9), output=(4, 4), seed=1, device="cpu", quant_policy=8,
+                       json_path=str(tmp_path / "t.json"))
+    e, m = result["engine"], result["meta"]
+    assert e["requests"] == e["completed"] == 5 and e["output_tokens"] == 20 == m["expected_output_tokens"]
+    assert m["prompt_tokens"] == sum(len(r.prompt_ids) for r in workload.synthetic(5, (3, 9), (4, 4), 250, 1))
+    assert e["output_tok_s"] == pytest.approx(20 / e["elapsed_s"]) and e["req_s"] == pytest.approx(5 / e["elapsed_s"])
+    assert m["quant_policy"] == 8 and m["kv_bytes_per_token"] < 2 * 2 * 4 * 8 * 4
+    assert set(json.loads((tmp_path / "t.json").read_text())) == {"engine", "meta"}
+    assert "lmdepot" in text
+
+
+def test_throughput_sharegpt(hf, tmp_path):
+    from lmdepot.bench.throughput import run
+
+    result, _ = run(model=str(hf), n=4, dataset=_sharegpt_file(tmp_path, SHAREGPT), seed=2, device="cpu")
+    assert result["engine"]["completed"] == 4
+    assert result["engine"]["output_tokens"] == result["meta"]["expected_output_tokens"]
+    assert result["engine"]["output_tokens"] in range(8, 17)    # 4 replies of 2 or 4 tokens
+
+
+def test_throughput_hf_peer(hf):
+    """HF's continuous batching on the same requests (generate_batch runs on the CPU, slowly)."""
+    import transformers
+
+    if not hasattr(transformers.GenerationMixin, "generate_batch"):
+        pytest.skip(f"transformers {transformers.__version__} has no generate_batch")
+    from lmdepot.bench.throughput import run
+
+    result, text = run(model=str(hf), n=2, prompt=(3, 5), output=(3, 3), peer="hf", device="cpu")
+    assert result["hf"].get("output_tokens") == 6 == result["engine"]["output_tokens"], result["hf"]
+    assert result["engine_vs_hf"] > 0 and "lmdepot / HF" in text
+
+
+def test_serving_through_the_http_server(hf, tmp_path):
+    from lmdepot.bench.serving import run
+
+    result, text = run(model=str(hf), n=4, prompt=(3, 6), output=(5, 5), concurrency=2, compare_offline=True,
+                       device="cpu", json_path=str(tmp_path / "s.json"))
+    s, o = result["serving"], result["offline"]
+    assert s["errors"] == 0 and s["completed"] == 4 and s["output_tokens"] == 20
+    assert o["completed"] == 4 and o["output_tokens"] == 20
+    assert _ordered(s["ttft_ms"]) and _ordered(s["itl_ms"]) and s["ttft_ms"]["p50"] > 0
+    assert result["serving_vs_offline"] > 0 and "server / offline" in text
+
+
+def test_coldstart(hf, tmp_path):
+    from lmdepot.bench.coldstart import run
+
+    result, text = run(model=str(hf), device="cpu", json_path=str(tmp_path / "c.json"))
+    p = result["phases"]
+    assert result["tokens"] == 1
+    assert p["total_s"] >= p["pull_s"] + p["load_s"] + p["first_token_s"] > 0
+    assert result["meta"]["weight_bytes"] > 0 and "first_token" in text
+
+
+def test_internlm2_random_checkpoint_converts_and_runs(tmp_path):
+    """The InternLM2 writer (no transformers class) at a tiny size: converts, loads, generates."""
+    from lmdepot.bench import models
+    from lmdepot.runtime.llm import LLM
+    from lmdepot.runtime.sequence import SamplingParams
+
+    kw = dict(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2,
+              num_hidden_layers=2, vocab_size=120, max_position_embeddings=256, rope_theta=1e6)
+    (tmp_path / "hf").mkdir()
+    models._internlm2_checkpoint(kw, tmp_path / "hf")
+    models.word_tokenizer(tmp_path / "hf", 120)
+    ws = models.convert(tmp_path / "hf", tmp_path / "ws", int4=False)
+    with LLM(ws, device="cpu", quiet=True) as llm:
+        assert llm.engine.cfg.kv_head_num == 2 and llm.engine.cfg.num_layer == 2
+        out = llm.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 3
+
+
+# --- bad inputs: one line, exit 2 -------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["throughput", "--dataset", "/nonexistent/sg.json"], "no such file"),
+    (["throughput", "--dataset", "{bad}"], "not valid JSON"),
+    (["serving", "--dataset", "{bad}"], "not valid JSON"),
+    (["generation", "--concurrency", "1,x"], "--concurrency"),
+    (["generation", "--cases", "128"], "PROMPTxOUTPUT"),
+    (["throughput", "--prompt", "512-64"], "--prompt"),
+    (["generation", "--model", "/nonexistent"], "no such directory"),
+    (["coldstart", "--registry", "/tmp/x"], "--ref"),
+])
+def test_bad_inputs_are_one_line(tmp_path, args, message):
+    if "{bad}" in args:
+        bad = tmp_path / "bad.json"
+        bad.write_text("[{")
+        args = [str(bad) if a == "{bad}" else a for a in args]
+    r = CliRunner().invoke(main, ["bench", *args, "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
