@@ -38,10 +38,16 @@ def hf_generate_batch(hf_dir: Path, requests: list[Request], device: str) -> dic
             return {"error": "generate_batch takes one max_new_tokens; use a fixed output length for the HF peer"}
         # eos_token_id=-1: no token ever matches, so every request emits exactly max_new tokens (ignore_eos)
         gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=-1, pad_token_id=0)
-        model.generate_batch(inputs=[list(r.prompt_ids) for r in requests[:2]], generation_config=gen)  # warmup
+        kw = {}
+        if not device.startswith("cuda"):  # sized to the workload: HF's default sizing zeroes GBs on the CPU
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+            blocks = sum(-(-(len(r.prompt_ids) + max_new) // 64) for r in requests) + 4
+            kw["continuous_batching_config"] = ContinuousBatchingConfig(num_blocks=blocks, page_size=64)
+        model.generate_batch(inputs=[list(r.prompt_ids) for r in requests[:2]], generation_config=gen, **kw)  # warmup
         sync(device)
         t = time.perf_counter()
-        out = model.generate_batch(inputs=[list(r.prompt_ids) for r in requests], generation_config=gen)
+        out = model.generate_batch(inputs=[list(r.prompt_ids) for r in requests], generation_config=gen, **kw)
         sync(device)
         elapsed = time.perf_counter() - t
     except Exception as exc:  # noqa: BLE001 - the API is young and differs across versions; report, don't crash
