@@ -5,21 +5,24 @@
 #   STEPS        comma list of tests,kernels,model,generation,throughput,serving,coldstart [all of them]
 #   SHAPE        random-weight model shape (lmdepot bench model --help) [llama2-7b]
 #   LAYERS       depth cut, or "all" for the full model [8]
+#   TP           tensor-parallel ranks of the built workspaces (needs that many GPUs) [1]
 #   STEP_TIMEOUT seconds per step before it is killed, so one hang cannot eat the lease [300]
 #   WORK         where the model and workspaces are built [/tmp/lmdepot-gpu-check]
 #   BENCH_GENERATION_ARGS, BENCH_THROUGHPUT_ARGS, BENCH_SERVING_ARGS, BENCH_COLDSTART_ARGS: extra args
 # Results go to $OUT (or .): bench_*.txt (the printed tables) and bench_*.json.
 # e.g. STEPS=model,coldstart LAYERS=all bash scripts/gpu_check.sh   (the 7B int4 cold-start target)
+#      STEPS=model,generation,throughput TP=2 bash scripts/gpu_check.sh   (on 2 GPUs)
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LMDEPOT_PROGRESS=0
 out=${OUT:-.}
 steps=",${STEPS:-tests,kernels,model,generation,throughput,serving,coldstart},"
 shape=${SHAPE:-llama2-7b}
 layers=${LAYERS:-8}
+tp=${TP:-1}
 work=${WORK:-/tmp/lmdepot-gpu-check}
 t=${STEP_TIMEOUT:-300}
 layer_args=(); [ "$layers" != all ] && layer_args=(--layers "$layers")
-m="$work/$shape-${layers}"
+m="$work/$shape-${layers}-tp$tp"
 has() { [[ $steps == *",$1,"* ]]; }
 step() { echo "=== $1 ($(date -u +%H:%M:%S))"; }
 
@@ -37,9 +40,9 @@ if has kernels; then
   timeout "$t" python -m lmdepot.cli bench kernels | tee "$out/bench_kernels.txt"
 fi
 if has model && [ ! -d "$m/fp16" ]; then
-  step "model $shape layers=$layers"
+  step "model $shape layers=$layers tp=$tp"
   rm -rf "$m"
-  timeout "$t" python -m lmdepot.cli bench model "$shape" --dst "$m" "${layer_args[@]}" --int4 | tee "$out/bench_model.txt"
+  timeout "$t" python -m lmdepot.cli bench model "$shape" --dst "$m" "${layer_args[@]}" --tp "$tp" --int4 | tee "$out/bench_model.txt"
 fi
 if has generation; then
   step generation

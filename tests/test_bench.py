@@ -224,3 +224,14 @@ def test_bad_inputs_are_one_line(tmp_path, args, message):
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_throughput_tensor_parallel(hf):
+    """--tp 2 converts for two ranks; the roofline's bytes are one rank's (half the weights and KV)."""
+    from lmdepot.bench.throughput import run
+
+    one, _ = run(model=str(hf), n=3, prompt=(4, 6), output=(3, 3), device="cpu")
+    two, _ = run(model=str(hf), n=3, prompt=(4, 6), output=(3, 3), device="cpu", tp=2)
+    assert two["meta"]["tp"] == 2 and two["engine"]["completed"] == 3 and two["engine"]["output_tokens"] == 9
+    assert two["meta"]["kv_bytes_per_token"] * 2 == one["meta"]["kv_bytes_per_token"]
+    assert abs(two["meta"]["weight_bytes"] * 2 - one["meta"]["weight_bytes"]) < 0.1 * one["meta"]["weight_bytes"]

@@ -2,7 +2,7 @@
 
 import click
 
-from lmdepot.bench.models import SHAPES
+from lmdepot.bench.shapes import SHAPES
 
 _SHAPES = click.Choice(list(SHAPES))
 
@@ -16,6 +16,8 @@ def _model_options(fn):
         click.option("--layers", type=click.IntRange(1), default=None,
                      help="Cut --shape's depth (per-layer shape kept)."),
         click.option("--int4", is_flag=True, help="Convert to int4 (RTN, group 128) instead of fp16."),
+        click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64),
+                     help="Tensor-parallel ranks to convert --shape / an HF --model for (a workspace keeps its own)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
                      help="Also write the results as JSON to this file."),
@@ -81,7 +83,7 @@ def kernels(as_json):
 @_hf_option
 @click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of free memory given to KV blocks.")
-def generation(model, shape, layers, int4, device, json_path, quant_policy, kv_scales, concurrency, cases, peer,
+def generation(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, concurrency, cases, peer,
                hf, cache_max_entry_count):
     """First-token and per-token latency (p50/p90/p99), output tok/s and peak memory over a grid."""
     from lmdepot.bench.generation import run
@@ -89,7 +91,7 @@ def generation(model, shape, layers, int4, device, json_path, quant_policy, kv_s
 
     conc, grid = parse_ints(concurrency, "--concurrency"), parse_cases(cases)
     _, text = run(model, shape, layers, conc, grid, None if peer == "none" else peer, device, int(quant_policy),
-                  kv_scales, int4, cache_max_entry_count, json_path, hf)
+                  kv_scales, int4, cache_max_entry_count, json_path, hf, tp=tp)
     click.echo(text, nl=False)
 
 
@@ -102,7 +104,7 @@ def generation(model, shape, layers, int4, device, json_path, quant_policy, kv_s
 @_hf_option
 @click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of free memory given to KV blocks.")
-def throughput(model, shape, layers, int4, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
+def throughput(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
                output_len, seed, dataset, max_batch_size, peer, hf, cache_max_entry_count):
     """Offline request throughput (output tok/s, req/s) of N requests, optionally vs HF generate_batch."""
     from lmdepot.bench.throughput import run
@@ -110,7 +112,7 @@ def throughput(model, shape, layers, int4, device, json_path, quant_policy, kv_s
 
     _, text = run(model, shape, layers, num_prompts, parse_range(prompt_len, "--prompt"),
                   parse_range(output_len, "--output"), seed, dataset, None if peer == "none" else peer, device,
-                  int(quant_policy), kv_scales, int4, max_batch_size, cache_max_entry_count, json_path, hf)
+                  int(quant_policy), kv_scales, int4, max_batch_size, cache_max_entry_count, json_path, hf, tp=tp)
     click.echo(text, nl=False)
 
 
@@ -122,7 +124,7 @@ def throughput(model, shape, layers, int4, device, json_path, quant_policy, kv_s
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1),
               help="Requests in flight at most.")
 @click.option("--compare-offline", is_flag=True, help="Also run the same requests through the engine directly.")
-def serving(model, shape, layers, int4, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
+def serving(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
             output_len, seed, dataset, max_batch_size, url, concurrency, compare_offline):
     """Streaming requests through the HTTP server: TTFT, ITL (p50/p90/p99), output tok/s, req/s."""
     from lmdepot.bench.serving import run
@@ -130,7 +132,7 @@ def serving(model, shape, layers, int4, device, json_path, quant_policy, kv_scal
 
     _, text = run(model, shape, layers, url, num_prompts, parse_range(prompt_len, "--prompt"),
                   parse_range(output_len, "--output"), seed, dataset, concurrency, compare_offline, device,
-                  int(quant_policy), kv_scales, int4, max_batch_size, json_path)
+                  int(quant_policy), kv_scales, int4, max_batch_size, json_path, tp=tp)
     click.echo(text, nl=False)
 
 
@@ -139,11 +141,11 @@ def serving(model, shape, layers, int4, device, json_path, quant_policy, kv_scal
 @click.option("--registry", default=None,
               help="Registry URL holding --ref (default: push the workspace to a temp file:// registry first).")
 @click.option("--ref", default=None, help="NAME:TAG to pull.")
-def coldstart(model, shape, layers, int4, device, json_path, registry, ref):
+def coldstart(model, shape, layers, int4, tp, device, json_path, registry, ref):
     """Pull a tag into a fresh cache, load, first token: the time of each phase and the total."""
     from lmdepot.bench.coldstart import run
 
-    _, text = run(model, shape, layers, int4, registry, ref, device, json_path)
+    _, text = run(model, shape, layers, int4, registry, ref, device, json_path, tp=tp)
     click.echo(text, nl=False)
 
 
@@ -152,9 +154,10 @@ def coldstart(model, shape, layers, int4, device, json_path, registry, ref):
 @click.option("--dst", required=True, type=click.Path(file_okay=False), help="Writes DST/hf, DST/fp16, DST/int4.")
 @click.option("--layers", type=click.IntRange(1), default=None, help="Cut the depth (per-layer shape kept).")
 @click.option("--int4", is_flag=True, help="Also write an int4 RTN (group 128) workspace.")
-def model_(shape, dst, layers, int4):
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
+def model_(shape, dst, layers, int4, tp):
     """A random-weight checkpoint of SHAPE (on the GPU if any) and its fp16 (and int4) workspaces, timed."""
     from lmdepot.bench.models import build
 
-    r = build(shape, dst, layers, int4)
+    r = build(shape, dst, layers, int4, tp)
     click.echo("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))

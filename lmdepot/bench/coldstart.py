@@ -19,7 +19,7 @@ from lmdepot.bench.workload import BenchError, bandwidth, device_of, dump, heade
 
 def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int | None = None, int4: bool = False,
         registry: str | None = None, ref: str | None = None, device: str = "auto",
-        json_path: str | None = None) -> tuple[dict, str]:
+        json_path: str | None = None, tp: int = 1) -> tuple[dict, str]:
     from lmdepot.registry import Registry
     from lmdepot.runtime.llm import LLM
     from lmdepot.runtime.sequence import SamplingParams
@@ -32,7 +32,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         tmp = Path(tmp)
         pushed = None
         if not registry:
-            _, ws = prepare(model, shape, layers, tmp, int4)
+            _, ws = prepare(model, shape, layers, tmp, int4, tp=tp)
             registry, ref = str(tmp / "registry"), ref or "bench:cold"
             t = time.perf_counter()
             Registry(registry, cache_dir=tmp / "push-cache").push(ws, ref, show_progress=False)

@@ -18,8 +18,8 @@ import torch
 
 from lmdepot.bench.models import prepare
 from lmdepot.bench.offline import open_llm, run_offline, step_bytes, warmup
-from lmdepot.bench.workload import (Request, bandwidth, device_of, dump, header, meta, peak_memory, reset_peak,
-                                    synthetic, sync)
+from lmdepot.bench.workload import (Request, bandwidth, device_of, dump, header, meta, peak_memory, release,
+                                    reset_peak, synthetic, sync)
 
 DEFAULT_CASES = [(1, 128), (128, 128), (2048, 128), (128, 2048)]
 DEFAULT_CONCURRENCY = [1, 16, 64]
@@ -69,12 +69,12 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         concurrency=tuple(DEFAULT_CONCURRENCY), cases=tuple(DEFAULT_CASES), peer: str | None = None,
         device: str = "auto", quant_policy: int = 0, kv_scales: str = "online", int4: bool = False,
         cache_max_entry_count: float | None = None, json_path: str | None = None,
-        hf: str | None = None) -> tuple[dict, str]:
+        hf: str | None = None, tp: int = 1) -> tuple[dict, str]:
     device = device_of(device)
     bw = bandwidth(device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmdepot-bench-") as tmp:
-        hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4, hf)
+        hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4, hf, tp=tp)
         session_len = max(p + o for p, o in cases) + 8
         llm = open_llm(ws, device, max(concurrency), session_len, quant_policy, kv_scales, cache_max_entry_count)
         try:
@@ -82,11 +82,13 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             warmup(llm, vocab)
             weights, kv_token = step_bytes(llm)
             num_layer = llm.engine.cfg.num_layer
+            ranks = llm.engine.ecfg.tp
             for p, o in cases:
                 for c in concurrency:
                     rows.append(point(llm, device, bw, c, p, o, vocab))
         finally:
             llm.close()
+            release(device)
         if peer == "hf":
             if hf_dir is None:
                 raise_peer = "the HF peer needs an HF checkpoint (--shape, or --model pointing at one)"
@@ -99,7 +101,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
                     if device.startswith("cuda"):
                         torch.cuda.empty_cache()
     m = meta(device, bw, bench="generation", model=model or shape,
-             layers=num_layer,
+             layers=num_layer, tp=ranks,
              quant_policy=quant_policy, kv_scales=kv_scales, int4=int4, weight_bytes=weights,
              kv_bytes_per_token=kv_token)
     result = {"meta": m, "rows": rows}

@@ -13,21 +13,8 @@ from pathlib import Path
 
 import torch
 
+from lmdepot.bench.shapes import SHAPES
 from lmdepot.bench.workload import BenchError
-
-SHAPES = {
-    "llama2-7b": dict(arch="llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                      num_key_value_heads=32, num_hidden_layers=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama3-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                      num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256, max_position_embeddings=8192,
-                      rope_theta=500000.0),
-    "internlm2.5-7b": dict(arch="internlm2", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                           num_key_value_heads=8, num_hidden_layers=32, vocab_size=92544,
-                           max_position_embeddings=32768, rope_theta=1000000.0),
-    "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
-                         num_key_value_heads=2, num_hidden_layers=28, vocab_size=151936,
-                         max_position_embeddings=32768, rope_theta=1000000.0),
-}
 
 
 def word_tokenizer(dst: Path, vocab_size: int) -> None:
@@ -109,8 +96,8 @@ def random_checkpoint(shape: str, dst: Path, layers: int | None = None) -> Path:
     return dst
 
 
-def convert(hf_dir: Path, dst: Path, int4: bool = False) -> Path:
-    """fp16 workspace, or int4 (RTN, group 128: no calibration, so it takes seconds)."""
+def convert(hf_dir: Path, dst: Path, int4: bool = False, tp: int = 1) -> Path:
+    """fp16 workspace, or int4 (RTN, group 128: no calibration, so it takes seconds), split for tp ranks."""
     from lmdepot.convert.converter import ConvertOptions, convert_model
 
     quantizer = None
@@ -118,11 +105,11 @@ def convert(hf_dir: Path, dst: Path, int4: bool = False) -> Path:
         from lmdepot.convert.awq_quantizer import AwqQuantizer, QuantParams
 
         quantizer = AwqQuantizer(QuantParams("rtn", 4, 128), device=torch.device(_device()))
-    convert_model(str(hf_dir), dst, ConvertOptions(tp=1, dtype="fp16", quantizer=quantizer))
+    convert_model(str(hf_dir), dst, ConvertOptions(tp=tp, dtype="fp16", quantizer=quantizer))
     return dst
 
 
-def build(shape: str, dst: Path, layers: int | None = None, int4: bool = False) -> dict:
+def build(shape: str, dst: Path, layers: int | None = None, int4: bool = False, tp: int = 1) -> dict:
     """`lmdepot bench model`: DST/hf, DST/fp16 (and DST/int4) with the seconds of each phase."""
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
@@ -132,13 +119,14 @@ def build(shape: str, dst: Path, layers: int | None = None, int4: bool = False) 
     random_checkpoint(shape, dst / "hf", layers)
     times["checkpoint_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    convert(dst / "hf", dst / "fp16")
+    convert(dst / "hf", dst / "fp16", tp=tp)
     times["convert_fp16_s"] = time.perf_counter() - t
     if int4:
         t = time.perf_counter()
-        convert(dst / "hf", dst / "int4", int4=True)
+        convert(dst / "hf", dst / "int4", int4=True, tp=tp)
         times["convert_int4_rtn_s"] = time.perf_counter() - t
-    return {"shape": shape, "layers": layers or SHAPES[shape]["num_hidden_layers"], "dst": str(dst), **times}
+    return {"shape": shape, "layers": layers or SHAPES[shape]["num_hidden_layers"], "tp": tp, "dst": str(dst),
+            **times}
 
 
 def is_workspace(path: Path) -> bool:
@@ -146,7 +134,7 @@ def is_workspace(path: Path) -> bool:
 
 
 def prepare(model: str | None, shape: str | None, layers: int | None, tmp: Path, int4: bool = False,
-            hf: str | None = None) -> tuple[Path | None, Path]:
+            hf: str | None = None, tp: int = 1) -> tuple[Path | None, Path]:
     """(HF dir or None, workspace) for `--model PATH` (an HF checkpoint is converted here; a workspace is
     used as is, its HF peer is `hf` if given) or `--shape NAME` (a random checkpoint built and converted here)."""
     if hf and not (Path(hf) / "config.json").is_file():
@@ -159,6 +147,6 @@ def prepare(model: str | None, shape: str | None, layers: int | None, tmp: Path,
             return (Path(hf) if hf else None), path
         if not (path / "config.json").is_file():
             raise BenchError(f"--model {model}: neither a workspace (config.ini) nor an HF checkpoint (config.json)")
-        return path, convert(path, tmp / "ws", int4)
+        return path, convert(path, tmp / "ws", int4, tp)
     hf = random_checkpoint(shape, tmp / "hf", layers)
-    return (None if SHAPES[shape]["arch"] == "internlm2" else hf), convert(hf, tmp / "ws", int4)
+    return (None if SHAPES[shape]["arch"] == "internlm2" else hf), convert(hf, tmp / "ws", int4, tp)

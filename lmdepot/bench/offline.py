@@ -70,10 +70,14 @@ def warmup(llm, vocab: int) -> None:
 
 
 def step_bytes(llm) -> tuple[int, int]:
-    """(weight bytes read per decode step, KV bytes per token of context) of rank 0's engine."""
+    """(weight bytes one rank reads per decode step, KV bytes per token of context on one rank).
+
+    With tp ranks each GPU reads about 1/tp of the weights and of the KV, so the roofline per GPU
+    with these per-rank bytes is the whole engine's roofline."""
     runner = llm.engine.runner
     cfg = runner.cfg
+    tp = max(1, cfg.tensor_para_size)
     weight_bytes = sum(p.stat().st_size for p in Path(runner.workspace).rglob("*.safetensors")
-                       if "kv_scales" not in p.name)
-    hkv = max(1, cfg.kv_head_num // max(1, cfg.tensor_para_size))
+                       if "kv_scales" not in p.name) // tp
+    hkv = max(1, cfg.kv_head_num // tp)
     return weight_bytes, cfg.num_layer * runner.kv_spec.token_bytes(hkv, cfg.size_per_head)

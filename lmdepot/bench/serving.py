@@ -23,7 +23,7 @@ from lmdepot.bench.models import prepare
 from lmdepot.bench.offline import open_llm, run_offline, warmup
 from lmdepot.bench.throughput import make_requests
 from lmdepot.bench.workload import (BenchError, Request, bandwidth, device_of, dump, header, load_sharegpt, meta,
-                                    percentiles)
+                                    percentiles, release)
 
 
 def free_port() -> int:
@@ -63,26 +63,31 @@ def start_server(ws: Path, device: str, port: int, max_batch_size: int, session_
 
 
 async def _one(session, url: str, model: str, req: Request, sem, start: float, out: list, i: int) -> None:
+    import aiohttp
+
     body = {"model": model, "prompt": list(req.prompt_ids), "max_tokens": req.output_len, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     async with sem:
         t0 = time.perf_counter()
         times, tokens, error = [], 0, None
-        async with session.post(url + "/v1/completions", json=body) as resp:
-            if resp.status != 200:
-                error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-            else:
-                async for raw in resp.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        error = chunk["error"].get("message")
-                    if chunk.get("choices"):
-                        times.append(time.perf_counter() - t0)
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
+        try:
+            async with session.post(url + "/v1/completions", json=body) as resp:
+                if resp.status != 200:
+                    error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                else:
+                    async for raw in resp.content:
+                        line = raw.decode().strip()
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            error = chunk["error"].get("message")
+                        if chunk.get("choices"):
+                            times.append(time.perf_counter() - t0)
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:  # counted, not fatal
+            error = f"{type(exc).__name__}: {exc}"
         out[i] = {"submit": t0 - start, "times": times, "tokens": tokens, "error": error}
 
 
@@ -115,7 +120,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         n: int = 256, prompt=(64, 512), output=(256, 256), seed: int = 0, dataset: str | None = None,
         concurrency: int = 64, compare_offline: bool = False, device: str = "auto", quant_policy: int = 0,
         kv_scales: str = "online", int4: bool = False, max_batch_size: int | None = None,
-        json_path: str | None = None) -> tuple[dict, str]:
+        json_path: str | None = None, tp: int = 1) -> tuple[dict, str]:
     device = device_of(device)
     pairs = load_sharegpt(dataset) if dataset else None  # a bad file fails before a model is built
     if url and not model and (compare_offline or dataset):
@@ -125,7 +130,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
     with tempfile.TemporaryDirectory(prefix="lmdepot-bench-") as tmp:
         proc, ws, session_len = None, None, None
         if model or not url:
-            _, ws = prepare(model, shape, layers, Path(tmp), int4)
+            _, ws = prepare(model, shape, layers, Path(tmp), int4, tp=tp)
             from lmdepot.runtime.engine import load_tokenizer
             from lmdepot.runtime.loader import read_config
 
@@ -154,6 +159,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
                 result["offline"] = run_offline(llm, requests, device).summary()
             finally:
                 llm.close()
+                release(device)
             result["serving_vs_offline"] = result["serving"]["output_tok_s"] / result["offline"]["output_tok_s"]
     result["meta"] = meta(device, bw, bench="serving", model=model or url or shape, layers=layers,
                           requests=len(requests), concurrency=concurrency, max_batch_size=batch, dataset=dataset,

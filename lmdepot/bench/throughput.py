@@ -17,7 +17,7 @@ import torch
 from lmdepot.bench.models import prepare
 from lmdepot.bench.offline import open_llm, run_offline, step_bytes, warmup
 from lmdepot.bench.workload import (Request, bandwidth, device_of, dump, header, load_sharegpt, meta, peak_memory,
-                                    reset_peak, sharegpt, synthetic, sync)
+                                    release, reset_peak, sharegpt, synthetic, sync)
 
 
 def hf_generate_batch(hf_dir: Path, requests: list[Request], device: str) -> dict:
@@ -69,12 +69,12 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         prompt=(64, 512), output=(256, 256), seed: int = 0, dataset: str | None = None, peer: str | None = None,
         device: str = "auto", quant_policy: int = 0, kv_scales: str = "online", int4: bool = False,
         max_batch_size: int | None = None, cache_max_entry_count: float | None = None,
-        json_path: str | None = None, hf: str | None = None) -> tuple[dict, str]:
+        json_path: str | None = None, hf: str | None = None, tp: int = 1) -> tuple[dict, str]:
     device = device_of(device)
     pairs = load_sharegpt(dataset) if dataset else None  # a bad file fails before a model is built
     bw = bandwidth(device)
     with tempfile.TemporaryDirectory(prefix="lmdepot-bench-") as tmp:
-        hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4, hf)
+        hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4, hf, tp=tp)
         session_len = None if dataset else prompt[1] + output[1] + 8
         llm = open_llm(ws, device, max_batch_size or 256, session_len, quant_policy, kv_scales,
                        cache_max_entry_count)
@@ -87,9 +87,11 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             engine["peak_memory_GB"] = peak_memory(device) / 1e9
             weights, kv_token = step_bytes(llm)
             num_layer = llm.engine.cfg.num_layer
+            ranks = llm.engine.ecfg.tp
             num_blocks, block_size = llm.engine.bm.num_blocks, llm.engine.bm.block_size
         finally:
             llm.close()
+            release(device)
         result = {"engine": engine}
         if peer == "hf":
             result["hf"] = hf_generate_batch(hf_dir, requests, device) if hf_dir is not None else \
@@ -97,7 +99,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             if "output_tok_s" in result["hf"]:
                 result["engine_vs_hf"] = engine["output_tok_s"] / result["hf"]["output_tok_s"]
     result["meta"] = meta(device, bw, bench="throughput", model=model or shape,
-                          layers=num_layer,
+                          layers=num_layer, tp=ranks,
                           requests=len(requests), dataset=dataset, seed=seed,
                           prompt_tokens=sum(len(r.prompt_ids) for r in requests),
                           expected_output_tokens=sum(r.output_len for r in requests),

@@ -146,7 +146,9 @@ def bandwidth(device: str) -> float:
     if device.startswith("cuda"):
         from lmdepot.bench.kernels import copy_bandwidth
 
-        return copy_bandwidth("cuda")
+        bw = copy_bandwidth("cuda")
+        release(device)  # its 2 GiB of buffers stay cached otherwise, out of a server subprocess's reach
+        return bw
     src = torch.empty(1 << 24, dtype=torch.float16)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -154,6 +156,15 @@ def bandwidth(device: str) -> float:
     for _ in range(5):
         dst.copy_(src)
     return 5 * 2 * src.numel() * 2 / (time.perf_counter() - t)
+
+
+def release(device: str) -> None:
+    """Give cached GPU blocks back (after an engine closes), so the next engine or peer finds them free."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def reset_peak(device: str) -> None:
