@@ -149,8 +149,12 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
                                                    concurrency))
         finally:
             if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=60)
+                proc.terminate()  # graceful: streams in flight finish, then the engine closes
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         result = {"serving": summarize(results, elapsed)}
         if compare_offline:
             llm = open_llm(ws, device, batch, session_len, quant_policy, kv_scales)
