@@ -235,3 +235,13 @@ def test_throughput_tensor_parallel(hf):
     assert two["meta"]["tp"] == 2 and two["engine"]["completed"] == 3 and two["engine"]["output_tokens"] == 9
     assert two["meta"]["kv_bytes_per_token"] * 2 == one["meta"]["kv_bytes_per_token"]
     assert abs(two["meta"]["weight_bytes"] * 2 - one["meta"]["weight_bytes"]) < 0.1 * one["meta"]["weight_bytes"]
+
+
+def test_generation_hf_peer(hf):
+    from lmdepot.bench.generation import run
+
+    result, text = run(model=str(hf), concurrency=(2,), cases=((4, 3),), peer="hf", device="cpu")
+    (row,) = result["rows"]
+    assert row["hf"]["decode_tok_s"] > 0 and row["hf"]["ttft_ms"] > 0
+    assert row["engine_vs_hf"] == pytest.approx(row["decode_tok_s"] / row["hf"]["decode_tok_s"])
+    assert "x" in text.splitlines()[-1]     # the vs HF column is filled

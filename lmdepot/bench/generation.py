@@ -25,12 +25,15 @@ DEFAULT_CASES = [(1, 128), (128, 128), (2048, 128), (128, 2048)]
 DEFAULT_CONCURRENCY = [1, 16, 64]
 
 
-def _hf_decode(hf_dir: Path, device: str, batch: int, prompt_len: int, output_len: int) -> dict:
-    """HF eager generate, greedy, exactly output_len tokens: prefill time and decode tok/s."""
+def _hf_model(hf_dir: Path, device: str):
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+
+
+def _hf_decode(model, device: str, batch: int, prompt_len: int, output_len: int) -> dict:
+    """HF eager generate, greedy, exactly output_len tokens: prefill time and decode tok/s."""
     ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, prompt_len), device=device)
 
     def run(n):
@@ -95,11 +98,12 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
                 for r in rows:
                     r["hf"] = {"error": raise_peer}
             else:
+                hf_model = _hf_model(hf_dir, device)
                 for r in rows:
-                    r["hf"] = _hf_decode(hf_dir, device, r["concurrency"], r["prompt_len"], r["output_len"])
+                    r["hf"] = _hf_decode(hf_model, device, r["concurrency"], r["prompt_len"], r["output_len"])
                     r["engine_vs_hf"] = r["decode_tok_s"] / r["hf"]["decode_tok_s"]
-                    if device.startswith("cuda"):
-                        torch.cuda.empty_cache()
+                    release(device)
+                del hf_model
     m = meta(device, bw, bench="generation", model=model or shape,
              layers=num_layer, tp=ranks,
              quant_policy=quant_policy, kv_scales=kv_scales, int4=int4, weight_bytes=weights,
