@@ -7,6 +7,7 @@
 #   LAYERS       depth cut, or "all" for the full model [8]
 #   TP           tensor-parallel ranks of the built workspaces (needs that many GPUs) [1]
 #   STEP_TIMEOUT seconds per step before it is killed, so one hang cannot eat the lease [300]
+#   MODEL_TIMEOUT the same for building the model and its workspaces [540]
 #   WORK         where the model and workspaces are built [/tmp/lmdepot-gpu-check]
 #   BENCH_GENERATION_ARGS, BENCH_THROUGHPUT_ARGS, BENCH_SERVING_ARGS, BENCH_COLDSTART_ARGS: extra args
 # Results go to $OUT (or .): bench_*.txt (the printed tables) and bench_*.json.
@@ -39,10 +40,13 @@ if has kernels; then
   step kernels
   timeout "$t" python -m lmdepot.cli bench kernels | tee "$out/bench_kernels.txt"
 fi
-if has model && [ ! -d "$m/fp16" ]; then
+if has model; then
   step "model $shape layers=$layers tp=$tp"
+  # the fp16 workspace only when a bench uses it (a full 7B conversion is minutes)
+  fp16=--no-fp16; { has generation || has throughput || has serving; } && fp16=--fp16
   rm -rf "$m"
-  timeout "$t" python -m lmdepot.cli bench model "$shape" --dst "$m" "${layer_args[@]}" --tp "$tp" --int4 | tee "$out/bench_model.txt"
+  timeout "${MODEL_TIMEOUT:-540}" python -m lmdepot.cli bench model "$shape" --dst "$m" "${layer_args[@]}" --tp "$tp" \
+    --int4 $fp16 | tee "$out/bench_model.txt"
 fi
 if has generation; then
   step generation

@@ -186,22 +186,27 @@ def test_coldstart(hf, tmp_path):
     assert result["meta"]["weight_bytes"] > 0 and "first_token" in text
 
 
-def test_internlm2_random_checkpoint_converts_and_runs(tmp_path):
-    """The InternLM2 writer (no transformers class) at a tiny size: converts, loads, generates."""
+@pytest.mark.parametrize("arch", ["llama", "internlm2"])
+def test_bench_model_builds_checkpoint_and_workspaces(tmp_path, monkeypatch, arch):
+    """`bench model` at a tiny size: the HF dir, fp16 and int4 workspaces; InternLM2 (written tensor by
+    tensor: no transformers class) loads in the engine and generates."""
     from lmdepot.bench import models
     from lmdepot.runtime.llm import LLM
     from lmdepot.runtime.sequence import SamplingParams
 
-    kw = dict(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2,
-              num_hidden_layers=2, vocab_size=120, max_position_embeddings=256, rope_theta=1e6)
-    (tmp_path / "hf").mkdir()
-    models._internlm2_checkpoint(kw, tmp_path / "hf")
-    models.word_tokenizer(tmp_path / "hf", 120)
-    ws = models.convert(tmp_path / "hf", tmp_path / "ws", int4=False)
-    with LLM(ws, device="cpu", quiet=True) as llm:
-        assert llm.engine.cfg.kv_head_num == 2 and llm.engine.cfg.num_layer == 2
-        out = llm.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-    assert len(out.token_ids) == 3
+    monkeypatch.setitem(models.SHAPES, "tiny", dict(
+        arch=arch, hidden_size=64, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
+        num_hidden_layers=3, vocab_size=120, max_position_embeddings=256, rope_theta=1e6))
+    r = models.build("tiny", tmp_path / "m", layers=2, int4=True)
+    assert r["layers"] == 2 and r["convert_fp16_s"] > 0 and r["convert_int4_rtn_s"] > 0
+    for kind, weight_type in (("fp16", "fp16"), ("int4", "int4")):
+        with LLM(tmp_path / "m" / kind, device="cpu", quiet=True) as llm:
+            cfg = llm.engine.cfg
+            assert (cfg.weight_type, cfg.kv_head_num, cfg.num_layer, cfg.vocab_size) == (weight_type, 2, 2, 120)
+            out = llm.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert len(out.token_ids) == 3
+    with pytest.raises(BenchError, match="not empty"):
+        models.build("tiny", tmp_path / "m")
 
 
 # --- bad inputs: one line, exit 2 -------------------------------------------------------------------

@@ -155,9 +155,12 @@ def coldstart(model, shape, layers, int4, tp, device, json_path, registry, ref):
 @click.option("--layers", type=click.IntRange(1), default=None, help="Cut the depth (per-layer shape kept).")
 @click.option("--int4", is_flag=True, help="Also write an int4 RTN (group 128) workspace.")
 @click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
-def model_(shape, dst, layers, int4, tp):
+@click.option("--fp16/--no-fp16", default=True, show_default=True, help="Write the fp16 workspace DST/fp16.")
+def model_(shape, dst, layers, int4, tp, fp16):
     """A random-weight checkpoint of SHAPE (on the GPU if any) and its fp16 (and int4) workspaces, timed."""
     from lmdepot.bench.models import build
 
-    r = build(shape, dst, layers, int4, tp)
+    if not (fp16 or int4):
+        raise click.UsageError("--no-fp16 without --int4 writes no workspace")
+    r = build(shape, dst, layers, int4, tp, fp16)
     click.echo("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))

@@ -109,8 +109,9 @@ def convert(hf_dir: Path, dst: Path, int4: bool = False, tp: int = 1) -> Path:
     return dst
 
 
-def build(shape: str, dst: Path, layers: int | None = None, int4: bool = False, tp: int = 1) -> dict:
-    """`lmdepot bench model`: DST/hf, DST/fp16 (and DST/int4) with the seconds of each phase."""
+def build(shape: str, dst: Path, layers: int | None = None, int4: bool = False, tp: int = 1,
+          fp16: bool = True) -> dict:
+    """`lmdepot bench model`: DST/hf, DST/fp16 and/or DST/int4 with the seconds of each phase."""
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise BenchError(f"--dst {dst}: exists and is not empty")
@@ -118,9 +119,10 @@ def build(shape: str, dst: Path, layers: int | None = None, int4: bool = False, 
     t = time.perf_counter()
     random_checkpoint(shape, dst / "hf", layers)
     times["checkpoint_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    convert(dst / "hf", dst / "fp16", tp=tp)
-    times["convert_fp16_s"] = time.perf_counter() - t
+    if fp16:
+        t = time.perf_counter()
+        convert(dst / "hf", dst / "fp16", tp=tp)
+        times["convert_fp16_s"] = time.perf_counter() - t
     if int4:
         t = time.perf_counter()
         convert(dst / "hf", dst / "int4", int4=True, tp=tp)
