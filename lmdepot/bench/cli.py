@@ -123,7 +123,9 @@ def throughput(model, shape, layers, int4, tp, device, json_path, quant_policy, 
 @click.option("--url", default=None, help="A running api_server (default: start one on a free local port).")
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1),
               help="Requests in flight at most.")
-@click.option("--compare-offline", is_flag=True, help="Also run the same requests through the engine directly.")
+@click.option("--compare-offline", is_flag=True,
+              help="Also run the same requests through the engine directly (after the server stops; with --url"
+                   " the running server keeps its memory, so the second engine must fit beside it).")
 def serving(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
             output_len, seed, dataset, max_batch_size, url, concurrency, compare_offline):
     """Streaming requests through the HTTP server: TTFT, ITL (p50/p90/p99), output tok/s, req/s."""

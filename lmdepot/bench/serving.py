@@ -138,8 +138,8 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             session_len = None if dataset else prompt[1] + output[1] + 8
             requests = make_requests(n, prompt, output, seed, cfg.vocab_size, pairs, load_tokenizer(ws),
                                      session_len or cfg.session_len)
-        else:  # a running server and no workspace: ids below 1000 are valid in any real vocabulary
-            requests = make_requests(n, prompt, output, seed, 1000, None, None, None)
+        else:  # a running server and no workspace: ids below 100 are valid in any vocabulary
+            requests = make_requests(n, prompt, output, seed, 100, None, None, None)
         if not url:
             proc, url = start_server(ws, device, free_port(), batch, session_len, quant_policy, kv_scales, n,
                                      Path(tmp) / "server.log")
