@@ -94,9 +94,9 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             release(device)
         if peer == "hf":
             if hf_dir is None:
-                raise_peer = "the HF peer needs an HF checkpoint (--shape, or --model pointing at one)"
+                why = "the HF peer needs an HF checkpoint (--shape, --hf, or --model pointing at one)"
                 for r in rows:
-                    r["hf"] = {"error": raise_peer}
+                    r["hf"] = {"error": why}
             else:
                 hf_model = _hf_model(hf_dir, device)
                 for r in rows:
@@ -125,4 +125,6 @@ def render(result: dict) -> str:
                      f" {r['first_token_ms']['p50']:11.1f} {r['per_token_ms']['p50']:8.2f}"
                      f" {r['per_token_ms']['p90']:8.2f} {r['per_token_ms']['p99']:8.2f} {r['output_tok_s']:10.1f}"
                      f" {r['roofline_pct']:8.1f}% {r['peak_memory_GB']:8.2f} {ratio:>6}")
+    errors = {r["hf"]["error"] for r in result["rows"] if "error" in r.get("hf", {})}
+    lines += [f"HF peer unavailable: {e}" for e in sorted(errors)]
     return "\n".join(lines) + "\n"

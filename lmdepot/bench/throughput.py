@@ -113,7 +113,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         result = {"engine": engine}
         if peer == "hf":
             result["hf"] = hf_generate_batch(hf_dir, requests, device) if hf_dir is not None else \
-                {"error": "the HF peer needs an HF checkpoint (--shape, or --model pointing at one)"}
+                {"error": "the HF peer needs an HF checkpoint (--shape, --hf, or --model pointing at one)"}
             if "output_tok_s" in result["hf"]:
                 result["engine_vs_hf"] = engine["output_tok_s"] / result["hf"]["output_tok_s"]
     result["meta"] = meta(device, bw, bench="throughput", model=model or shape,
