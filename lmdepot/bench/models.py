@@ -97,7 +97,8 @@ def random_checkpoint(shape: str, dst: Path, layers: int | None = None) -> Path:
 
 
 def convert(hf_dir: Path, dst: Path, int4: bool = False, tp: int = 1) -> Path:
-    """fp16 workspace, or int4 (RTN, group 128: no calibration, so it takes seconds), split for tp ranks."""
+    """fp16 workspace, or int4 (RTN, group 128: no calibration), split for tp ranks. RTN quantizes on the
+    CPU (the quantizer's device only serves AWQ calibration), ~1-2 s per 7B layer on 16 cores."""
     from lmdepot.convert.converter import ConvertOptions, convert_model
 
     quantizer = None
