@@ -26,7 +26,8 @@ def kernels(as_json):
 @click.option("--output-len", default=128, show_default=True, type=click.IntRange(2))
 @click.option("--peer", type=click.Choice(["hf", "none"]), default="hf", show_default=True,
               help="Run HF transformers' eager generate on the same model in the same run.")
-def generation(shape, layers, batches, prompt_len, output_len, peer):
+@click.option("--eager", is_flag=True, help="Run the engine without CUDA graphs.")
+def generation(shape, layers, batches, prompt_len, output_len, peer, eager):
     """Decode tokens/s and first-token latency of the engine vs HF, beside the roofline (JSON)."""
     from lmdepot.bench.generation import run
 
@@ -34,4 +35,4 @@ def generation(shape, layers, batches, prompt_len, output_len, peer):
         sizes = tuple(int(b) for b in batches.split(","))
     except ValueError:
         raise click.BadParameter(f"{batches!r} is not a comma-separated list of integers", param_hint="--batch")
-    click.echo(run(shape, layers, sizes, prompt_len, output_len, None if peer == "none" else peer), nl=False)
+    click.echo(run(shape, layers, sizes, prompt_len, output_len, None if peer == "none" else peer, eager), nl=False)

@@ -50,11 +50,11 @@ def random_checkpoint(shape: str, dst: Path, layers: int | None = None) -> Path:
     return dst
 
 
-def _engine_decode(ws: Path, batch: int, prompt_len: int, output_len: int) -> dict:
+def _engine_decode(ws: Path, batch: int, prompt_len: int, output_len: int, eager: bool = False) -> dict:
     from lmdepot.runtime.llm import LLM
     from lmdepot.runtime.sequence import SamplingParams
 
-    llm = LLM(ws, dtype="fp16", max_batch_size=max(batch, 1), quiet=True, verify=False)
+    llm = LLM(ws, dtype="fp16", max_batch_size=max(batch, 1), quiet=True, verify=False, eager=eager)
     try:
         gen = torch.Generator().manual_seed(0)
         params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
@@ -94,7 +94,7 @@ def _hf_decode(hf_dir: Path, batch: int, prompt_len: int, output_len: int) -> di
 
 
 def run(shape: str = "llama2-7b", layers: int | None = 8, batches=(1, 16), prompt_len: int = 128,
-        output_len: int = 128, peer: str | None = "hf") -> str:
+        output_len: int = 128, peer: str | None = "hf", eager: bool = False) -> str:
     from lmdepot.bench.kernels import copy_bandwidth
     from lmdepot.convert.converter import ConvertOptions, convert_model
     from lmdepot.errors import LmdepotError
@@ -112,7 +112,7 @@ def run(shape: str = "llama2-7b", layers: int | None = 8, batches=(1, 16), promp
         kv_per_token = 2 * (layers or cfg["num_hidden_layers"]) * cfg["num_key_value_heads"] * \
             cfg["hidden_size"] // cfg["num_attention_heads"] * 2
         for batch in batches:
-            ours = _engine_decode(ws, batch, prompt_len, output_len)
+            ours = _engine_decode(ws, batch, prompt_len, output_len, eager)
             step_bytes = weight_bytes + batch * (prompt_len + output_len // 2) * kv_per_token
             roof = batch * bw / step_bytes
             row = {"batch": batch, "engine": ours, "roofline_tok_s": roof,
@@ -124,5 +124,5 @@ def run(shape: str = "llama2-7b", layers: int | None = 8, batches=(1, 16), promp
             rows.append(row)
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "shape": shape, "layers": layers or SHAPES[shape]["num_hidden_layers"], "prompt_len": prompt_len,
-            "output_len": output_len, "copy_bandwidth_TBps": bw / 1e12, "weight_bytes": weight_bytes}
+            "output_len": output_len, "cuda_graphs": not eager, "copy_bandwidth_TBps": bw / 1e12, "weight_bytes": weight_bytes}
     return json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"
