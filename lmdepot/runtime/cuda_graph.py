@@ -108,7 +108,8 @@ class DecodeGraphs:
                 self._forward(b)   # warm-up outside the graph: Triton compiles, cuBLAS picks, NCCL inits
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                # thread_local: CUDA calls of other threads (NCCL's watchdog, a server's) do not void the capture
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     self.outputs[b] = self._forward(b)
             finally:
                 reset_context()
