@@ -11,3 +11,5 @@ python -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tail -4
 python -m pytest tests/runtime -q -p no:cacheprovider -k "not smol and not tp" 2>&1 | tail -15
 python -m lmdepot.cli bench kernels | tee "$out/bench_kernels.txt"
 python -m lmdepot.cli bench generation ${BENCH_GENERATION_ARGS:---shape llama2-7b --layers 8} | tee "$out/bench_generation.json"
+# The same decode without CUDA graphs: the graphs' gain at batch 1 and 16.
+python -m lmdepot.cli bench generation --peer none --eager ${BENCH_GENERATION_ARGS:---shape llama2-7b --layers 8} | tee "$out/bench_generation_eager.json"
