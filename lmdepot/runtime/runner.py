@@ -60,7 +60,7 @@ class ModelRunner:
         self.num_blocks = self._size_cache(ecfg)
         _, hkv = cfg.heads_of_rank()
         for i, layer in enumerate(self.model.layers):
-            cache = allocate(self.kv_spec, self.num_blocks + self.use_graphs, self.block_size, hkv, cfg.size_per_head,
+            cache = allocate(self.kv_spec, self.num_blocks + int(self.use_graphs), self.block_size, hkv, cfg.size_per_head,
                              static[i] if static else None, sym, device=self.device)
             if self.kv_spec.bits:
                 layer.attention.kv_quant = cache
@@ -86,6 +86,7 @@ class ModelRunner:
         # The Triton decode kernel (graph-safe) needs head_dim and pages of at least 16; smaller ones take
         # the reference attention, which loops over the sequences in python.
         return self.device.type != "cuda" or (self.cfg.size_per_head >= 16 and self.block_size >= 16)
+
     def _size_cache(self, ecfg: EngineConfig) -> int:
         block = self.block_bytes = kv_block_bytes(self.cfg, self.block_size, self.kv_spec)
         weights = self.weight_bytes = model_bytes(self.model)
@@ -98,7 +99,7 @@ class ModelRunner:
                 free = torch.cuda.mem_get_info()[0]
             else:
                 free = ecfg.cpu_memory_budget - weights
-            n = int(max(free, 0) * ratio) // block - self.use_graphs   # the scratch block comes out of it
+            n = int(max(free, 0) * ratio) // block - int(self.use_graphs)   # the scratch block comes out of it
         if tp.world_size() > 1:  # every rank must agree on the block ids
             t = torch.tensor([n], device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
