@@ -64,3 +64,19 @@ def test_a_one_token_prefill_chunk_runs_eagerly(tiny, monkeypatch):
         meta["logit_rows"] = [0]
         assert graphs.fits(meta, llm.engine.cfg)
         assert not graphs.fits({**meta, "seqs": [(1, 1, [0] * 99)]}, llm.engine.cfg)   # wider than session_len
+
+
+def test_padded_decode_path_under_tp2(tiny, monkeypatch):
+    """Both ranks take the padded path on the same steps (the decision comes from the broadcast
+    metadata): tp=2 with it gives the tp=1 eager tokens."""
+    monkeypatch.setenv("LMDEPOT_GRAPHS_ON_CPU", "1")   # inherited by the spawned rank
+    _, ws1 = tiny("qwen2")
+    _, ws2 = tiny("qwen2", tp=2)
+    prompts = _prompts()[:5]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    kw = dict(dtype="fp32", num_kv_blocks=32, cache_block_seq_len=16, max_batch_size=8, session_len=64, quiet=True)
+    with LLM(ws1, eager=True, **kw) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, params)]
+    with LLM(ws2, tp=2, **kw) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        assert 8 in llm.engine.runner.graphs.used   # 5 rows padded to 8
