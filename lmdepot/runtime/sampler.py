@@ -52,7 +52,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                        vocab, dev) > 0
         logits = torch.where(seen, torch.where(logits < 0, logits * rp, logits / rp), logits)
     if any((p.presence_penalty or p.frequency_penalty) and s.num_output for s, p in zip(seqs, params)):
-        counts = _counts([s.output_ids for s in seqs], vocab, dev)
+        counts = _counts([s.output_ids if p.presence_penalty or p.frequency_penalty else []
+                          for s, p in zip(seqs, params)], vocab, dev)
         freq = _tensor([p.frequency_penalty for p in params], torch.float32, dev)[:, None]
         pres = _tensor([p.presence_penalty for p in params], torch.float32, dev)[:, None]
         logits = logits - (freq * counts + pres * (counts > 0).float())
