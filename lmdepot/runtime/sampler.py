@@ -5,10 +5,11 @@ then a request's logits_processor, then greedy argmax or temperature / top-k / t
 draw; logprobs from the raw logits. Per-row knobs become (n,) tensors, so mixed batches need no
 per-row kernels except one noise draw per seeded row.
 
-The draw is the exponential race, argmax(probs / E) with E ~ Exp(1) per token, which picks token i
-with probability probs[i] like torch.multinomial, but without its device-to-host sync. A seeded row
-draws E from its own generator (on the logits' device), so its tokens do not depend on what else
-shares the batch; the draws differ from the reference's multinomial ones, the distribution does not.
+On a GPU the draw is the exponential race, argmax(probs / E) with E ~ Exp(1) per token, which picks
+token i with probability probs[i] like torch.multinomial, but without its device-to-host sync. A
+seeded row draws E from its own generator (on the logits' device), so its tokens do not depend on
+what else shares the batch; they differ from the reference's multinomial draws, the distribution
+does not. On the CPU the draw is torch.multinomial, as in the reference.
 
 Rows with a logits_processor (python callbacks, e.g. grammars) go through the host: their row is
 copied to the CPU and back, a sync that only such requests pay.
@@ -87,14 +88,33 @@ def filter_logits(logits: torch.Tensor, temperature: list[float], top_k: list[in
 
 
 def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """One token per row with probability probs[row]: the exponential race, seeded rows on their own
-    generator."""
-    noise = torch.empty_like(probs).exponential_()
+    """One token per row with probability probs[row]. On a GPU the exponential race (no sync); on the
+    CPU, where a sync costs nothing, torch.multinomial, cheaper there and drawing exactly what the
+    reference draws for a seeded row."""
+    return (race if probs.is_cuda else multinomial)(probs, seqs)
+
+
+def race(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """argmax(probs / E), E ~ Exp(1) per token; seeded rows draw E from their own generator."""
+    noise = torch.empty_like(probs)
+    if any(s.generator is None for s in seqs):
+        noise.exponential_()
     for i, seq in enumerate(seqs):
         if seq.generator is not None:
             noise[i].exponential_(generator=seq.generator)
     # A zero draw would turn a zero probability into 0/0 = nan, which argmax would pick.
     return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(-1)
+
+
+def multinomial(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    out = torch.empty(len(seqs), dtype=torch.int64, device=probs.device)
+    free = [i for i, s in enumerate(seqs) if s.generator is None]
+    if free:
+        out[free] = torch.multinomial(probs[free], 1)[:, 0]
+    for i, seq in enumerate(seqs):
+        if seq.generator is not None:
+            out[i] = torch.multinomial(probs[i], 1, generator=seq.generator)[0]
+    return out
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -220,7 +220,9 @@ def test_batched_greedy_logprobs_and_hooks_equal_the_reference():
             assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-6)
 
 
-def test_seeded_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("draw", ["multinomial", "race"])
+def test_seeded_rows_do_not_depend_on_the_batch(monkeypatch, draw):
+    monkeypatch.setattr(sampler, "draw", getattr(sampler, draw))   # "race" is what runs on a GPU
     p = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234)
     gen = torch.Generator().manual_seed(4)
     steps = [torch.randn(3, 160, generator=gen) for _ in range(6)]
@@ -232,8 +234,26 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     assert [sampler.sample(s[1:2], again)[0][0] for s in steps] == a
 
 
-def test_draws_follow_the_filtered_distribution():
-    """The exponential race samples like multinomial: frequencies over 40000 rows at once."""
+def test_seeded_cpu_sampling_equals_the_reference():
+    """On the CPU the batched sampler draws with multinomial like the reference: same seeds, same tokens."""
+    params = [SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.2, min_p=0.05, repetition_penalty=1.2, seed=2),
+              SamplingParams(temperature=0.7, presence_penalty=0.3, seed=3)]
+    gen = torch.Generator().manual_seed(5)
+    ref, bat = _seqs(params), _seqs(params)
+    for _ in range(8):
+        logits = torch.randn(len(params), 160, generator=gen) * 2
+        want, got = sampling.sample(logits.clone(), ref)[0], sampler.sample(logits.clone(), bat)[0]
+        assert got == want
+        for seqs, toks in ((ref, want), (bat, got)):
+            for seq, t in zip(seqs, toks):
+                seq.token_ids.append(t)
+
+
+@pytest.mark.parametrize("draw", ["multinomial", "race"])
+def test_draws_follow_the_filtered_distribution(draw):
+    """Both draws sample the filtered distribution: frequencies over 40000 rows at once."""
+    draw = getattr(sampler, draw)
     torch.manual_seed(0)
     logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -1.0, -3.0])
     p = SamplingParams(temperature=0.8, top_k=5, top_p=0.95)
@@ -242,10 +262,10 @@ def test_draws_follow_the_filtered_distribution():
     seqs = [Sequence([1], p) for _ in range(2)]
     rows = sampler.filter_logits(logits.repeat(n, 1), [p.temperature] * n, [p.top_k] * n, [p.top_p] * n,
                                  [p.min_p] * n).softmax(-1)
-    freq = torch.bincount(sampler.draw(rows, seqs * (n // 2)), minlength=6).float() / n
+    freq = torch.bincount(draw(rows, seqs * (n // 2)), minlength=6).float() / n
     assert freq[probs == 0].sum() == 0
     assert torch.allclose(freq, probs, atol=0.01), (freq, probs)
     # seeded rows: the same frequencies from a per-row generator
     seeded = [Sequence([1], SamplingParams(seed=s)) for s in range(2000)]
-    freq = torch.bincount(sampler.draw(rows[:2000], seeded), minlength=6).float() / 2000
+    freq = torch.bincount(draw(rows[:2000], seeded), minlength=6).float() / 2000
     assert torch.allclose(freq, probs, atol=0.04), (freq, probs)
