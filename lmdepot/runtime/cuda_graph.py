@@ -30,10 +30,15 @@ from lmdepot.runtime.context import Context, SeqSlice, reset_context, set_contex
 # Quantized KV caches (quant_policy 4/8) run eagerly until their ops are known to be graph-safe
 # (no python loops over ctx.seqs, no host syncs): flip this once they are.
 QUANT_KV_GRAPH_SAFE = False
+# Larger decode batches run eagerly: their launches are a small part of the step, and every bucket
+# costs capture time at start.
+MAX_GRAPH_BATCH = 256
 
 
 def buckets(max_bs: int) -> list[int]:
-    """1, 2, 4, 8, then every 16 up to max_bs (and max_bs itself): at most 15 padded rows a step."""
+    """1, 2, 4, 8, then every 16 up to max_bs (and max_bs itself), at most MAX_GRAPH_BATCH: at most
+    15 padded rows a step."""
+    max_bs = min(max_bs, MAX_GRAPH_BATCH)
     out = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16))
     return out + [max_bs]
 

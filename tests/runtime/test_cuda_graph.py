@@ -15,6 +15,7 @@ def test_buckets():
     assert buckets(8) == [1, 2, 4, 8]
     assert buckets(40) == [1, 2, 4, 8, 16, 32, 40]
     assert buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert buckets(1000)[-3:] == [224, 240, 256]   # bigger batches decode eagerly
 
 
 def _prompts():
