@@ -60,8 +60,8 @@ class ModelRunner:
         self.num_blocks = self._size_cache(ecfg)
         _, hkv = cfg.heads_of_rank()
         for i, layer in enumerate(self.model.layers):
-            cache = allocate(self.kv_spec, self.num_blocks + int(self.use_graphs), self.block_size, hkv, cfg.size_per_head,
-                             static[i] if static else None, sym, device=self.device)
+            cache = allocate(self.kv_spec, self.num_blocks + int(self.use_graphs), self.block_size, hkv,
+                             cfg.size_per_head, static[i] if static else None, sym, device=self.device)
             if self.kv_spec.bits:
                 layer.attention.kv_quant = cache
             else:
