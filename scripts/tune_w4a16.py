@@ -1,9 +1,10 @@
 """Sweep W4A16 launch configs on the GPU and print the best per (shape, M) next to the heuristic's.
 
-python scripts/tune_w4a16.py   (device run; prints a table, feeds heuristic_config by hand)
+python scripts/tune_w4a16.py [M ...]   (device run; prints a table, feeds heuristic_config by hand)
 """
 
 import itertools
+import sys
 
 import torch
 from triton.testing import do_bench_cudagraph
@@ -12,7 +13,7 @@ from lmdepot.formats.int4 import quantize_int4_rtn
 from lmdepot.runtime.kernels.w4a16 import heuristic_config, reference, w4a16_linear
 
 SHAPES = [(4096, 11008), (11008, 4096)]
-MS = [1, 16, 256]
+MS = [int(m) for m in sys.argv[1:]] or [1, 16, 256]
 
 
 def main():
@@ -23,8 +24,8 @@ def main():
         base = do_bench_cudagraph(lambda: w4a16_linear(x, q["qweight"], q["scales"], q["zeros"]), rep=50) * 1e3
         best = (base, heuristic_config(M, N, K, 128))
         if M <= 4:
-            grid = dict(block_n=[64, 128, 256], block_k=[64, 128], num_warps=[2, 4],
-                        split_k=[4, 8, 16, 32], num_stages=[1, 2, 3, 4])
+            grid = dict(block_n=[32, 64, 128, 256], block_k=[64, 128], num_warps=[1, 2, 4],
+                        split_k=[2, 4, 8, 16], num_stages=[2, 3])
         else:
             grid = dict(block_m=[16, 32, 64] if M >= 32 else [16], block_n=[32, 64, 128, 256], block_k=[64, 128],
                         num_warps=[4, 8], split_k=[1, 4, 16], num_stages=[2, 3, 4])

@@ -1,4 +1,5 @@
-"""`lmdepot bench kernels`: kernel times against cuBLAS, torch's int4 matmul and the memory roofline.
+"""`lmdepot bench kernels`: kernel times against cuBLAS, torch's int4 matmul, torch SDPA (flash) and
+the memory roofline.
 
 Every figure is printed beside the device-to-device copy bandwidth measured in the same run;
 roofline % = (bytes the case must move / copy bandwidth) / measured time.
@@ -121,6 +122,61 @@ def bench_decode_attention(device: str, bw: float, cases=((1, 4096), (16, 2048),
     return rows
 
 
+PREFILL_CASES = (("prefill 1x4096", [(4096, 4096)]), ("extend 4x1024 +1024 cached", [(1024, 2048)] * 4),
+                 ("mixed 4x512 + 64 decodes @2048", [(512, 512)] * 4 + [(1, 2048)] * 64))
+
+
+def bench_prefill_attention(device: str, bw: float, cases=PREFILL_CASES) -> list[Row]:
+    """Paged prefill/extend/mixed attention (one launch; cases are [(q_len, ctx_len)] per batch)
+    vs torch SDPA flash on the same shapes with contiguous K/V expanded to the q heads.
+    Compute-bound: the note gives TFLOP/s over the (query, visible key) pairs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    from lmdepot.runtime.kernels.prefill_attention import prefill_attention
+
+    page, hq, hkv, d, dt = 64, 32, 8, 128, torch.float16
+    rows = []
+    for name, seqs in cases:
+        pages = [-(-n // page) for _, n in seqs]
+        k = torch.randn(sum(pages), page, hkv, d, device=device, dtype=dt)
+        v = torch.randn_like(k)
+        perm = torch.randperm(sum(pages)).to(torch.int32)
+        tables = torch.zeros(len(seqs), max(pages), dtype=torch.int32)
+        for i, p in enumerate(pages):
+            tables[i, :p] = perm[sum(pages[:i]):sum(pages[:i]) + p]
+        tables = tables.to(device)
+        starts = torch.tensor([0] + [q for q, _ in seqs]).cumsum(0).to(device, torch.int32)
+        lens = torch.tensor([n for _, n in seqs], device=device, dtype=torch.int32)
+        q = torch.randn(int(starts[-1]), hq, d, device=device, dtype=dt)
+        pairs = sum(ql * (n - ql) + ql * (ql + 1) // 2 for ql, n in seqs)
+        flops = 4 * pairs * hq * d
+        nbytes = 2 * q.numel() * 2 + 2 * sum(n for _, n in seqs) * hkv * d * 2   # q, out, K/V once
+        max_q = max(ql for ql, _ in seqs)
+        case = f"attn {name}"
+        t = _time_us(lambda: prefill_attention(q, k, v, tables, starts, lens, max_q))
+        rows.append(Row(case, "lmdepot paged prefill (32q/8kv d128)", t, nbytes, _pct(nbytes, bw, t),
+                        f"{flops / (t * 1e-6) / 1e12:.0f} TFLOP/s"))
+        if len(set(seqs)) != 1:
+            rows.append(Row(case, "torch sdpa flash", math.nan, nbytes, math.nan, "no single-launch peer"))
+            continue
+        (ql, n), b = seqs[0], len(seqs)
+        qs = torch.randn(b, hq, ql, d, device=device, dtype=dt)
+        ks = torch.randn(b, hq, n, d, device=device, dtype=dt)
+        vs = torch.randn_like(ks)
+        mask = causal_lower_right(ql, n) if ql != n else None   # queries at the end of the context
+        try:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                t = _time_us(lambda: torch.nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs, attn_mask=mask, is_causal=mask is None))
+            rows.append(Row(case, "torch sdpa flash (contiguous kv)", t, nbytes, _pct(nbytes, bw, t),
+                            f"{flops / (t * 1e-6) / 1e12:.0f} TFLOP/s"))
+        except Exception as exc:  # noqa: BLE001 - backend support differs across torch builds and masks
+            rows.append(Row(case, "torch sdpa flash (contiguous kv)", math.nan, nbytes, math.nan,
+                            f"unavailable: {type(exc).__name__}"))
+    return rows
+
+
 def _pct(nbytes: int, bw: float, us: float) -> float:
     return 100.0 * (nbytes / bw) / (us * 1e-6)
 
@@ -131,7 +187,7 @@ def run(device: str = "cuda", as_json: bool = False) -> str:
 
         raise LmdepotError("bench kernels needs a CUDA GPU (none visible)")
     bw = copy_bandwidth(device)
-    rows = bench_gemm(device, bw) + bench_decode_attention(device, bw)
+    rows = bench_gemm(device, bw) + bench_decode_attention(device, bw) + bench_prefill_attention(device, bw)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else device,
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "copy_bandwidth_TBps": bw / 1e12}

@@ -33,6 +33,7 @@ class TagConflictError(RegistryError):
 
 _STALE_LOCK_S = 60.0
 _MEM_LOCK = threading.Lock()
+_RAISE = object()   # Store._call: a missing key is an error
 
 
 class Store:
@@ -52,62 +53,44 @@ class Store:
         return RegistryError(f"store {self.url} unreachable or refusing access ({key}): "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
+    def _call(self, key: str, fn, missing=_RAISE):
+        """fn() with the backend's errors as RegistryErrors; a missing key returns `missing` if given."""
+        try:
+            return fn()
+        except FileNotFoundError:
+            if missing is _RAISE:
+                raise RegistryError(f"{key}: missing from store {self.url}") from None
+            return missing
+        except Exception as exc:
+            raise self._wrap(exc, key) from None
+
     # --- reads ---------------------------------------------------------------------------
     def read(self, key: str) -> bytes | None:
         """Bytes of key, or None when it does not exist."""
-        try:
-            return self.fs.cat_file(self._p(key))
-        except FileNotFoundError:
-            return None
-        except Exception as exc:
-            raise self._wrap(exc, key) from None
+        return self._call(key, lambda: self.fs.cat_file(self._p(key)), missing=None)
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        try:
-            return self.fs.cat_file(self._p(key), start=start, end=end)
-        except FileNotFoundError:
-            raise RegistryError(f"{key}: missing from store {self.url}") from None
-        except Exception as exc:
-            raise self._wrap(exc, key) from None
+        return self._call(key, lambda: self.fs.cat_file(self._p(key), start=start, end=end))
 
     def stream(self, key: str, chunk: int = 1 << 20):
         """Chunks of key's bytes, without holding the whole object in memory."""
-        try:
-            with self.fs.open(self._p(key), "rb") as f:
-                while data := f.read(chunk):
-                    yield data
-        except FileNotFoundError:
-            raise RegistryError(f"{key}: missing from store {self.url}") from None
-        except Exception as exc:
-            raise self._wrap(exc, key) from None
+        f = self._call(key, lambda: self.fs.open(self._p(key), "rb"))
+        with f:
+            while data := self._call(key, lambda: f.read(chunk)):
+                yield data
 
     def get_file(self, key: str, local: str) -> None:
-        try:
-            self.fs.get_file(self._p(key), local)
-        except FileNotFoundError:
-            raise RegistryError(f"{key}: missing from store {self.url}") from None
-        except Exception as exc:
-            raise self._wrap(exc, key) from None
+        self._call(key, lambda: self.fs.get_file(self._p(key), local))
 
     def info(self, key: str) -> dict | None:
-        try:
-            return self.fs.info(self._p(key))
-        except FileNotFoundError:
-            return None
-        except Exception as exc:
-            raise self._wrap(exc, key) from None
+        return self._call(key, lambda: self.fs.info(self._p(key)), missing=None)
 
     def exists(self, key: str) -> bool:
         return self.info(key) is not None
 
     def list(self, prefix: str) -> list[str]:
         """Every key under prefix (recursive), relative to the store root."""
-        try:
-            found = self.fs.find(self._p(prefix))
-        except FileNotFoundError:
-            return []
-        except Exception as exc:
-            raise self._wrap(exc, prefix) from None
+        found = self._call(prefix, lambda: self.fs.find(self._p(prefix)), missing=[])
         root = self.root.strip("/") + "/"
         return sorted(k.lstrip("/")[len(root):] for k in found if k.lstrip("/").startswith(root))
 
@@ -131,12 +114,7 @@ class Store:
         return self.create(key, Path(local).read_bytes())
 
     def delete(self, key: str) -> None:
-        try:
-            self.fs.rm_file(self._p(key))
-        except FileNotFoundError:
-            pass
-        except Exception as exc:
-            raise self._wrap(exc, key) from None
+        self._call(key, lambda: self.fs.rm_file(self._p(key)), missing=None)
 
     def update_if(self, key: str, data: bytes, newer) -> bool:
         """Replace key with data if newer(current bytes or None) holds, atomically against others

@@ -92,11 +92,16 @@ class DecodeGraphs:
     def _context(self, b: int, lens: list[int] | None = None) -> Context:
         """The Context the captured ops read: views of the static buffers. `seqs` mirrors them for the
         python-level checks of the ops (and, without capture, for the reference attention)."""
+        longest = self.max_blocks * self.block_size
+        if self.sliding_window:   # steps past the window run eagerly: the graph holds the no-window kernel
+            longest = min(longest, self.sliding_window)
+        if lens is not None:
+            longest = max(lens)
         lens = lens or [1] * b
         seqs = [SeqSlice(i, 1, c, self.block_tables[i, :-(-c // self.block_size)].long()) for i, c in enumerate(lens)]
         return Context(self.slots[:b], seqs, self.block_size, self.sliding_window, block_tables=self.block_tables[:b],
                        context_lens=self.context_lens[:b], q_start_loc=self.q_start_loc[:b + 1], max_q_len=1,
-                       max_ctx_len=self.max_blocks * self.block_size)
+                       max_ctx_len=longest)
 
     def _forward(self, b: int) -> torch.Tensor:
         return self.model.logits(self.model(self.tokens[:b], self.positions[:b]))

@@ -94,15 +94,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin):
         qkv = self.w_qkv(x)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q = ops.apply_rope(q.view(-1, self.hq, self.d), cos, sin, self.rot_dim)
-        k = ops.apply_rope(k.view(-1, self.hkv, self.d), cos, sin, self.rot_dim)
-        v = v.view(-1, self.hkv, self.d)
+        q, k, v = q.view(-1, self.hq, self.d), k.view(-1, self.hkv, self.d), v.view(-1, self.hkv, self.d)
         ctx = get_context()
         if self.kv_quant is not None:
+            q, k = ops.apply_rope(q, cos, sin, self.rot_dim), ops.apply_rope(k, cos, sin, self.rot_dim)
             ops.store_kv_quant(k, v, self.kv_quant, ctx.slot_mapping)
             o = ops.paged_attention_quant(q, k, v, self.kv_quant, ctx, self.scale)
-        else:
-            ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        else:  # rope and the cache write in one op (one kernel on GPU)
+            q, k = ops.rope_store_kv(q, k, v, cos, sin, self.rot_dim, self.k_cache, self.v_cache, ctx.slot_mapping)
             o = ops.paged_attention(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
         out = tp.all_reduce(self.wo(o.reshape(o.shape[0], -1)))
         return out if self.wo_bias is None else out + self.wo_bias

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from lmdepot.runtime import tp
+from lmdepot.runtime import ops, tp
 from lmdepot.runtime.config import EngineConfig
 from lmdepot.runtime.context import Context, SeqSlice, reset_context, set_context
 from lmdepot.runtime.cuda_graph import QUANT_KV_GRAPH_SAFE, DecodeGraphs
@@ -83,9 +83,14 @@ class ModelRunner:
             return False
         if self.kv_spec.bits and not QUANT_KV_GRAPH_SAFE:
             return False
-        # The Triton decode kernel (graph-safe) needs head_dim and pages of at least 16; smaller ones take
-        # the reference attention, which loops over the sequences in python.
-        return self.device.type != "cuda" or (self.cfg.size_per_head >= 16 and self.block_size >= 16)
+        if self.device.type != "cuda":
+            return True
+        # The Triton decode kernel (graph-safe) needs head_dim and pages of at least 16; smaller ones, or
+        # another attention op registered (tests swap in the reference), loop over the sequences in python.
+        from lmdepot.runtime.ops import triton_ops
+
+        return ops.get("paged_attention") in (triton_ops.paged_attention, triton_ops.paged_attention_kernel) \
+            and self.cfg.size_per_head >= 16 and self.block_size >= 16
 
     def _size_cache(self, ecfg: EngineConfig) -> int:
         block = self.block_bytes = kv_block_bytes(self.cfg, self.block_size, self.kv_spec)

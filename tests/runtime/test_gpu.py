@@ -184,3 +184,23 @@ def test_gpu_sampler_equals_the_cpu_sampler():
     for i in (3, 4):
         again = seqs("cuda")[i]
         assert sampler.sample(logits[i:i + 1].cuda(), [again])[0] == [t_gpu[i]]
+
+
+@pytest.mark.parametrize("arch, extra", [("llama", {}), ("mistral", {"sliding_window": 20})])
+def test_attention_kernels_follow_the_reference_ops(tmp_path, monkeypatch, arch, extra):
+    """Fused rope + KV write and the prefill kernel (mixed prefill/decode batches with prefix-cache
+    hits, chunked prefill, a sliding window that cuts in) against the reference ops, fp16."""
+    from lmdepot.runtime.kernels import prefill_attention as prefill_mod
+    from lmdepot.runtime.ops import triton_ops
+    from tests.kernels.attention_engine import check_kernels_follow_reference
+
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf", arch, **(SHAPE | extra))
+    convert_model(str(hf_dir), tmp_path / "ws", ConvertOptions())
+    launches = []
+    orig = prefill_mod.prefill_attention
+    monkeypatch.setattr(prefill_mod, "prefill_attention", lambda *a, **kw: launches.append(1) or orig(*a, **kw))
+    steps, hits = check_kernels_follow_reference(
+        tmp_path / "ws", "cuda", {"rope_store_kv": triton_ops.rope_store_kv,
+                                  "paged_attention": triton_ops.paged_attention}, SHAPE["vocab_size"])
+    assert hits == 4 and launches
+    assert any(len(s) > 1 and max(s) > 1 and min(s) == 1 for s in steps)

@@ -8,6 +8,15 @@ rows) is already coalesced along the output dim, so the kernels read it as store
 A K tile never straddles a quantization group (BLOCK_K divides group_size), so each tile needs one
 row of scales and zeros. Padded input rows (in_features not a multiple of group_size) dequantize to
 zero and the matching x columns are masked to zero.
+
+Nibbles become floats without an int-to-float conversion: OR-ing a 4-bit code into the mantissa of
+2^23 (0x4B000000) and subtracting 2^23 gives the code exactly with full-rate integer and FP32 ops.
+The conversion instruction runs at a quarter of that rate on Hopper and capped the GEMV at about
+the time of reading the weights twice.
+
+The GEMV's K splits meet in the kernel itself: every split writes its fp32 partial sum, counts
+itself in on a per-tile semaphore, and the last one to arrive adds the partials and writes the
+output (then resets the semaphore, so CUDA graph replays find it at zero). One launch per linear.
 """
 
 from __future__ import annotations
@@ -25,14 +34,23 @@ def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     return (x.float() @ w).to(x.dtype)
 
 
+MAGIC_BITS = tl.constexpr(0x4B000000)   # float32 2^23: its lowest mantissa bits hold a small integer exactly
+
+
+@triton.jit
+def _nibble(packed, j):
+    """Code j (0..7) of each packed int32, as float32, without a conversion instruction."""
+    return (((packed >> (4 * j)) & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - 8388608.0
+
+
 @triton.jit
 def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
     shifts = tl.arange(0, 8) * 4
-    q = (packed[:, None, :] >> shifts[None, :, None]) & 0xF
-    q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)
+    q = ((packed[:, None, :] >> shifts[None, :, None]) & 0xF) | MAGIC_BITS
+    q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True) - 8388608.0
     g = k0 // GROUP
     s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -40,8 +58,9 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constex
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, N, K, K_PADDED, stride_xm,
-                 GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PER_SPLIT):
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_PADDED, stride_xm, stride_ym,
+                 GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PER_SPLIT,
+                 SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -58,13 +77,24 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, N, K, K_PADDED, strid
         for j in tl.static_range(8):
             kk = k0 + offs_r * 8 + j
             xj = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-            xq += xj[:, None] * ((packed >> (4 * j)) & 0xF).to(tl.float32)
+            xq += xj[:, None] * _nibble(packed, j)
             xsum += xj
         g = k0 // GROUP
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += s * (tl.sum(xq, axis=0) - z * tl.sum(xsum, axis=0))
-    tl.store(part_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
+    if SPLITS == 1:
+        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(part_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
+        tl.debug_barrier()   # every thread's partial is written before the tile is counted in
+        lock = lock_ptr + m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+            splits = tl.arange(0, SPLITS_POW2)
+            parts = tl.load(part_ptr + (splits[:, None] * M + m) * N + offs_n[None, :],
+                            mask=(splits[:, None] < SPLITS) & mask_n[None, :], other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + m * stride_ym + offs_n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -90,6 +120,16 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PADDED, stride_x
 
 
 GEMV_MAX_M = 4
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 semaphores, shared by all GEMV launches on the device (each launch leaves them at
+    zero). Grown, never shrunk, and allocated before any CUDA graph capture by the warm-up run."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < n:
+        locks = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return locks
 
 
 def _k_split(k_padded: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -113,22 +153,25 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     block_k, block_n, warps = min(cfg["block_k"], group), cfg["block_n"], cfg["num_warps"]
     per_split, splits = _k_split(k_padded, block_k, cfg["split_k"])
     if M <= GEMV_MAX_M:
-        partial = scratch((splits, M, N), x.device, torch.float32)
-        _gemv_kernel[(triton.cdiv(N, block_n), splits, M)](
-            x2, qweight, scales, zeros, partial, M, N, K, k_padded, x2.stride(0),
-            GROUP=group, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_SPLIT=per_split, num_warps=warps,
+        y = out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
+        tiles_n = triton.cdiv(N, block_n)
+        partial = scratch((splits, M, N), x.device, torch.float32) if splits > 1 else y
+        _gemv_kernel[(tiles_n, splits, M)](
+            x2, qweight, scales, zeros, partial, y, _locks(x.device, M * tiles_n), M, N, K, k_padded,
+            x2.stride(0), y.stride(0), GROUP=group, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_SPLIT=per_split,
+            SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), num_warps=warps,
             num_stages=cfg.get("num_stages", 3))
-    else:
-        block_m = cfg["block_m"]
-        partial = scratch((splits, M, N), x.device, torch.float32) if splits > 1 else (
-            out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype))
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
-        _gemm_kernel[grid](x2, qweight, scales, zeros, partial, M, N, K, k_padded, x2.stride(0), N,
-                           GROUP=group, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_SPLIT=per_split,
-                           num_warps=warps, num_stages=cfg.get("num_stages", 3))
-        if splits == 1:
-            return partial.view(*lead, N)
-    y = partial.sum(0).to(x.dtype) if splits > 1 else partial[0].to(x.dtype)
+        return y.view(*lead, N)
+    block_m = cfg["block_m"]
+    partial = scratch((splits, M, N), x.device, torch.float32) if splits > 1 else (
+        out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
+    _gemm_kernel[grid](x2, qweight, scales, zeros, partial, M, N, K, k_padded, x2.stride(0), N,
+                       GROUP=group, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_SPLIT=per_split,
+                       num_warps=warps, num_stages=cfg.get("num_stages", 3))
+    if splits == 1:
+        return partial.view(*lead, N)
+    y = partial.sum(0).to(x.dtype)
     if out is not None:
         y = out.view(M, N).copy_(y)
     return y.reshape(*lead, N)
@@ -139,7 +182,7 @@ def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
     split K until (N tiles x M tiles x splits) covers several waves of a 132-SM GPU."""
     if M <= GEMV_MAX_M:
         tiles_k = K // min(128, group)
-        return {"block_m": 1, "block_n": 64, "block_k": 128, "num_warps": 2, "num_stages": 2,
+        return {"block_m": 1, "block_n": 64, "block_k": 128, "num_warps": 1, "num_stages": 3,
                 "split_k": max(1, min(tiles_k // 2, 32))}
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     programs = triton.cdiv(N, 128) * triton.cdiv(M, block_m)

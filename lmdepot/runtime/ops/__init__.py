@@ -14,7 +14,7 @@ from lmdepot.runtime.ops import kv_quant, reference
 _TABLE: dict[str, Callable] = {
     name: getattr(reference, name)
     for name in ("rms_norm", "rope_cos_sin", "apply_rope", "linear", "linear_int4", "silu_mul",
-                 "store_kv", "paged_attention", "paged_attention_quant")
+                 "store_kv", "rope_store_kv", "paged_attention", "paged_attention_quant")
 }
 _TABLE["store_kv_quant"] = kv_quant.store_kv_quant
 
@@ -23,6 +23,11 @@ def register(name: str, fn: Callable) -> None:
     if name not in _TABLE:
         raise KeyError(f"unknown op {name}")
     _TABLE[name] = fn
+
+
+def get(name: str) -> Callable:
+    """The implementation registered now (the runner checks that its CUDA graphs capture safe ones)."""
+    return _TABLE[name]
 
 
 def rms_norm(x, weight, eps):
@@ -51,6 +56,12 @@ def silu_mul(gate, up):
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     return _TABLE["store_kv"](k, v, k_cache, v_cache, slot_mapping)
+
+
+def rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
+    """apply_rope on q and k, then store_kv; returns the rotated (q, k). q and k may be rotated in
+    place (they are the qkv projection's fresh output), so use the returned tensors."""
+    return _TABLE["rope_store_kv"](q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):

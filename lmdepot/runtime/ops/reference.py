@@ -55,6 +55,13 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
 
 
+def rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
+    """Rotate q and k, store k and v: the float-cache attention prologue as one op (one kernel on GPU)."""
+    q, k = apply_rope(q, cos, sin, rot_dim), apply_rope(k, cos, sin, rot_dim)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
 def _slots(s, bs: int) -> torch.Tensor:
     return (s.block_table[:, None] * bs + torch.arange(bs, device=s.block_table.device)).reshape(-1)[:s.ctx_len]
 

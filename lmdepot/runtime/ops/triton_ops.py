@@ -1,9 +1,9 @@
 """Triton kernels behind the op table, installed when the runtime runs on a CUDA device.
 
 The op table is process-wide, so each op checks where its tensors live and hands CPU tensors to
-the reference: a CPU engine beside a GPU one keeps working. Ops without a kernel here (rope,
-store_kv, prefill attention, dense linears via cuBLAS) keep their torch reference, which runs on
-the GPU as is.
+the reference: a CPU engine beside a GPU one keeps working. Ops without a kernel here (separate
+rope and store_kv, used by the quantized cache; dense linears via cuBLAS) keep their torch
+reference, which runs on the GPU as is.
 """
 
 from __future__ import annotations
@@ -33,23 +33,61 @@ def linear_int4(x, qweight, scales, zeros, in_features, bias):
     return out if bias is None else out + bias
 
 
-def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
-    """Decode steps (one new token per sequence) use the split-K paged kernel; prefill and sliding
-    windows past their width fall back to the reference."""
-    window = ctx.sliding_window
-    # tl.dot needs 16 rows/cols: tiny head dims or pages go to the reference too.
-    if not q.is_cuda or q.shape[-1] < 16 or k_cache.shape[1] < 16 or \
-            any(s.q_len != 1 or (window and s.ctx_len > window) for s in ctx.seqs):
-        return reference.paged_attention(q, k, v, k_cache, v_cache, ctx, scale)
-    from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention
+# --- attention: fused rope + KV write, paged prefill/extend and decode attention -------------------
 
-    return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+def rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
+    if not q.is_cuda:
+        return reference.rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping)
+    return rope_store_kv_kernel(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
+    if not q.is_cuda:
+        return reference.paged_attention(q, k, v, k_cache, v_cache, ctx, scale)
+    return paged_attention_kernel(q, k, v, k_cache, v_cache, ctx, scale)
+
+
+# The routing below runs wherever the tensors are (the CPU tests drive it through Triton's interpreter).
+
+def rope_store_kv_kernel(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
+    if any(x.stride(-1) != 1 for x in (q, k, v, cos, sin, k_cache, v_cache)):
+        return reference.rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping)
+    from lmdepot.runtime.kernels.rope_store_kv import rope_store_kv as kernel
+
+    return kernel(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention_kernel(q, k, v, k_cache, v_cache, ctx, scale):
+    """Decode-only steps (one new token per sequence, no sliding window cutting in) use the split-K
+    decode kernel, which spreads long contexts over the GPU; prefill, extend (prefix-cache hits,
+    chunked prefill) and mixed prefill + decode batches use one launch of the prefill kernel.
+    Only the step's device tensors and python ints of the Context are read (CUDA-graph safe)."""
+    window = ctx.sliding_window
+    # tl.dot needs 16-wide operands: tiny head dims go to the reference; fp32 dots would run as tf32.
+    if q.shape[-1] < 16 or q.shape[0] == 0:
+        return reference.paged_attention(q, k, v, k_cache, v_cache, ctx, scale)
+    if ctx.is_decode and k_cache.shape[1] >= 16 and not (window and ctx.max_ctx_len > window):
+        from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+    if q.dtype == torch.float32:
+        return reference.paged_attention(q, k, v, k_cache, v_cache, ctx, scale)
+    from lmdepot.runtime.kernels.prefill_attention import prefill_attention
+
+    return prefill_attention(q, k_cache, v_cache, ctx.block_tables, ctx.q_start_loc, ctx.context_lens,
+                             ctx.max_q_len, scale, window)
+
+
+def _install_attention() -> None:
+    for name, fn in (("rope_store_kv", rope_store_kv), ("paged_attention", paged_attention)):
+        ops.register(name, fn)
 
 
 def install() -> None:
     global _installed
     if _installed:
         return
-    for name, fn in (("rms_norm", rms_norm), ("linear_int4", linear_int4), ("paged_attention", paged_attention)):
+    for name, fn in (("rms_norm", rms_norm), ("linear_int4", linear_int4)):
         ops.register(name, fn)
+    _install_attention()
     _installed = True
