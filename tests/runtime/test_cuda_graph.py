@@ -81,3 +81,43 @@ def test_padded_decode_path_under_tp2(tiny, monkeypatch):
     with LLM(ws2, tp=2, **kw) as llm:
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
         assert 8 in llm.engine.runner.graphs.used   # 5 rows padded to 8
+
+
+def test_padded_path_through_the_triton_kernels(tiny, monkeypatch):
+    """The static buffers as the captured kernels read them (Triton's interpreter on the CPU): padded
+    rows, scratch-block tables and full-width block tables give the eager kernels' logits."""
+    from lmdepot.runtime import ops
+    from lmdepot.runtime.kernels import paged_decode_attention as decode_mod
+    from lmdepot.runtime.ops import triton_ops
+
+    monkeypatch.setenv("LMDEPOT_GRAPHS_ON_CPU", "1")
+    for name, fn in (("rope_store_kv", triton_ops.rope_store_kv_kernel),
+                     ("paged_attention", triton_ops.paged_attention_kernel)):
+        monkeypatch.setitem(ops._TABLE, name, fn)
+    calls, orig = [], decode_mod.paged_decode_attention
+    monkeypatch.setattr(decode_mod, "paged_decode_attention",
+                        lambda *a, **kw: calls.append(a[3].shape) or orig(*a, **kw))   # a[3]: block tables
+    _, ws = tiny("llama")
+    with LLM(ws, dtype="fp32", num_kv_blocks=24, cache_block_seq_len=16, max_batch_size=4, session_len=64,
+             quiet=True) as llm:
+        runner = llm.engine.runner
+        graphs, execute, pairs = runner.graphs, runner.execute, []
+
+        def both(meta):
+            if not graphs.fits(meta, runner.cfg):
+                return execute(meta)
+            runner.graphs = None
+            try:
+                eager = execute(meta).clone()
+            finally:
+                runner.graphs = graphs
+            pairs.append((eager, execute(meta).clone()))
+            return pairs[-1][1]
+
+        runner.execute = both
+        prompts = _prompts()[:3]
+        llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 6, 4)])
+    assert graphs.used == {1, 2, 4} and len(pairs) == 5
+    assert (4, 4) in calls   # the padded batch: 4 rows, block tables as wide as session_len / 16
+    for eager, padded in pairs:
+        assert torch.allclose(eager, padded, atol=1e-5, rtol=1e-5)
