@@ -2,7 +2,7 @@
 # One device call (<= 10 minutes on one H100/H200): GPU tests, then the benchmarks. Run from the repo root.
 #
 # Env vars choose what runs (defaults in brackets):
-#   STEPS        comma list of tests,kernels,model,generation,throughput,serving,coldstart [all of them]
+#   STEPS        comma list of tests,kernels,model,generation,eager,throughput,serving,coldstart [all but eager]
 #   SHAPE        random-weight model shape (lmdepot bench model --help) [llama2-7b]
 #   LAYERS       depth cut, or "all" for the full model [8]
 #   TP           tensor-parallel ranks of the built workspaces (needs that many GPUs) [1]
@@ -52,6 +52,11 @@ if has generation; then
   step generation
   timeout "$t" python -m lmdepot.cli bench generation --model "$m/fp16" --json "$out/bench_generation.json" \
     ${BENCH_GENERATION_ARGS:---concurrency 1,16,64 --cases 128x128,2048x128} | tee "$out/bench_generation.txt"
+fi
+if has eager; then  # the same decode without CUDA graphs: what the graphs gain at small batches
+  step eager
+  timeout "$t" python -m lmdepot.cli bench generation --model "$m/fp16" --eager --json "$out/bench_generation_eager.json" \
+    ${BENCH_GENERATION_ARGS:---concurrency 1,16 --cases 128x128} | tee "$out/bench_generation_eager.txt"
 fi
 if has throughput; then
   step throughput

@@ -27,6 +27,10 @@ def _model_options(fn):
     return fn
 
 
+def _eager_option(fn):
+    return click.option("--eager", is_flag=True, help="Run the engine without CUDA graphs.")(fn)
+
+
 def _hf_option(fn):
     return click.option("--hf", default=None, type=click.Path(file_okay=False),
                         help="The HF checkpoint for --peer hf when --model is a workspace.")(fn)
@@ -81,17 +85,18 @@ def kernels(as_json):
 @click.option("--peer", type=click.Choice(["hf", "none"]), default="none", show_default=True,
               help="Also run HF transformers' eager generate (batch = concurrency) on the same model.")
 @_hf_option
+@_eager_option
 @click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of free memory given to KV blocks.")
 def generation(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, concurrency, cases, peer,
-               hf, cache_max_entry_count):
+               hf, eager, cache_max_entry_count):
     """First-token and per-token latency (p50/p90/p99), output tok/s and peak memory over a grid."""
     from lmdepot.bench.generation import run
     from lmdepot.bench.workload import parse_cases, parse_ints
 
     conc, grid = parse_ints(concurrency, "--concurrency"), parse_cases(cases)
     _, text = run(model, shape, layers, conc, grid, None if peer == "none" else peer, device, int(quant_policy),
-                  kv_scales, int4, cache_max_entry_count, json_path, hf, tp=tp)
+                  kv_scales, int4, cache_max_entry_count, json_path, hf, tp=tp, eager=eager)
     click.echo(text, nl=False)
 
 
@@ -102,17 +107,18 @@ def generation(model, shape, layers, int4, tp, device, json_path, quant_policy, 
 @click.option("--peer", type=click.Choice(["hf", "none"]), default="none", show_default=True,
               help="Also run HF transformers' continuous batching (generate_batch) on the same requests.")
 @_hf_option
+@_eager_option
 @click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of free memory given to KV blocks.")
 def throughput(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
-               output_len, seed, dataset, max_batch_size, peer, hf, cache_max_entry_count):
+               output_len, seed, dataset, max_batch_size, peer, hf, eager, cache_max_entry_count):
     """Offline request throughput (output tok/s, req/s) of N requests, optionally vs HF generate_batch."""
     from lmdepot.bench.throughput import run
     from lmdepot.bench.workload import parse_range
 
     _, text = run(model, shape, layers, num_prompts, parse_range(prompt_len, "--prompt"),
                   parse_range(output_len, "--output"), seed, dataset, None if peer == "none" else peer, device,
-                  int(quant_policy), kv_scales, int4, max_batch_size, cache_max_entry_count, json_path, hf, tp=tp)
+                  int(quant_policy), kv_scales, int4, max_batch_size, cache_max_entry_count, json_path, hf, tp=tp, eager=eager)
     click.echo(text, nl=False)
 
 

@@ -72,14 +72,15 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         concurrency=tuple(DEFAULT_CONCURRENCY), cases=tuple(DEFAULT_CASES), peer: str | None = None,
         device: str = "auto", quant_policy: int = 0, kv_scales: str = "online", int4: bool = False,
         cache_max_entry_count: float | None = None, json_path: str | None = None,
-        hf: str | None = None, tp: int = 1) -> tuple[dict, str]:
+        hf: str | None = None, tp: int = 1, eager: bool = False) -> tuple[dict, str]:
     device = device_of(device)
     bw = bandwidth(device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmdepot-bench-") as tmp:
         hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4, hf, tp=tp)
         session_len = max(p + o for p, o in cases) + 8
-        llm = open_llm(ws, device, max(concurrency), session_len, quant_policy, kv_scales, cache_max_entry_count)
+        llm = open_llm(ws, device, max(concurrency), session_len, quant_policy, kv_scales, cache_max_entry_count,
+                       eager=eager)
         try:
             vocab = llm.engine.cfg.vocab_size
             warmup(llm, vocab)

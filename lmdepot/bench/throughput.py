@@ -87,7 +87,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         prompt=(64, 512), output=(256, 256), seed: int = 0, dataset: str | None = None, peer: str | None = None,
         device: str = "auto", quant_policy: int = 0, kv_scales: str = "online", int4: bool = False,
         max_batch_size: int | None = None, cache_max_entry_count: float | None = None,
-        json_path: str | None = None, hf: str | None = None, tp: int = 1) -> tuple[dict, str]:
+        json_path: str | None = None, hf: str | None = None, tp: int = 1, eager: bool = False) -> tuple[dict, str]:
     device = device_of(device)
     pairs = load_sharegpt(dataset) if dataset else None  # a bad file fails before a model is built
     bw = bandwidth(device)
@@ -95,7 +95,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4, hf, tp=tp)
         session_len = None if dataset else prompt[1] + output[1] + 8
         llm = open_llm(ws, device, max_batch_size or 256, session_len, quant_policy, kv_scales,
-                       cache_max_entry_count)
+                       cache_max_entry_count, eager=eager)
         try:
             vocab = llm.engine.cfg.vocab_size
             requests = make_requests(n, prompt, output, seed, vocab, pairs, llm.tokenizer, llm.engine.session_len)

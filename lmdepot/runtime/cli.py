@@ -36,6 +36,7 @@ def _runtime_options(fn):
         click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True)),
         click.option("--max-new-tokens", default=512, show_default=True, type=click.IntRange(1)),
         click.option("--seed", default=None, type=int, help="Makes sampling reproducible."),
+        click.option("--eager", is_flag=True, help="CUDA: no CUDA graphs for decode steps (debugging, profiling)."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -51,7 +52,7 @@ def _open(model, opts: dict):
     return LLM(model, tp=opts["tp"], session_len=opts["session_len"], dtype=opts["dtype"],
                cache_max_entry_count=opts["cache_max_entry_count"], device=opts["device"],
                cpu_memory_budget=int(opts["memory_budget"] * 2**30), quant_policy=opts["quant_policy"],
-               kv_scales=opts["kv_scales"])
+               kv_scales=opts["kv_scales"], eager=opts["eager"])
 
 
 def _params(opts: dict):

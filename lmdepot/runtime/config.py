@@ -30,6 +30,7 @@ class EngineConfig:
     device: str = "auto"                 # auto | cpu | cuda (one GPU per rank: cuda:<rank>)
     seed: int | None = None
     quiet: bool = False
+    eager: bool = False                  # CUDA: no CUDA graphs for decode steps (debugging, profiling)
 
     def __post_init__(self):
         if self.device == "auto":

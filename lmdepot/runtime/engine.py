@@ -16,7 +16,7 @@ from lmdepot.runtime.config import EngineConfig
 from lmdepot.runtime.errors import CacheFullError, RequestError, RuntimeLoadError
 from lmdepot.runtime.loader import read_config, resolve_workspace
 from lmdepot.runtime.runner import ModelRunner
-from lmdepot.runtime.sampling import sample
+from lmdepot.runtime.sampler import sample
 from lmdepot.runtime.scheduler import Scheduler
 from lmdepot.runtime.sequence import SamplingParams, Sequence
 
@@ -135,7 +135,8 @@ class Engine:
                 self.scheduler.active_sessions.discard(session_id)
                 self.scheduler.sessions[session_id] = history
             raise
-        seq = Sequence(tokens, params, session_id, num_history=len(history.token_ids) if history else 0)
+        seq = Sequence(tokens, params, session_id, num_history=len(history.token_ids) if history else 0,
+                       device=self.runner.device)
         if history is not None:
             seq.block_table, seq.num_computed = history.block_table, history.num_computed
         self.seqs[seq.id] = seq
@@ -184,7 +185,7 @@ class Engine:
                 raise CacheFullError("the scheduler could not place any waiting request in the KV cache")
             return outputs
         meta, sampled = self._metadata(batch)
-        logits = self.runner.run(meta)
+        logits = self.runner.run(meta, host=False)   # sampled on the device: one small copy back
         for seq, n in batch:
             seq.num_computed += n
             self.bm.commit(seq)

@@ -6,13 +6,15 @@ as is; every rank executes the identical forward on its own shard.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
-from lmdepot.runtime import tp
+from lmdepot.runtime import ops, tp
 from lmdepot.runtime.config import EngineConfig
 from lmdepot.runtime.context import Context, SeqSlice, reset_context, set_context
+from lmdepot.runtime.cuda_graph import QUANT_KV_GRAPH_SAFE, DecodeGraphs
 from lmdepot.runtime.errors import CacheFullError
 from lmdepot.runtime.kv_cache import allocate, kv_block_bytes, load_static_scales, make_spec
 from lmdepot.runtime.loader import load_rank
@@ -51,15 +53,44 @@ class ModelRunner:
         self.model = LlamaModel(weights, self.dtype).to(self.device)
         del weights
         self.block_size = ecfg.cache_block_seq_len or cfg.cache_block_seq_len
+        self.graphs: DecodeGraphs | None = None
+        self.use_graphs = self._graphs_apply(ecfg)
+        # With graphs the cache holds one scratch block past the block manager's num_blocks: padded
+        # batch rows write their KV there (cuda_graph.py).
         self.num_blocks = self._size_cache(ecfg)
         _, hkv = cfg.heads_of_rank()
         for i, layer in enumerate(self.model.layers):
-            cache = allocate(self.kv_spec, self.num_blocks, self.block_size, hkv, cfg.size_per_head,
-                             static[i] if static else None, sym, device=self.device)
+            cache = allocate(self.kv_spec, self.num_blocks + int(self.use_graphs), self.block_size, hkv,
+                             cfg.size_per_head, static[i] if static else None, sym, device=self.device)
             if self.kv_spec.bits:
                 layer.attention.kv_quant = cache
             else:
                 layer.attention.k_cache, layer.attention.v_cache = cache
+        if self.use_graphs:
+            session_len = ecfg.session_len or cfg.session_len
+            max_bs = ecfg.max_batch_size or cfg.max_batch_size
+            self.graphs = DecodeGraphs(self.model, self.block_size, -(-session_len // self.block_size), max_bs,
+                                       self.num_blocks, cfg.sliding_window, self.device,
+                                       capture=self.device.type == "cuda")
+            self.graphs.capture_all(quiet=ecfg.quiet or tp.rank() != 0)
+
+    def _graphs_apply(self, ecfg: EngineConfig) -> bool:
+        """CUDA graphs for decode steps, unless --eager or an op on the decode path is not graph-safe.
+        LMDEPOT_GRAPHS_ON_CPU=1 runs the padded static-buffer path on the CPU, uncaptured (tests)."""
+        if ecfg.eager:
+            return False
+        if self.device.type != "cuda" and os.environ.get("LMDEPOT_GRAPHS_ON_CPU") != "1":
+            return False
+        if self.kv_spec.bits and not QUANT_KV_GRAPH_SAFE:
+            return False
+        if self.device.type != "cuda":
+            return True
+        # The Triton decode kernel (graph-safe) needs head_dim and pages of at least 16; smaller ones, or
+        # another attention op registered (tests swap in the reference), loop over the sequences in python.
+        from lmdepot.runtime.ops import triton_ops
+
+        return ops.get("paged_attention") in (triton_ops.paged_attention, triton_ops.paged_attention_kernel) \
+            and self.cfg.size_per_head >= 16 and self.block_size >= 16
 
     def _size_cache(self, ecfg: EngineConfig) -> int:
         block = self.block_bytes = kv_block_bytes(self.cfg, self.block_size, self.kv_spec)
@@ -73,7 +104,7 @@ class ModelRunner:
                 free = torch.cuda.mem_get_info()[0]
             else:
                 free = ecfg.cpu_memory_budget - weights
-            n = int(max(free, 0) * ratio) // block
+            n = int(max(free, 0) * ratio) // block - int(self.use_graphs)   # the scratch block comes out of it
         if tp.world_size() > 1:  # every rank must agree on the block ids
             t = torch.tensor([n], device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
@@ -88,14 +119,16 @@ class ModelRunner:
         return n
 
     def execute(self, meta: dict) -> torch.Tensor:
+        """(len(logit_rows), vocab) float32 logits on this rank's device; every rank runs it."""
+        if self.graphs is not None and self.graphs.fits(meta, self.cfg):
+            return self.graphs.run(meta)   # decode: every row is a logit row, in batch order
         dev = self.device
         tokens = torch.tensor(meta["tokens"], dtype=torch.int64, device=dev)
         positions = torch.tensor(meta["positions"], dtype=torch.int64, device=dev)
         set_context(self.context(meta))
         try:
             hidden = self.model(tokens, positions)
-            # Sampling runs on the host for now: one device-to-host copy of the logits per step.
-            return self.model.logits(hidden[meta["logit_rows"]]).cpu()
+            return self.model.logits(hidden[meta["logit_rows"]])
         finally:
             reset_context()
 
@@ -115,11 +148,23 @@ class ModelRunner:
                        q_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
                        max_q_len=max((q for q, _, _ in meta["seqs"]), default=0), max_ctx_len=max(lens, default=0))
 
-    def run(self, meta: dict) -> torch.Tensor:
+    def run(self, meta: dict, host: bool = True) -> torch.Tensor:
+        """Rank 0: broadcast the step, run it. host=False leaves the logits on the device (the engine
+        samples there); host=True copies them to the CPU (perplexity, tests)."""
         if tp.world_size() > 1:
             tp.broadcast_object(meta)
-        return self.execute(meta)
+        logits = self.execute(meta)
+        return logits.cpu() if host else logits
 
     def close(self) -> None:
         if tp.world_size() > 1 and tp.rank() == 0:
             tp.broadcast_object(None)
+        self.close_graphs()
+
+    def close_graphs(self) -> None:
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()

@@ -46,7 +46,8 @@ _ids = itertools.count()
 
 
 class Sequence:
-    def __init__(self, token_ids: list[int], params: SamplingParams, session_id=None, num_history: int = 0):
+    def __init__(self, token_ids: list[int], params: SamplingParams, session_id=None, num_history: int = 0,
+                 device: torch.device | str = "cpu"):
         self.id = next(_ids)
         self.token_ids = list(token_ids)
         self.num_prompt = len(token_ids)       # includes a session's history
@@ -63,8 +64,8 @@ class Sequence:
         self.logprobs: list[dict] = []
         self.error: Exception | None = None
         self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        if params.seed is not None:   # on the device that samples (the runner's): no host round trip
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -50,9 +50,10 @@ def serve():
               help="CPU only: GiB for weights + KV cache.")
 @click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True,
               help="Compute/KV dtype.")
+@click.option("--eager", is_flag=True, help="CUDA: no CUDA graphs for decode steps (debugging, profiling).")
 def api_server(model, server_name, server_port, tp, quant_policy, kv_scales, cache_max_entry_count, max_batch_size,
                session_len, model_name, api_keys, tool_call_parser, max_queued_requests, log_level, allow_origins,
-               memory_budget, dtype):
+               memory_budget, dtype, eager):
     """OpenAI-compatible API server. MODEL: workspace dir or NAME:TAG.
 
     Routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/chat/interactive, /health, /metrics,
@@ -67,7 +68,7 @@ def api_server(model, server_name, server_port, tp, quant_policy, kv_scales, cac
     make_spec(quant_policy, None, 64, kv_scales)  # checks the options before loading anything
     llm = AsyncLLM(model, tp=tp, session_len=session_len, max_batch_size=max_batch_size,
                    cache_max_entry_count=cache_max_entry_count, cpu_memory_budget=int(memory_budget * 2**30),
-                   dtype=dtype, quant_policy=quant_policy, kv_scales=kv_scales)
+                   dtype=dtype, quant_policy=quant_policy, kv_scales=kv_scales, eager=eager)
     cfg = ServeConfig(model_name=model_name or _default_model_name(model), api_keys=_split(api_keys), tool_call_parser=tool_call_parser,
                       max_queued_requests=max_queued_requests, allow_origins=_split(allow_origins))
     app = create_app(llm, cfg, owns_llm=True)

@@ -65,6 +65,127 @@ def test_int4_on_gpu_matches_the_cpu_reference(gqa_model, tmp_path):
         gpu.close()
 
 
+# --- CUDA graphs for decode steps (runtime/cuda_graph.py) ------------------------------------------
+def _mixed_prompts():
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 490, (n,), generator=gen).tolist() for n in (3, 17, 9, 30, 5, 12, 21, 8, 40, 2, 15)]
+    # different lengths: sequences finish at different steps, so the batch walks down the buckets
+    return prompts, [SamplingParams(max_tokens=4 + 3 * i, temperature=0, ignore_eos=True) for i in range(len(prompts))]
+
+
+GRAPH_LLM = dict(device="cuda", dtype="fp16", cache_block_seq_len=16, num_kv_blocks=64, max_batch_size=16,
+                 session_len=256, quiet=True)
+
+
+def test_cuda_graph_decode_logits_match_eager(gqa_model):
+    """Every decode step that replays a graph also runs eagerly on the same metadata first."""
+    _, ws = gqa_model
+    llm = LLM(ws, **GRAPH_LLM)
+    try:
+        runner = llm.engine.runner
+        graphs = runner.graphs
+        assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8, 16]
+        execute, pairs = runner.execute, []
+
+        def both(meta):
+            if not graphs.fits(meta, runner.cfg):
+                return execute(meta)
+            runner.graphs = None
+            try:
+                eager = execute(meta).clone()
+            finally:
+                runner.graphs = graphs
+            out = execute(meta)
+            pairs.append((len(meta["seqs"]), eager, out.clone()))
+            return out
+
+        runner.execute = both
+        prompts, params = _mixed_prompts()
+        for n in (1, 2, 3, 5, 8, 11):
+            llm.generate(prompts[:n], params[:n])
+        assert {1, 2, 4, 8, 16} <= graphs.used and len(pairs) > 50
+        for n, eager, out in pairs:
+            assert out.shape == eager.shape == (n, 500)
+            assert float((out - eager).abs().max() / eager.abs().max()) < 1e-2
+            top2 = eager.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 0.05
+            assert torch.equal(out.argmax(-1)[clear], eager.argmax(-1)[clear])
+    finally:
+        llm.close()
+
+
+def test_cuda_graph_and_eager_engines_generate_the_same_greedy_tokens(gqa_model):
+    from runtime_helpers import prefill_logits
+
+    _, ws = gqa_model
+    prompts, params = _mixed_prompts()
+    outs = {}
+    for eager in (True, False):
+        with LLM(ws, eager=eager, **GRAPH_LLM) as llm:
+            assert (llm.engine.runner.graphs is None) == eager
+            outs[eager] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert all(len(a) == len(b) for a, b in zip(outs[True], outs[False]))
+    with LLM(ws, eager=True, **GRAPH_LLM) as llm:
+        for prompt, a, b in zip(prompts, outs[True], outs[False]):
+            if a != b:   # fp16 kernels of other shapes may only flip a near-tie
+                k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                top2 = prefill_logits(llm.engine, prompt + a[:k])[-1].topk(2).values
+                assert float(top2[0] - top2[1]) < 0.05, (prompt, a, b)
+
+
+def test_engine_close_releases_the_graphs_and_their_pool(gqa_model):
+    _, ws = gqa_model
+    llm = LLM(ws, **{**GRAPH_LLM, "max_batch_size": 64})
+    runner = llm.engine.runner
+    graphs = runner.graphs
+    assert sorted(graphs.graphs) == [1, 2, 4, 8, 16, 32, 48, 64]
+    llm.generate([list(range(3, 30))] * 3, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    before = torch.cuda.memory_reserved()
+    runner.close_graphs()   # what engine close does, with the model and KV cache still alive
+    assert runner.graphs is None and not graphs.graphs and not graphs.outputs and graphs.pool is None
+    assert torch.cuda.memory_reserved() < before   # the private pool went back to the driver
+    # the engine keeps working, eagerly
+    assert llm.generate([list(range(3, 30))], SamplingParams(max_tokens=3, temperature=0)).token_ids
+    llm.close()
+    assert llm.engine.runner is None
+
+
+def test_gpu_sampler_equals_the_cpu_sampler():
+    from lmdepot.runtime import sampler
+    from lmdepot.runtime.sequence import Sequence
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=gen) * 3
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.4, logprobs=3),
+              SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.3),
+              SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, seed=3),
+              SamplingParams(temperature=1.2, top_p=0.5, seed=4), SamplingParams(top_k=1, logprobs=0)]
+
+    def seqs(device):
+        out = []
+        for i, p in enumerate(params):
+            s = Sequence(list(range(10, 30 + i)), p, device=device)
+            s.token_ids += [11, 12, 12][:i]
+            out.append(s)
+        return out
+
+    cpu, gpu = seqs("cpu"), seqs("cuda")
+    assert torch.allclose(sampler.apply_penalties(logits.cuda(), gpu).cpu(), sampler.apply_penalties(logits, cpu))
+    f = [[p.temperature or 1.0 for p in params], [p.top_k for p in params], [p.top_p for p in params],
+         [p.min_p for p in params]]
+    masks = [torch.isfinite(sampler.filter_logits(x, *f)).cpu() for x in (logits, logits.cuda())]
+    assert torch.equal(masks[0], masks[1])
+    t_cpu, lp_cpu = sampler.sample(logits, cpu)
+    t_gpu, lp_gpu = sampler.sample(logits.cuda(), gpu)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    assert [t_cpu[i] for i in greedy] == [t_gpu[i] for i in greedy]
+    assert lp_gpu[1]["top"].keys() == lp_cpu[1]["top"].keys() and lp_gpu[5] == {**lp_gpu[5], "top": {}}
+    # seeded rows draw from their own CUDA generator: the same tokens when sampled alone
+    for i in (3, 4):
+        again = seqs("cuda")[i]
+        assert sampler.sample(logits[i:i + 1].cuda(), [again])[0] == [t_gpu[i]]
+
+
 @pytest.mark.parametrize("arch, extra", [("llama", {}), ("mistral", {"sliding_window": 20})])
 def test_attention_kernels_follow_the_reference_ops(tmp_path, monkeypatch, arch, extra):
     """Fused rope + KV write and the prefill kernel (mixed prefill/decode batches with prefix-cache

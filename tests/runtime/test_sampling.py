@@ -150,3 +150,122 @@ def test_streamed_deltas_add_up_to_the_stopped_text(llm):
     while not seq.finished:
         streamed += "".join(o.text for o in engine.step() if o.seq_id == seq.id)
     assert streamed == seq.text == base.text[:base.text.index(stop)]
+
+
+# --- the batched sampler (runtime/sampler.py) against the per-row reference above -------------------
+from lmdepot.runtime import sampler, sampling  # noqa: E402
+
+MIXED = [dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.6), dict(min_p=0.2),
+         dict(temperature=0.5, top_k=40, top_p=0.9, min_p=0.05), dict(), dict(top_k=1000, top_p=1.0)]
+
+
+def _seqs(params, vocab=160, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i, p in enumerate(params):
+        seq = Sequence(torch.randint(0, vocab, (10 + i,), generator=gen).tolist(), p)
+        seq.token_ids += torch.randint(0, vocab, (i,), generator=gen).tolist()   # i output tokens
+        seqs.append(seq)
+    return seqs
+
+
+def test_batched_penalties_equal_the_reference():
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+              SamplingParams(), SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.5),
+              SamplingParams(presence_penalty=1.0)]
+    seqs = _seqs(params)
+    logits = torch.randn(len(seqs), 160, generator=torch.Generator().manual_seed(1))
+    got = sampler.apply_penalties(logits, seqs)
+    for i, (seq, p) in enumerate(zip(seqs, params)):
+        assert torch.equal(got[i], sampling.apply_penalties(logits[i].clone(), seq, p)), i
+    plain = logits[:2]
+    assert sampler.apply_penalties(plain, _seqs([SamplingParams()] * 2)) is plain   # nothing to do: no copy
+
+
+def test_batched_filters_equal_the_reference():
+    logits = torch.randn(len(MIXED), 160, generator=torch.Generator().manual_seed(2)) * 3
+    params = [SamplingParams(**kw) for kw in MIXED]
+    got = sampler.filter_logits(logits, [p.temperature for p in params], [p.top_k for p in params],
+                                [p.top_p for p in params], [p.min_p for p in params])
+    for i, p in enumerate(params):
+        ref = sampling.filter_logits(logits[i].clone(), p)
+        assert torch.equal(torch.isfinite(got[i]), torch.isfinite(ref)), MIXED[i]
+        assert torch.equal(got[i][torch.isfinite(ref)], ref[torch.isfinite(ref)])
+    # and the toy vocabulary of test_filters_keep_exactly_the_allowed_tokens, all knobs in one batch
+    toy = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04])).repeat(4, 1)
+    kept = sampler.filter_logits(toy, [1.0] * 4, [2, 0, 0, 0], [1.0, 0.5, 0.8, 1.0], [0.0, 0.0, 0.0, 0.35])
+    assert [torch.isfinite(r).nonzero().flatten().tolist() for r in kept] == [[0, 1], [0], [0, 1, 2], [0, 1]]
+
+
+def test_batched_greedy_logprobs_and_hooks_equal_the_reference():
+    seen = []
+
+    def ban_argmax(output_ids, row):   # a logits_processor: sees a CPU row and the output so far
+        seen.append(list(output_ids))
+        return row.masked_fill(row == row.max(), float("-inf"))
+
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0, repetition_penalty=1.5),
+              SamplingParams(top_k=1, logprobs=0, frequency_penalty=0.7),
+              SamplingParams(temperature=0, logits_processor=ban_argmax, accept_token=seen.append, logprobs=2)]
+    seqs = _seqs(params)
+    logits = torch.randn(len(seqs), 160, generator=torch.Generator().manual_seed(3))
+    ref_tokens, ref_lp = sampling.sample(logits.clone(), seqs)
+    del seen[:]
+    tokens, lp = sampler.sample(logits.clone(), seqs)
+    assert tokens == ref_tokens and seen == [seqs[3].output_ids, tokens[3]]
+    assert lp[1] is None
+    for a, b in zip(lp, ref_lp):
+        if a is not None:
+            assert a["token"] == b["token"] and a["top"].keys() == b["top"].keys()
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-6)
+
+
+@pytest.mark.parametrize("draw", ["multinomial", "race"])
+def test_seeded_rows_do_not_depend_on_the_batch(monkeypatch, draw):
+    monkeypatch.setattr(sampler, "draw", getattr(sampler, draw))   # "race" is what runs on a GPU
+    p = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    gen = torch.Generator().manual_seed(4)
+    steps = [torch.randn(3, 160, generator=gen) for _ in range(6)]
+    alone, batched = _seqs([p]), _seqs([SamplingParams(temperature=1.0), p, SamplingParams(seed=7)])
+    a = [sampler.sample(s[1:2], alone)[0][0] for s in steps]
+    b = [sampler.sample(s, batched)[0][1] for s in steps]
+    assert a == b and len(set(a)) > 1
+    again = _seqs([p])
+    assert [sampler.sample(s[1:2], again)[0][0] for s in steps] == a
+
+
+def test_seeded_cpu_sampling_equals_the_reference():
+    """On the CPU the batched sampler draws with multinomial like the reference: same seeds, same tokens."""
+    params = [SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.2, min_p=0.05, repetition_penalty=1.2, seed=2),
+              SamplingParams(temperature=0.7, presence_penalty=0.3, seed=3)]
+    gen = torch.Generator().manual_seed(5)
+    ref, bat = _seqs(params), _seqs(params)
+    for _ in range(8):
+        logits = torch.randn(len(params), 160, generator=gen) * 2
+        want, got = sampling.sample(logits.clone(), ref)[0], sampler.sample(logits.clone(), bat)[0]
+        assert got == want
+        for seqs, toks in ((ref, want), (bat, got)):
+            for seq, t in zip(seqs, toks):
+                seq.token_ids.append(t)
+
+
+@pytest.mark.parametrize("draw", ["multinomial", "race"])
+def test_draws_follow_the_filtered_distribution(draw):
+    """Both draws sample the filtered distribution: frequencies over 40000 rows at once."""
+    draw = getattr(sampler, draw)
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -1.0, -3.0])
+    p = SamplingParams(temperature=0.8, top_k=5, top_p=0.95)
+    probs = sampling.filter_logits(logits.clone(), p).softmax(-1)
+    n = 40000
+    seqs = [Sequence([1], p) for _ in range(2)]
+    rows = sampler.filter_logits(logits.repeat(n, 1), [p.temperature] * n, [p.top_k] * n, [p.top_p] * n,
+                                 [p.min_p] * n).softmax(-1)
+    freq = torch.bincount(draw(rows, seqs * (n // 2)), minlength=6).float() / n
+    assert freq[probs == 0].sum() == 0
+    assert torch.allclose(freq, probs, atol=0.01), (freq, probs)
+    # seeded rows: the same frequencies from a per-row generator
+    seeded = [Sequence([1], SamplingParams(seed=s)) for s in range(2000)]
+    freq = torch.bincount(draw(rows[:2000], seeded), minlength=6).float() / 2000
+    assert torch.allclose(freq, probs, atol=0.04), (freq, probs)
