@@ -145,7 +145,7 @@ def test_engine_close_releases_the_graphs_and_their_pool(gqa_model):
     assert runner.graphs is None and not graphs.graphs and not graphs.outputs and graphs.pool is None
     assert torch.cuda.memory_reserved() < before   # the private pool went back to the driver
     # the engine keeps working, eagerly
-    assert llm.generate([list(range(3, 30))], SamplingParams(max_tokens=3, temperature=0)).token_ids
+    assert llm.generate([list(range(3, 30))], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
     llm.close()
     assert llm.engine.runner is None
 
