@@ -96,6 +96,30 @@ def auto_awq(model, w_bits, w_group_size, method, search_scale, search_tokens, c
                f"manifest sha256:{manifest.digest}")
 
 
+@lite.command("smooth_quant")
+@click.argument("model")
+@click.option("--alpha", default=0.5, show_default=True, type=float,
+              help="Migration strength: s = absmax(x)^alpha / absmax(w)^(1-alpha), between 0 and 1.")
+@calib_options
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
+@click.option("--dst-path", required=True, type=click.Path(file_okay=False), help="Workspace directory to write.")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="Also store the calibration statistics there (for kv_qparams).")
+@click.option("--model-name", default=None, help="model_name in config.ini (default: from the source).")
+@click.option("--force", is_flag=True, help="Write into a non-empty dst (only files lmdepot writes are replaced).")
+def smooth_quant(model, alpha, calib_dataset, calib_samples, calib_seqlen, device, tp, dst_path, work_dir,
+                 model_name, force):
+    """W8A8: calibrate MODEL, smooth activations into weights, write an int8 (weight_type = int8) workspace."""
+    from lmdepot.convert.converter import ConvertOptions, convert_model
+    from lmdepot.convert.smooth_quant import SmoothQuantizer
+
+    quantizer = SmoothQuantizer(_params(calib_dataset, calib_samples, calib_seqlen), alpha, _device(device), work_dir)
+    opts = ConvertOptions(tp=tp, model_name=model_name, force=force, quantizer=quantizer)
+    manifest = convert_model(model, dst_path, opts)
+    click.echo(f"wrote {dst_path}: W8A8 int8 (SmoothQuant, alpha {alpha}), {len(manifest.files)} files, "
+               f"manifest sha256:{manifest.digest}")
+
+
 @lite.command("kv_qparams")
 @click.argument("calib_dir", type=click.Path(file_okay=False))
 @click.argument("workspace", type=click.Path(file_okay=False))
