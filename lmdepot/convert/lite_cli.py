@@ -139,7 +139,7 @@ def kv_qparams(calib_dir, workspace, kv_bits, kv_sym, tp):
 @lite.command("report")
 @click.argument("model")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False),
-              help="Where the fp16, RTN and AWQ workspaces are written (complete ones are reused).")
+              help="Where the fp16, RTN, AWQ and W8A8 workspaces are written (complete ones are reused).")
 @click.option("--w-group-size", "group_sizes", default="128", show_default=True,
               help="Comma-separated weight group sizes for the RTN/AWQ rungs; KV rungs use the first.")
 @click.option("--search-scale", is_flag=True, help="AWQ rungs with the scale and clipping search.")
@@ -152,7 +152,7 @@ def kv_qparams(calib_dir, workspace, kv_bits, kv_sym, tp):
 @calib_options
 def report(model, work_dir, group_sizes, search_scale, text, seqlen, samples, chunk, hf_reference, calib_dataset,
            calib_samples, calib_seqlen, device):
-    """Fidelity ladder of MODEL: fp16, KV int8/int4, W4A16 RTN/AWQ, AWQ + KV; prints a markdown table."""
+    """Fidelity ladder of MODEL: fp16, KV int8/int4, W4A16 RTN/AWQ, AWQ + KV, W8A8; prints a markdown table."""
     from pathlib import Path
 
     import torch

@@ -102,3 +102,28 @@ def test_zero_row_quantizes_to_zero():
     x = torch.zeros(2, 64, device=DEVICE)
     q, s = rq.quant_per_token(x)
     assert (q == 0).all() and (s > 0).all()
+
+
+def test_bench_rows_run_through(monkeypatch):
+    """The bench's W8A8 section on tiny shapes (interpreter, each case run once instead of timed)."""
+    from lmdepot.bench import kernels as bk
+
+    monkeypatch.setattr(bk, "_time_us", lambda fn: (fn(), 10.0)[1])
+    rows = bk.bench_w8a8(DEVICE, 1e12, shapes=((64, 48),), ms=(1, 20), config=SMALL)
+    impls = [r.impl for r in rows]
+    assert impls == ["cublas bf16", "lmdepot w8a8 gemm", "lmdepot w8a8 quant + gemm", "torch _int_mm (int32 out)"] * 2
+    assert "needs M > 16" in rows[3].note and rows[7].us == 10.0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
+@pytest.mark.parametrize("M", [1, 16, 256, 1024, 4096])
+def test_real_size_llama7b_mlp_exact(M):
+    """Every heuristic-table row at 4096 x 11008: int32 sums equal torch's exact int matmul."""
+    K, N = 4096, 11008
+    a, w = _int8(M, K), _int8(N, K)
+    acc = w8a8_linear(a, torch.ones(M, device=DEVICE), w, torch.ones(N, device=DEVICE), raw=True)
+    torch.testing.assert_close(acc, ref.int_mm(a, w) if M > 16 else (a.double() @ w.double().t()).int(), rtol=0,
+                               atol=0)
+    xs, ws = torch.rand(M, device=DEVICE) * 1e-3, torch.rand(N, device=DEVICE) * 1e-3
+    y = w8a8_linear(a, xs, w, ws, out_dtype=torch.bfloat16)
+    torch.testing.assert_close(y, ref.linear_w8a8(a, xs, w, ws, None, torch.bfloat16), rtol=1e-2, atol=1e-2)
