@@ -34,8 +34,8 @@ def _kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, s
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/columns wrap around to valid ones for the loads (no mask in the inner loop
     # but the K tail); the stores are masked.
-    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    rm = offs_m % M
+    rn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_k[:, None] + rn[None, :] * stride_bn

@@ -8,6 +8,8 @@ the GPU as is.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lmdepot.runtime import ops
@@ -62,20 +64,15 @@ def quant_per_token(x):
     return kernel(x)
 
 
-def _int8_dot(device) -> bool:
+@functools.cache
+def _int8_dot(device: torch.device) -> bool:
     """Triton's int8 tl.dot needs Ampere (sm_80) or newer; older GPUs fall back, with one warning."""
     if torch.cuda.get_device_capability(device) >= (8, 0):
         return True
-    global _warned_int8
-    if not _warned_int8:
-        import warnings
+    import warnings
 
-        warnings.warn("W8A8: this GPU has no int8 tensor-core kernel (needs sm_80+); using the slow torch reference")
-        _warned_int8 = True
+    warnings.warn("W8A8: this GPU has no int8 tensor-core kernel (needs sm_80+); using the slow torch reference")
     return False
-
-
-_warned_int8 = False
 
 
 def linear_w8a8(xq, x_scales, qweight, w_scales, bias, dtype):
