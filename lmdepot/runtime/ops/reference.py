@@ -63,7 +63,10 @@ def int_mm(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
     """Exact int32 a (M, K) int8 @ b_nk (N, K)^T. torch._int_mm on CUDA where its shape rules allow;
     else float64, exact for K < 2^53 / 127^2."""
     if a.is_cuda and a.shape[0] > 16 and a.shape[1] % 8 == 0 and b_nk.shape[0] % 8 == 0:
-        return torch._int_mm(a, b_nk.t())
+        try:
+            return torch._int_mm(a, b_nk.t())
+        except RuntimeError:  # a GPU or build without cuBLASLt int8
+            pass
     return (a.double() @ b_nk.double().t()).to(torch.int32)
 
 
