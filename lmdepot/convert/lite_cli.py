@@ -1,4 +1,4 @@
-"""`lmdepot lite`: offline quantization (calibration statistics, AWQ/RTN int4 weights, KV scales).
+"""`lmdepot lite`: offline quantization (calibration statistics, AWQ/RTN int4 weights, W8A8, KV scales).
 
 Options are validated here rather than with click.Choice so that every bad value is reported as
 one `error: ...` line, like every other user error.
@@ -44,7 +44,7 @@ def _device(name):
 
 @click.group()
 def lite():
-    """Offline quantization: calibration statistics, int4 AWQ/RTN weights, KV-cache scales."""
+    """Offline quantization: calibration statistics, int4 AWQ/RTN weights, W8A8 SmoothQuant, KV-cache scales."""
     import warnings
 
     # Warnings (e.g. a calibration text shrunk by --calib-samples auto) read as one plain line.
