@@ -49,11 +49,12 @@ def smoothing_map(arch: str):
 def smooth_layer(layer: LayerTensors, absmax: dict[str, torch.Tensor], alpha: float, smap=LLAMA_MAP) -> LayerTensors:
     """The layer with every group of `smap` smoothed; float function unchanged. absmax: per-channel
     input statistics (calibrate.py's `{name}/absmax`), taken before any smoothing."""
-    lin = {n: l for n, l in zip(("q", "k", "v", "o", "gate", "up", "down"), (*layer.qkv, layer.o, layer.gate,
-                                                                          layer.up, layer.down))}
-    w = {n: l.weight.to(torch.float32).clone() for n, l in lin.items()}
-    bias = {n: None if l.bias is None else l.bias.to(torch.float32).clone() for n, l in lin.items()}
-    norms = {"attn_norm": layer.attn_norm.to(torch.float32).clone(), "ffn_norm": layer.ffn_norm.to(torch.float32).clone()}
+    f32 = (lambda t: None if t is None else t.to(torch.float32).clone())
+    lin = dict(zip(("q", "k", "v", "o", "gate", "up", "down"),
+                   (*layer.qkv, layer.o, layer.gate, layer.up, layer.down)))
+    w = {n: f32(l.weight) for n, l in lin.items()}
+    bias = {n: f32(l.bias) for n, l in lin.items()}
+    norms = {"attn_norm": f32(layer.attn_norm), "ffn_norm": f32(layer.ffn_norm)}
     for stat, producer, readers in smap:
         if producer in w and w[producer].shape[1] != w[readers[0]].shape[0]:
             continue  # GQA: v's outputs are repeated across query heads, not o's inputs one to one
