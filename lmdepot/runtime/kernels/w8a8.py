@@ -22,7 +22,7 @@ from lmdepot.runtime.ops.reference import linear_w8a8 as reference  # noqa: F401
 @triton.jit
 def _kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
             HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
@@ -33,7 +33,7 @@ def _kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, s
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/columns wrap around to valid ones for the loads (no mask in the inner loop
-    # but the K tail); the stores are masked.
+    # but a K tail's); the stores are masked.
     rm = offs_m % M
     rn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
@@ -41,9 +41,13 @@ def _kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, s
     b_ptrs = b_ptr + offs_k[:, None] + rn[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        if EVEN_K:  # no K tail (real model widths): unmasked loads pipeline best
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -98,5 +102,6 @@ def w8a8_linear(xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor,
     _kernel[grid](a, qweight, x_scales.reshape(-1).contiguous(), w_scales, bias if bias is not None else w_scales, c,
                   M, N, K, a.stride(0), qweight.stride(0), c.stride(0),
                   HAS_BIAS=bias is not None, RAW=raw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["block_k"],
-                  GROUP_M=cfg["group_m"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  GROUP_M=cfg["group_m"], EVEN_K=K % cfg["block_k"] == 0, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
     return c.view(*lead, N)
