@@ -50,8 +50,11 @@ def quant_per_token(x: torch.Tensor):
     floor(v + 0.5), exactly as the Triton kernel does, so both give the same codes."""
     y = x.to(torch.float32)
     amax = y.abs().amax(dim=-1).clamp(min=1e-8)
-    q = torch.floor(y * (127.0 / amax)[..., None] + 0.5).clamp(-127, 127).to(torch.int8)
-    return q, amax / 127.0
+    # Tensor-by-tensor divisions: torch turns a division by (or of) a Python scalar into a multiply by
+    # a reciprocal, which can differ from the kernel's IEEE division in the last bit.
+    qmax = torch.full_like(amax, 127.0)
+    q = torch.floor(y * (qmax / amax)[..., None] + 0.5).clamp(-127, 127).to(torch.int8)
+    return q, amax / qmax
 
 
 def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float):
