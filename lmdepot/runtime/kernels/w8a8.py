@@ -68,10 +68,9 @@ def heuristic_config(M: int, N: int, K: int) -> dict:
     """Tiles by M. Small M is weight-bandwidth bound: narrow N tiles give many programs and deep K
     tiles long contiguous reads. Large M is compute bound: 128-row tiles keep the tensor cores fed;
     4 stages of 128x128 int8 tiles use 128 KiB of shared memory (H100/H200 have 228 KiB)."""
-    if M <= 16:
-        cfg = {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
-    elif M <= 64:
-        cfg = {"block_m": 32 if M <= 32 else 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
+    if M <= 64:  # N tiles narrow enough for about one wave of 132 SMs (4096 columns: 128 programs)
+        cfg = {"block_m": 16 if M <= 16 else (32 if M <= 32 else 64), "block_n": 64 if N >= 8192 else 32,
+               "block_k": 128, "num_warps": 4, "num_stages": 4}
     elif M <= 256:
         cfg = {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 4}
     elif M <= 2048:
