@@ -69,11 +69,18 @@ def bench():
 
 @bench.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def kernels(as_json):
-    """W4A16 GEMV/GEMM vs cuBLAS bf16 and torch int4; paged decode attention vs bytes read."""
-    from lmdepot.bench.kernels import run
+@click.option("--only", default="w4a16,w8a8,attention", show_default=True,
+              help="Comma-separated sections to run: w4a16, w8a8, attention.")
+def kernels(as_json, only):
+    """W4A16 and W8A8 GEMMs vs cuBLAS bf16 and torch int4/int8; paged decode attention vs bytes read."""
+    from lmdepot.bench.kernels import SECTIONS, run
+    from lmdepot.errors import LmdepotError
 
-    click.echo(run(as_json=as_json), nl=False)
+    sections = tuple(s.strip() for s in only.split(","))
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        raise LmdepotError(f"--only {bad[0]}: must be one of {', '.join(SECTIONS)}")
+    click.echo(run(as_json=as_json, only=sections), nl=False)
 
 
 @bench.command()

@@ -1,5 +1,5 @@
-"""`lmdepot bench kernels`: kernel times against cuBLAS, torch's int4 matmul, torch SDPA (flash) and
-the memory roofline.
+"""`lmdepot bench kernels`: kernel times against cuBLAS, torch's int4 / int8 matmuls, torch SDPA (flash)
+and the memory roofline.
 
 Every figure is printed beside the device-to-device copy bandwidth measured in the same run;
 roofline % = (bytes the case must move / copy bandwidth) / measured time.
@@ -97,6 +97,47 @@ def bench_gemm(device: str, bw: float, shapes=((4096, 11008), (11008, 4096)), ms
     return rows
 
 
+def bench_w8a8(device: str, bw: float, shapes=((4096, 11008), (11008, 4096)), ms=(1, 16, 256, 1024, 4096),
+               config: dict | None = None) -> list[Row]:
+    """W8A8 GEMM (activations already int8, as the fused norm hands them over) and with its per-token
+    quant, vs cuBLAS bf16 and torch._int_mm (int32 out, no epilogue; needs M > 16)."""
+    from lmdepot.runtime.kernels.rms_norm_quant import quant_per_token
+    from lmdepot.runtime.kernels.w8a8 import w8a8_linear
+
+    rows = []
+    for K, N in shapes:
+        w = torch.randn(K, N) * 0.02
+        w_bf16 = w.to(device, torch.bfloat16)
+        w_scales = (w.abs().amax(0) / 127).to(device)
+        wq = torch.round(w.to(device) / w_scales).clamp(-127, 127).to(torch.int8).t().contiguous()  # (N, K)
+        for M in ms:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            xq, xs = quant_per_token(x)
+            case = f"{K}x{N} M={M}"
+            flops = 2 * M * N * K
+            dense_bytes = K * N * 2 + M * (K + N) * 2
+            int8_bytes = K * N + N * 4 + M * (K + 4) + M * N * 2
+            t_ref = _time_us(lambda: x @ w_bf16)
+            rows.append(Row(case, "cublas bf16", t_ref, dense_bytes, _pct(dense_bytes, bw, t_ref),
+                            f"{flops / t_ref / 1e6:.0f} TFLOP/s"))
+            t = _time_us(lambda: w8a8_linear(xq, xs, wq, w_scales, out_dtype=torch.bfloat16, config=config))
+            rows.append(Row(case, "lmdepot w8a8 gemm", t, int8_bytes, _pct(int8_bytes, bw, t),
+                            f"{flops / t / 1e6:.0f} TFLOP/s, {t_ref / t:.2f}x cublas bf16"))
+            t = _time_us(lambda: w8a8_linear(*quant_per_token(x), wq, w_scales, out_dtype=torch.bfloat16,
+                                             config=config))
+            rows.append(Row(case, "lmdepot w8a8 quant + gemm", t, int8_bytes + M * K * 2, _pct(int8_bytes, bw, t),
+                            f"{t_ref / t:.2f}x cublas bf16"))
+            if M > 16:
+                wq_kn = wq.t()
+                t = _time_us(lambda: torch._int_mm(xq, wq_kn))
+                rows.append(Row(case, "torch _int_mm (int32 out)", t, int8_bytes, _pct(int8_bytes, bw, t),
+                                f"{flops / t / 1e6:.0f} TOP/s"))
+            else:
+                rows.append(Row(case, "torch _int_mm (int32 out)", math.nan, int8_bytes, math.nan,
+                                "unavailable: needs M > 16"))
+    return rows
+
+
 def bench_decode_attention(device: str, bw: float, cases=((1, 4096), (16, 2048), (64, 1024))) -> list[Row]:
     from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention
 
@@ -181,13 +222,20 @@ def _pct(nbytes: int, bw: float, us: float) -> float:
     return 100.0 * (nbytes / bw) / (us * 1e-6)
 
 
-def run(device: str = "cuda", as_json: bool = False) -> str:
+SECTIONS = ("w4a16", "w8a8", "attention")
+
+
+def run(device: str = "cuda", as_json: bool = False, only: tuple[str, ...] = SECTIONS) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         from lmdepot.errors import LmdepotError
 
         raise LmdepotError("bench kernels needs a CUDA GPU (none visible)")
     bw = copy_bandwidth(device)
-    rows = bench_gemm(device, bw) + bench_decode_attention(device, bw) + bench_prefill_attention(device, bw)
+    rows = []
+    for name, fn in (("w4a16", bench_gemm), ("w8a8", bench_w8a8), ("attention", bench_decode_attention),
+                     ("attention", bench_prefill_attention)):
+        if name in only:
+            rows += fn(device, bw)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else device,
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "copy_bandwidth_TBps": bw / 1e12}

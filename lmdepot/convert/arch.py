@@ -72,7 +72,11 @@ def model_keys(hf: dict, arch: str) -> dict:
             rotary_embedding=head_dim, max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             sliding_window=int(hf.get("sliding_window") or 0) if hf.get("use_sliding_window", True) else 0,
             tie_word_embeddings=int(bool(hf.get("tie_word_embeddings", False))),
+            use_logn_attn=int(bool(hf.get("use_logn_attn", False))),
             **_rope(hf))
+        if keys["use_logn_attn"] and hf.get("seq_length"):
+            # Qwen1 names its training length seq_length; log-n scaling starts past it (as in TurboMind).
+            keys["max_position_embeddings"] = int(hf["seq_length"])
     except KeyError as exc:
         raise ConvertError(f"config.json lacks {exc.args[0]}") from None
     if hf.get("hidden_act", "silu") != "silu":

@@ -35,6 +35,8 @@ class ConvertOptions:
     #   begin(src, cfg)                        before the first layer,
     #   layer(i, LayerTensors) -> LayerTensors called for i = 0, 1, ... in order (e.g. AWQ smoothing),
     #   linear(Linear) -> Linear               float slice of one rank -> int4 (groups per rank slice),
+    #                                          or any object with .tensors(prefix, dtype) (int8),
+    #   weight_type: str (optional)            "int4" when absent,
     #   end()                                  after the last layer.
     quantizer: object | None = None
 
@@ -52,7 +54,8 @@ def build_config(src: Source, opts: ConvertOptions) -> WorkspaceConfig:
         raise ConvertError(f"{src.hf_dir}: the checkpoint is quantized ({quant.get('quant_method')});"
                            " pass --model-format awq for AutoAWQ checkpoints")
     elif opts.quantizer is not None:
-        keys.update(weight_type="int4", group_size=opts.quantizer.group_size)
+        # int4 (auto_awq) unless the quantizer says otherwise (smooth_quant: int8, group_size 0).
+        keys.update(weight_type=getattr(opts.quantizer, "weight_type", "int4"), group_size=opts.quantizer.group_size)
     else:
         keys["weight_type"] = opts.dtype
     name = opts.model_name or src.name.removesuffix(".gguf")
@@ -162,7 +165,7 @@ def convert_model(source: str, dst_path: str | Path, opts: ConvertOptions) -> Ma
 
 def _write_weights(src: Source, cfg: WorkspaceConfig, dst: Path, opts: ConvertOptions, written: list[Path]):
     adapter = adapter_for(cfg.model_arch, asdict(cfg))
-    dtype = "fp16" if cfg.weight_type == "int4" else cfg.weight_type
+    dtype = "fp16" if cfg.weight_type in ("int4", "int8") else cfg.weight_type
     tp = cfg.tensor_para_size
     quantizer = opts.quantizer
     if quantizer is not None:

@@ -1,4 +1,4 @@
-"""`lmdepot lite`: offline quantization (calibration statistics, AWQ/RTN int4 weights, KV scales).
+"""`lmdepot lite`: offline quantization (calibration statistics, AWQ/RTN int4 weights, W8A8, KV scales).
 
 Options are validated here rather than with click.Choice so that every bad value is reported as
 one `error: ...` line, like every other user error.
@@ -44,7 +44,7 @@ def _device(name):
 
 @click.group()
 def lite():
-    """Offline quantization: calibration statistics, int4 AWQ/RTN weights, KV-cache scales."""
+    """Offline quantization: calibration statistics, int4 AWQ/RTN weights, W8A8 SmoothQuant, KV-cache scales."""
     import warnings
 
     # Warnings (e.g. a calibration text shrunk by --calib-samples auto) read as one plain line.
@@ -96,6 +96,30 @@ def auto_awq(model, w_bits, w_group_size, method, search_scale, search_tokens, c
                f"manifest sha256:{manifest.digest}")
 
 
+@lite.command("smooth_quant")
+@click.argument("model")
+@click.option("--alpha", default=0.5, show_default=True, type=float,
+              help="Migration strength: s = absmax(x)^alpha / absmax(w)^(1-alpha), between 0 and 1.")
+@calib_options
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
+@click.option("--dst-path", required=True, type=click.Path(file_okay=False), help="Workspace directory to write.")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="Also store the calibration statistics there (for kv_qparams).")
+@click.option("--model-name", default=None, help="model_name in config.ini (default: from the source).")
+@click.option("--force", is_flag=True, help="Write into a non-empty dst (only files lmdepot writes are replaced).")
+def smooth_quant(model, alpha, calib_dataset, calib_samples, calib_seqlen, device, tp, dst_path, work_dir,
+                 model_name, force):
+    """W8A8: calibrate MODEL, smooth activations into weights, write an int8 (weight_type = int8) workspace."""
+    from lmdepot.convert.converter import ConvertOptions, convert_model
+    from lmdepot.convert.smooth_quant import SmoothQuantizer
+
+    quantizer = SmoothQuantizer(_params(calib_dataset, calib_samples, calib_seqlen), alpha, _device(device), work_dir)
+    opts = ConvertOptions(tp=tp, model_name=model_name, force=force, quantizer=quantizer)
+    manifest = convert_model(model, dst_path, opts)
+    click.echo(f"wrote {dst_path}: W8A8 int8 (SmoothQuant, alpha {alpha}), {len(manifest.files)} files, "
+               f"manifest sha256:{manifest.digest}")
+
+
 @lite.command("kv_qparams")
 @click.argument("calib_dir", type=click.Path(file_okay=False))
 @click.argument("workspace", type=click.Path(file_okay=False))
@@ -115,7 +139,7 @@ def kv_qparams(calib_dir, workspace, kv_bits, kv_sym, tp):
 @lite.command("report")
 @click.argument("model")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False),
-              help="Where the fp16, RTN and AWQ workspaces are written (complete ones are reused).")
+              help="Where the fp16, RTN, AWQ and W8A8 workspaces are written (complete ones are reused).")
 @click.option("--w-group-size", "group_sizes", default="128", show_default=True,
               help="Comma-separated weight group sizes for the RTN/AWQ rungs; KV rungs use the first.")
 @click.option("--search-scale", is_flag=True, help="AWQ rungs with the scale and clipping search.")
@@ -128,7 +152,7 @@ def kv_qparams(calib_dir, workspace, kv_bits, kv_sym, tp):
 @calib_options
 def report(model, work_dir, group_sizes, search_scale, text, seqlen, samples, chunk, hf_reference, calib_dataset,
            calib_samples, calib_seqlen, device):
-    """Fidelity ladder of MODEL: fp16, KV int8/int4, W4A16 RTN/AWQ, AWQ + KV; prints a markdown table."""
+    """Fidelity ladder of MODEL: fp16, KV int8/int4, W4A16 RTN/AWQ, AWQ + KV, W8A8; prints a markdown table."""
     from pathlib import Path
 
     import torch

@@ -1,7 +1,8 @@
 """`lmdepot lite report`: the fidelity ladder of one model, engine against engine.
 
 Rungs (LMDeploy's best-practice seeds): fp16; fp16 + KV int8 / int4; W4A16 RTN and AWQ at each
-group size; W4A16 AWQ (first group size) + KV int8 / int4. One extra rung, fp16 + KV int4 with
+group size; W4A16 AWQ (first group size) + KV int8 / int4; W8A8 SmoothQuant (alpha 0.5) alone and
++ KV int8. One extra rung, fp16 + KV int4 with
 LMDeploy's plain per-head scheme, shows what the default int4 scheme buys. Every rung is measured
 with `eval.ppl.perplexity` on the same held-out windows; Δ is relative to the fp16 engine.
 """
@@ -36,24 +37,30 @@ def rungs(group_sizes: list[int]) -> list[Rung]:
     for g in group_sizes:
         out += [Rung(f"W4A16 RTN g{g}", f"rtn-g{g}"), Rung(f"W4A16 AWQ g{g}", f"awq-g{g}")]
     out += [Rung(f"W4A16 AWQ g{g0} + KV int8", f"awq-g{g0}", 8), Rung(f"W4A16 AWQ g{g0} + KV int4", f"awq-g{g0}", 4)]
+    out += [Rung("W8A8 SmoothQuant", "w8a8"), Rung("W8A8 SmoothQuant + KV int8", "w8a8", 8)]
     return out
 
 
 def build_workspaces(model: str, work_dir: Path, group_sizes: list[int], calib, search_scale: bool,
                      device=None) -> dict[str, Path]:
-    """fp16, rtn-g{g}, awq-g{g} workspaces under work_dir; ones already complete are reused."""
+    """fp16, rtn-g{g}, awq-g{g}, w8a8 workspaces under work_dir; ones already complete are reused."""
     from lmdepot.convert.awq_quantizer import AwqQuantizer, QuantParams
     from lmdepot.convert.converter import ConvertOptions, convert_model
+    from lmdepot.convert.smooth_quant import SmoothQuantizer
 
     plan = {"fp16": None}
     for g in group_sizes:
         plan[f"rtn-g{g}"] = QuantParams("rtn", 4, g, False, calib)
         plan[f"awq-g{g}"] = QuantParams("awq", 4, g, search_scale, calib)
+    plan["w8a8"] = "smooth_quant"
     out = {}
     for name, params in plan.items():
         dst = work_dir / name
         if not (dst / "manifest.json").is_file():
-            quantizer = None if params is None else AwqQuantizer(params.check(), device=device)
+            if params == "smooth_quant":
+                quantizer = SmoothQuantizer(calib, device=device)
+            else:
+                quantizer = None if params is None else AwqQuantizer(params.check(), device=device)
             print(f"[report] building {name} in {dst}", file=sys.stderr)
             convert_model(model, dst, ConvertOptions(quantizer=quantizer, force=True))
         out[name] = dst

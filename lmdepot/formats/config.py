@@ -18,7 +18,7 @@ from lmdepot.errors import FormatError
 
 SECTION = "llama"
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "InternLM2ForCausalLM")
-WEIGHT_TYPES = ("fp16", "bf16", "int4")
+WEIGHT_TYPES = ("fp16", "bf16", "int4", "int8")
 ROPE_SCALING_TYPES = ("", "linear", "dynamic", "llama3")
 QUANT_POLICIES = (0, 4, 8)
 

@@ -27,9 +27,11 @@ TOK_EMBEDDINGS = "tok_embeddings.weight"
 FINAL_NORM = "norm.weight"
 LM_HEAD = "output.weight"
 
-# Suffixes of a linear's tensors: plain weights, or int4 AWQ-style group quantization.
+# Suffixes of a linear's tensors: plain weights, int4 AWQ-style group quantization, or int8
+# per-output-channel quantization (W8A8; qweight is int8 (in, out), scales float32 (out,)).
 PLAIN_SUFFIXES = ("weight",)
 INT4_SUFFIXES = ("qweight", "scales", "zeros")
+INT8_SUFFIXES = ("qweight", "scales")
 
 
 def layer_file(layer: int, rank: int) -> str:

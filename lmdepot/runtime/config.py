@@ -39,6 +39,6 @@ class EngineConfig:
     def torch_dtype(self, weight_type: str) -> torch.dtype:
         if self.dtype != "auto":
             return DTYPES[self.dtype]
-        if self.device == "cpu" and weight_type in ("fp16", "int4"):
+        if self.device == "cpu" and weight_type in ("fp16", "int4", "int8"):
             return torch.float32  # CPU fp16 matmuls are slow and lose precision; bf16 stays bf16
         return DTYPES.get(weight_type, torch.float16)

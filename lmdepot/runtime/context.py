@@ -32,6 +32,7 @@ class Context:
     q_start_loc: torch.Tensor = None      # (S + 1,) int32: cumulative q_len
     max_q_len: int = 0
     max_ctx_len: int = 0
+    logn: torch.Tensor = None             # (T,) query factors of use_logn_attn, set by the model's forward
 
     @property
     def is_decode(self) -> bool:

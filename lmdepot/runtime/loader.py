@@ -83,6 +83,8 @@ def expected_shapes(cfg: WorkspaceConfig) -> tuple[dict[str, tuple], dict[str, t
             groups = -(-fan_in // cfg.group_size)
             layer |= {f"{name}.qweight": (groups * cfg.group_size // 8, fan_out),
                       f"{name}.scales": (groups, fan_out), f"{name}.zeros": (groups, fan_out)}
+        elif cfg.weight_type == "int8":
+            layer |= {f"{name}.qweight": (fan_in, fan_out), f"{name}.scales": (fan_out,)}
         else:
             layer[f"{name}.weight"] = (fan_in, fan_out)
     vocab = cfg.padded_vocab() // tp

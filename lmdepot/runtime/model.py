@@ -19,13 +19,19 @@ from lmdepot.runtime.loader import RankWeights
 
 
 class Linear(nn.Module):
-    """Plain (out, in) weight, or int4 group-quantized weight dequantized by the op."""
+    """Plain (out, in) weight, int4 group-quantized weight dequantized by the op, or int8 (W8A8)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype, bias: bool = True):
         super().__init__()
-        self.int4 = f"{prefix}.qweight" in tensors
-        if self.int4:
-            self.qweight = tensors[f"{prefix}.qweight"]
+        q = tensors.get(f"{prefix}.qweight")
+        self.int8 = q is not None and q.dtype == torch.int8
+        self.int4 = q is not None and not self.int8
+        if self.int8:
+            self.qweight = q.t().contiguous()   # (out, in): both GEMM operands K-contiguous
+            self.scales = tensors[f"{prefix}.scales"].float()
+            self.dtype = dtype
+        elif self.int4:
+            self.qweight = q
             self.scales, self.zeros = tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"]
             self.in_features = None  # set by the owner: padded rows cannot tell it
         else:
@@ -33,7 +39,11 @@ class Linear(nn.Module):
         b = tensors.get(f"{prefix}.bias") if bias else None
         self.bias = None if b is None else b.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
+        if self.int8:
+            # x comes already quantized, (codes, per-token scales), from the fused norm; else quantize here.
+            xq, xs = x if isinstance(x, tuple) else ops.quant_per_token(x)
+            return ops.linear_w8a8(xq, xs, self.qweight, self.scales, self.bias, self.dtype)
         if self.int4:
             return ops.linear_int4(x, self.qweight, self.scales, self.zeros, self.in_features, self.bias)
         return ops.linear(x, self.weight, self.bias)
@@ -61,6 +71,13 @@ def rope_inv_freq(cfg: WorkspaceConfig) -> torch.Tensor:
         medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
         inv = torch.where(medium, smoothed, scaled)
     return inv
+
+
+def logn_factors(positions: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Qwen's log-n attention scaling: the query at 0-based position p is multiplied by
+    log(p + 1) / log(max_len) once p + 1 > max_len (the training length), else by 1."""
+    n = (positions + 1).to(torch.float32)
+    return torch.where(n > max_len, torch.log(n) / math.log(max_len), torch.ones_like(n))
 
 
 def dynamic_ntk_inv_freq(cfg: WorkspaceConfig, seq_len: int) -> torch.Tensor:
@@ -96,6 +113,8 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q, k, v = q.view(-1, self.hq, self.d), k.view(-1, self.hkv, self.d), v.view(-1, self.hkv, self.d)
         ctx = get_context()
+        if ctx.logn is not None:  # use_logn_attn: queries past the training length are sharpened
+            q = q * ctx.logn[:, None, None].to(q.dtype)
         if self.kv_quant is not None:
             q, k = ops.apply_rope(q, cos, sin, self.rot_dim), ops.apply_rope(k, cos, sin, self.rot_dim)
             ops.store_kv_quant(k, v, self.kv_quant, ctx.slot_mapping)
@@ -127,10 +146,12 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = t[layout.FFN_NORM].to(dtype)
         self.attention = Attention(cfg, t, dtype)
         self.feed_forward = FeedForward(cfg, t, dtype)
+        # W8A8: the norms emit int8 codes + per-token scales that q/k/v and gate/up read directly.
+        self.norm = ops.rms_norm_quant if self.attention.w_qkv.int8 else ops.rms_norm
 
     def forward(self, x, cos, sin):
-        x = x + self.attention(ops.rms_norm(x, self.attention_norm, self.eps), cos, sin)
-        return x + self.feed_forward(ops.rms_norm(x, self.ffn_norm, self.eps))
+        x = x + self.attention(self.norm(x, self.attention_norm, self.eps), cos, sin)
+        return x + self.feed_forward(self.norm(x, self.ffn_norm, self.eps))
 
 
 class LlamaModel(nn.Module):
@@ -171,6 +192,8 @@ class LlamaModel(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)
         cos, sin = self.rope(positions)
+        if self.cfg.use_logn_attn:
+            get_context().logn = logn_factors(positions, self.cfg.max_position_embeddings)
         for layer in self.layers:
             h = layer(h, cos, sin)
         return h

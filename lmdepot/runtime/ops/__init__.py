@@ -14,7 +14,8 @@ from lmdepot.runtime.ops import kv_quant, reference
 _TABLE: dict[str, Callable] = {
     name: getattr(reference, name)
     for name in ("rms_norm", "rope_cos_sin", "apply_rope", "linear", "linear_int4", "silu_mul",
-                 "store_kv", "rope_store_kv", "paged_attention", "paged_attention_quant")
+                 "store_kv", "rope_store_kv", "paged_attention", "paged_attention_quant",
+                 "rms_norm_quant", "quant_per_token", "linear_w8a8")
 }
 _TABLE["store_kv_quant"] = kv_quant.store_kv_quant
 
@@ -48,6 +49,20 @@ def linear(x, weight, bias=None):
 
 def linear_int4(x, qweight, scales, zeros, in_features, bias=None):
     return _TABLE["linear_int4"](x, qweight, scales, zeros, in_features, bias)
+
+
+def rms_norm_quant(x, weight, eps):
+    """W8A8: (int8 codes of rms_norm(x) * weight per token, float32 per-token scales)."""
+    return _TABLE["rms_norm_quant"](x, weight, eps)
+
+
+def quant_per_token(x):
+    return _TABLE["quant_per_token"](x)
+
+
+def linear_w8a8(xq, x_scales, qweight, w_scales, bias, dtype):
+    """int8 x int8 -> int32, scaled: xq (..., K), qweight (N, K); output in `dtype`."""
+    return _TABLE["linear_w8a8"](xq, x_scales, qweight, w_scales, bias, dtype)
 
 
 def silu_mul(gate, up):

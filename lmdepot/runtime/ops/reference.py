@@ -45,6 +45,43 @@ def linear_int4(x, qweight, scales, zeros, in_features, bias):
     return out if bias is None else out + bias
 
 
+def quant_per_token(x: torch.Tensor):
+    """Dynamic symmetric int8 per token (row): (codes int8, scales float32 (...,)). Rounds half up,
+    floor(v + 0.5), exactly as the Triton kernel does, so both give the same codes."""
+    y = x.to(torch.float32)
+    amax = y.abs().amax(dim=-1).clamp(min=1e-8)
+    # Tensor-by-tensor divisions: torch turns a division by (or of) a Python scalar into a multiply by
+    # a reciprocal, which can differ from the kernel's IEEE division in the last bit.
+    qmax = torch.full_like(amax, 127.0)
+    q = torch.floor(y * (qmax / amax)[..., None] + 0.5).clamp(-127, 127).to(torch.int8)
+    return q, amax / qmax
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """rms_norm, then quant_per_token: the W8A8 input of q/k/v and gate/up."""
+    return quant_per_token(rms_norm(x, weight, eps))
+
+
+def int_mm(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
+    """Exact int32 a (M, K) int8 @ b_nk (N, K)^T. torch._int_mm on CUDA where its shape rules allow;
+    else float64, exact for K < 2^53 / 127^2."""
+    if a.is_cuda and a.shape[0] > 16 and a.shape[1] % 8 == 0 and b_nk.shape[0] % 8 == 0:
+        try:
+            return torch._int_mm(a, b_nk.t())
+        except RuntimeError:  # a GPU or build without cuBLASLt int8
+            pass
+    return (a.double() @ b_nk.double().t()).to(torch.int32)
+
+
+def linear_w8a8(xq, x_scales, qweight, w_scales, bias, dtype):
+    """xq (..., K) int8 with per-token scales; qweight (N, K) int8 with per-channel scales -> (..., N) dtype."""
+    acc = int_mm(xq.reshape(-1, xq.shape[-1]), qweight)
+    out = acc.float() * x_scales.reshape(-1, 1) * w_scales[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype).view(*xq.shape[:-1], qweight.shape[0])
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 

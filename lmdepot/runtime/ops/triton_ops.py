@@ -8,6 +8,8 @@ reference, which runs on the GPU as is.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lmdepot.runtime import ops
@@ -83,6 +85,48 @@ def _install_attention() -> None:
         ops.register(name, fn)
 
 
+def rms_norm_quant(x, weight, eps):
+    if not x.is_cuda:
+        return reference.rms_norm_quant(x, weight, eps)
+    from lmdepot.runtime.kernels.rms_norm_quant import rms_norm_quant as kernel
+
+    return kernel(x, weight, eps)
+
+
+def quant_per_token(x):
+    if not x.is_cuda:
+        return reference.quant_per_token(x)
+    from lmdepot.runtime.kernels.rms_norm_quant import quant_per_token as kernel
+
+    return kernel(x)
+
+
+@functools.cache
+def _int8_dot(device: torch.device) -> bool:
+    """Triton's int8 tl.dot needs Ampere (sm_80) or newer; older GPUs fall back, with one warning."""
+    if torch.cuda.get_device_capability(device) >= (8, 0):
+        return True
+    import warnings
+
+    warnings.warn("W8A8: this GPU has no int8 tensor-core kernel (needs sm_80+); using the slow torch reference")
+    return False
+
+
+def linear_w8a8(xq, x_scales, qweight, w_scales, bias, dtype):
+    if not xq.is_cuda or not _int8_dot(xq.device):
+        return reference.linear_w8a8(xq, x_scales, qweight, w_scales, bias, dtype)
+    from lmdepot.runtime.kernels.w8a8 import w8a8_linear
+
+    return w8a8_linear(xq, x_scales, qweight, w_scales, bias, out_dtype=dtype)
+
+
+def _install_w8a8() -> None:
+    """W8A8 (weight_type = int8): fused RMSNorm + per-token quant, plain per-token quant, int8 GEMM."""
+    for name, fn in (("rms_norm_quant", rms_norm_quant), ("quant_per_token", quant_per_token),
+                     ("linear_w8a8", linear_w8a8)):
+        ops.register(name, fn)
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -90,4 +134,5 @@ def install() -> None:
     for name, fn in (("rms_norm", rms_norm), ("linear_int4", linear_int4)):
         ops.register(name, fn)
     _install_attention()
+    _install_w8a8()
     _installed = True

@@ -1,0 +1,106 @@
+"""W8A8 GEMM: y = (xq @ Wq^T) * x_scale[:, None] * w_scale[None, :] (+ bias), int8 in, int32 accumulate.
+
+xq (M, K) int8 with per-token scales (rms_norm_quant.py); Wq (N, K) int8 with per-output-channel
+scales: the runtime transposes the workspace's (in, out) qweight once at load so that both operands
+are K-contiguous, the layout tensor cores want for 8-bit operands. tl.dot on int8 tiles gives exact
+int32 sums; the epilogue scales in fp32 and rounds once to the output dtype.
+
+Tiles run in grouped order (GROUP_M row tiles sweep the N tiles together) so that a wave of programs
+shares A and B tiles in L2. Launch parameters come from a small table by M (`heuristic_config`);
+`config=` overrides them for tuning and tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lmdepot.runtime.ops.reference import linear_w8a8 as reference  # noqa: F401 (the semantics)
+
+
+@triton.jit
+def _kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+            HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows/columns wrap around to valid ones for the loads (no mask in the inner loop
+    # but a K tail's); the stores are masked.
+    rm = offs_m % M
+    rn = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_k[:, None] + rn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:  # no K tail (real model widths): unmasked loads pipeline best
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    if RAW:  # the int32 sums themselves (tests)
+        tl.store(c_ptrs, acc, mask=mask)
+    else:
+        xs = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
+        ws = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
+        out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def heuristic_config(M: int, N: int, K: int) -> dict:
+    """Tiles by M. Small M is weight-bandwidth bound: narrow N tiles give many programs and deep K
+    tiles long contiguous reads. Large M is compute bound: 128-row tiles keep the tensor cores fed;
+    4 stages of 128x128 int8 tiles use 128 KiB of shared memory (H100/H200 have 228 KiB)."""
+    if M <= 64:  # N tiles narrow enough for about one wave of 132 SMs (4096 columns: 128 programs)
+        cfg = {"block_m": 16 if M <= 16 else (32 if M <= 32 else 64), "block_n": 64 if N >= 8192 else 32,
+               "block_k": 128, "num_warps": 4, "num_stages": 4}
+    elif M <= 256:
+        cfg = {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 4}
+    elif M <= 2048:
+        cfg = {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 4}
+    else:
+        cfg = {"block_m": 128, "block_n": 256, "block_k": 128, "num_warps": 8, "num_stages": 3}
+    return cfg | {"group_m": 8}
+
+
+def w8a8_linear(xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+                out: torch.Tensor | None = None, config: dict | None = None, raw: bool = False) -> torch.Tensor:
+    """xq (..., K) int8, x_scales (...) fp32, qweight (N, K) int8 (K contiguous), w_scales (N,) fp32
+    -> (..., N) out_dtype; with raw=True the int32 sums before the epilogue."""
+    lead, K = xq.shape[:-1], xq.shape[-1]
+    a = xq.reshape(-1, K)
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    M, N = a.shape[0], qweight.shape[0]
+    assert qweight.shape[1] == K and qweight.stride(1) == 1, "qweight must be (N, K), K contiguous"
+    c = out.view(M, N) if out is not None else \
+        torch.empty(M, N, device=xq.device, dtype=torch.int32 if raw else out_dtype)
+    if M == 0:
+        return c.view(*lead, N)
+    cfg = heuristic_config(M, N, K) | (config or {})
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _kernel[grid](a, qweight, x_scales.reshape(-1).contiguous(), w_scales, bias if bias is not None else w_scales, c,
+                  M, N, K, a.stride(0), qweight.stride(0), c.stride(0),
+                  HAS_BIAS=bias is not None, RAW=raw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["block_k"],
+                  GROUP_M=cfg["group_m"], EVEN_K=K % cfg["block_k"] == 0, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    return c.view(*lead, N)
