@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -54,3 +55,12 @@ def get_context() -> Context:
 
 def reset_context() -> None:
     set_context(Context())
+
+
+def block_table_array(tables: list[list[int]], width: int | None = None, fill: int = 0) -> np.ndarray:
+    """(len(tables), width) int32 array of the block tables, padded with `fill`."""
+    width = width or max(1, max((len(t) for t in tables), default=0))
+    out = np.full((len(tables), width), fill, dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, :len(t)] = t
+    return out

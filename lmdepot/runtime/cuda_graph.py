@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from lmdepot.runtime.context import Context, SeqSlice, reset_context, set_context
+from lmdepot.runtime.context import Context, SeqSlice, block_table_array, reset_context, set_context
 
 # Quantized KV caches (quant_policy 4/8) run eagerly until their ops are known to be graph-safe
 # (no python loops over ctx.seqs, no host syncs): flip this once they are.
@@ -140,10 +140,9 @@ class DecodeGraphs:
         lens = [c for _, c, _ in meta["seqs"]] + [1] * pad
         rows = torch.tensor([meta["tokens"] + [0] * pad, meta["positions"] + [0] * pad,
                              meta["slots"] + [self.scratch_slot] * pad, lens], dtype=torch.int64)
-        tables = torch.zeros(b, self.max_blocks, dtype=torch.int32)
-        for i, (_, _, table) in enumerate(meta["seqs"]):
-            tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
-        tables[n:, 0] = self.scratch_slot // self.block_size
+        scratch_block = self.scratch_slot // self.block_size
+        tables = torch.from_numpy(block_table_array([t for _, _, t in meta["seqs"]] + [[scratch_block]] * pad,
+                                                    self.max_blocks))
         if self.device.type == "cuda":   # pinned: the copies are queued behind the previous step, no sync
             rows, tables = rows.pin_memory(), tables.pin_memory()
         self.tokens[:b].copy_(rows[0], non_blocking=True)

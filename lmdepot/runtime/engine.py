@@ -229,5 +229,20 @@ class Engine:
         return StepOutput(seq.id, tok, delta, reason is not None, reason, lp)
 
     def _decode(self, seq: Sequence, drop_last: bool) -> str:
+        """The text of the output ids so far, decoding only the last few tokens each step (the cost of
+        a full decode grows with the output and, at hundreds of sequences a step, rivals the GPU's).
+
+        Text is settled up to `read` ids; a step decodes from `prefix` (a few ids back, so that a
+        tokenizer that treats a leading space or a merge by context sees the same context as a full
+        decode) and keeps what is new. Text ending in an incomplete UTF-8 character is not settled."""
         ids = seq.output_ids[:-1] if drop_last else seq.output_ids
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        prefix, read, settled = seq.detok
+        before = self.tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
+        now = self.tokenizer.decode(ids[prefix:], skip_special_tokens=True)
+        if read > len(ids) or not now.startswith(before):   # settled past ids, or context changed it: redo
+            settled, now, before = "", self.tokenizer.decode(ids, skip_special_tokens=True), ""
+            prefix = read = 0
+        new = now[len(before):]
+        if new and not new.endswith("\ufffd"):
+            seq.detok = [read, len(ids), settled + new]
+        return settled + new

@@ -13,7 +13,7 @@ import torch
 
 from lmdepot.runtime import ops, tp
 from lmdepot.runtime.config import EngineConfig
-from lmdepot.runtime.context import Context, SeqSlice, reset_context, set_context
+from lmdepot.runtime.context import Context, SeqSlice, block_table_array, reset_context, set_context
 from lmdepot.runtime.cuda_graph import QUANT_KV_GRAPH_SAFE, DecodeGraphs
 from lmdepot.runtime.errors import CacheFullError
 from lmdepot.runtime.kv_cache import allocate, kv_block_bytes, load_static_scales, make_spec
@@ -133,17 +133,18 @@ class ModelRunner:
             reset_context()
 
     def context(self, meta: dict) -> Context:
+        """One host-to-device copy per tensor, whatever the batch size; each SeqSlice's block table is
+        a view of the step's table."""
         dev = self.device
         seqs, starts = [], [0]
-        width = max((len(table) for _, _, table in meta["seqs"]), default=0)
-        tables = torch.zeros(len(meta["seqs"]), max(width, 1), dtype=torch.int32)
+        tables = block_table_array([table for _, _, table in meta["seqs"]])
+        tables_dev = torch.from_numpy(tables).to(dev)
         for i, (q_len, ctx_len, table) in enumerate(meta["seqs"]):
-            tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
-            seqs.append(SeqSlice(starts[-1], q_len, ctx_len, tables[i, :len(table)].to(dev, torch.int64)))
+            seqs.append(SeqSlice(starts[-1], q_len, ctx_len, tables_dev[i, :len(table)]))
             starts.append(starts[-1] + q_len)
         lens = [ctx_len for _, ctx_len, _ in meta["seqs"]]
         return Context(torch.tensor(meta["slots"], dtype=torch.int64, device=dev), seqs, self.block_size,
-                       self.cfg.sliding_window, block_tables=tables.to(dev),
+                       self.cfg.sliding_window, block_tables=tables_dev,
                        context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
                        q_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
                        max_q_len=max((q for q, _, _ in meta["seqs"]), default=0), max_ctx_len=max(lens, default=0))

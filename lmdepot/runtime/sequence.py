@@ -61,6 +61,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.text_offset = 0                   # chars of output text already streamed
         self.text = ""
+        self.detok = [0, 0, ""]                # incremental detokenization: prefix id, settled ids, their text
         self.logprobs: list[dict] = []
         self.error: Exception | None = None
         self.generator = None

@@ -157,3 +157,25 @@ def test_running_sequences_share_prefix_blocks(tiny):
         assert engine.bm.num_free == engine.bm.num_blocks
     finally:
         llm.close()
+
+
+def test_incremental_detokenization_equals_a_full_decode(smol_llm):
+    """Streaming text, decoded a few ids at a time, is the full decode of the output ids at every step
+    whose full decode is complete UTF-8 (multi-byte characters split over tokens included)."""
+    from lmdepot.runtime.sequence import Sequence
+
+    engine = smol_llm.engine
+    tok = engine.tokenizer
+    text = "naïve café — 日本語のテキスト 🙂🙂 and `code(x) -> None`\n\tdone. Ünïcödé!"
+    ids = tok.encode(text, add_special_tokens=False)
+    ids = ids + [tok.convert_tokens_to_ids("<|im_end|>")] + ids[::-1]   # a special token, odd merges
+    seq = Sequence([1], SamplingParams())
+    for n in range(len(ids)):
+        seq.token_ids.append(ids[n])
+        got = engine._decode(seq, drop_last=False)
+        full = tok.decode(ids[:n + 1], skip_special_tokens=True)
+        if not full.endswith("\ufffd"):
+            assert got == full, n
+    seq.token_ids.append(ids[0])   # a stop token: its text is dropped
+    assert engine._decode(seq, drop_last=True) == tok.decode(ids, skip_special_tokens=True)
+    assert engine._decode(seq, drop_last=True) == tok.decode(ids, skip_special_tokens=True)

@@ -100,7 +100,7 @@ def rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
 
 
 def _slots(s, bs: int) -> torch.Tensor:
-    return (s.block_table[:, None] * bs + torch.arange(bs, device=s.block_table.device)).reshape(-1)[:s.ctx_len]
+    return (s.block_table.long()[:, None] * bs + torch.arange(bs, device=s.block_table.device)).reshape(-1)[:s.ctx_len]
 
 
 def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
