@@ -50,6 +50,12 @@ def hadamard(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
+@functools.lru_cache(maxsize=16)
+def hadamard_on(n: int, device: str) -> torch.Tensor:
+    """hadamard(n) on a device, copied once (kernels and CUDA graphs must not copy it every step)."""
+    return hadamard(n).to(device)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(..., d) codes in 0..15 -> (..., d // 2) uint8."""
     q = q.to(torch.uint8)
