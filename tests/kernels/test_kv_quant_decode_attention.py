@@ -28,8 +28,7 @@ def _filled_cache(spec, num_blocks, page, hkv, d, lens, tables):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits, scheme", [(8, "plain"), (4, "plain"), (4, "rotate"), (4, "channel")])
-@pytest.mark.parametrize("hq, hkv", [(4, 4), (9, 3)])
-@pytest.mark.parametrize("num_splits", [None, 2])
+@pytest.mark.parametrize("hq, hkv, num_splits", [(9, 3, None), (4, 4, 2)])
 def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits):
     page, d, lens = 16, 32, [1, 15, 3 * 16 + 5]
     max_pages = max(-(-n // page) for n in lens)
