@@ -53,3 +53,41 @@ def test_group_size_quantizers():
     lens = torch.tensor([40], dtype=torch.int32, device=DEVICE)
     torch.testing.assert_close(paged_decode_attention_quant(q, cache, tables, lens),
                                reference(q, cache, tables, lens, d ** -0.5), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the op wrappers hand CPU tensors to the reference")
+@pytest.mark.parametrize("bits, scheme", [(8, "plain"), (4, "rotate"), (4, "channel")])
+def test_triton_ops_prefill_then_decode_match_reference_ops(bits, scheme):
+    """ops/triton_ops' store + decode attention on a Context built like the runner's (device
+    tensors): a 2-sequence prefill then 3 decode steps give the reference's cache and outputs."""
+    from lmdepot.runtime.context import Context, SeqSlice, set_context, reset_context
+    from lmdepot.runtime.ops import reference, triton_ops
+
+    page, hkv, hq, d = 16, 2, 4, 64
+    spec = make_spec(bits, torch.float16, d, scheme=scheme)
+    ref, got = (allocate(spec, 16, page, hkv, d, device=DEVICE) for _ in range(2))
+    tables = [torch.tensor([3, 7, 1], device=DEVICE), torch.tensor([0, 9, 5], device=DEVICE)]
+    done = [0, 0]
+    try:
+        for new in ([21, 16], [1, 1], [1, 1], [1, 1]):
+            seqs, slots, start = [], [], 0
+            for i, n in enumerate(new):
+                pos = torch.arange(done[i], done[i] + n, device=DEVICE)
+                slots.append(tables[i][pos // page] * page + pos % page)
+                seqs.append(SeqSlice(start, n, done[i] + n, tables[i]))
+                start += n
+            ctx = Context(torch.cat(slots), seqs, page, block_tables=torch.stack(tables).to(torch.int32),
+                          context_lens=torch.tensor([s.ctx_len for s in seqs], dtype=torch.int32, device=DEVICE),
+                          q_start_loc=torch.tensor([0, new[0], sum(new)], dtype=torch.int32, device=DEVICE),
+                          max_q_len=max(new), max_ctx_len=max(s.ctx_len for s in seqs))
+            set_context(ctx)
+            k, v = (torch.randn(sum(new), hkv, d, device=DEVICE, dtype=torch.float16) for _ in range(2))
+            q = torch.randn(sum(new), hq, d, device=DEVICE, dtype=torch.float16)
+            store_kv_quant(k, v, ref, ctx.slot_mapping)
+            triton_ops.store_kv_quant(k, v, got, ctx.slot_mapping)
+            want = reference.paged_attention_quant(q, k, v, ref, ctx, d ** -0.5)
+            have = triton_ops.paged_attention_quant(q, k, v, got, ctx, d ** -0.5)
+            torch.testing.assert_close(have, want, rtol=2e-2, atol=2e-2)
+            done = [c + n for c, n in zip(done, new)]
+    finally:
+        reset_context()

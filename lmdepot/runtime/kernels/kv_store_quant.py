@@ -9,7 +9,6 @@ rotation's float32 summation order.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
