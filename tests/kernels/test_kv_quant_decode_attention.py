@@ -46,13 +46,13 @@ def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits):
 def test_group_size_quantizers():
     """Per-token quantizers of 8 channels: each group reads its own scale and zero."""
     page, d, hkv = 16, 32, 2
-    spec = make_spec(8, torch.float32, d, group=8)
+    spec = make_spec(8, DTYPES[0], d, group=8)
     tables = torch.tensor([[2, 0, 5]], dtype=torch.int32, device=DEVICE)
     cache = _filled_cache(spec, 6, page, hkv, d, [40], tables)
-    q = torch.randn(1, 4, d, device=DEVICE)
+    q = torch.randn(1, 4, d, device=DEVICE, dtype=DTYPES[0])
     lens = torch.tensor([40], dtype=torch.int32, device=DEVICE)
     torch.testing.assert_close(paged_decode_attention_quant(q, cache, tables, lens),
-                               reference(q, cache, tables, lens, d ** -0.5), rtol=1e-4, atol=1e-4)
+                               reference(q, cache, tables, lens, d ** -0.5), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the op wrappers hand CPU tensors to the reference")
