@@ -33,7 +33,8 @@ class Rung:
 def rungs(group_sizes: list[int]) -> list[Rung]:
     g0 = group_sizes[0]
     out = [Rung("fp16", "fp16"), Rung("fp16 + KV int8", "fp16", 8), Rung("fp16 + KV int4", "fp16", 4),
-           Rung("fp16 + KV int4 (plain per-head)", "fp16", 4, {"kv_rotate": False})]
+           Rung("fp16 + KV int4 (rotated per-token)", "fp16", 4, {"kv_scheme": "rotate"}),
+           Rung("fp16 + KV int4 (plain per-head)", "fp16", 4, {"kv_scheme": "plain"})]
     for g in group_sizes:
         out += [Rung(f"W4A16 RTN g{g}", f"rtn-g{g}"), Rung(f"W4A16 AWQ g{g}", f"awq-g{g}")]
     out += [Rung(f"W4A16 AWQ g{g0} + KV int8", f"awq-g{g0}", 8), Rung(f"W4A16 AWQ g{g0} + KV int4", f"awq-g{g0}", 4)]
@@ -80,8 +81,9 @@ def kv_bytes_per_token(ws: Path, quant_policy: int, kv: dict) -> int:
 
     cfg = WorkspaceConfig.read(ws / layout.CONFIG_FILE)
     spec = make_spec(quant_policy, torch.float16, cfg.size_per_head, kv.get("kv_scales", "online"),
-                     kv.get("kv_group_size"), kv.get("kv_rotate"))
-    return cfg.num_layer * spec.token_bytes(cfg.kv_head_num, cfg.size_per_head)
+                     kv.get("kv_group_size"), kv.get("kv_rotate"), kv.get("kv_scheme"))
+    # the channel scheme's per-block key params, spread over the workspace's block size
+    return round(cfg.num_layer * spec.token_bytes(cfg.kv_head_num, cfg.size_per_head, cfg.cache_block_seq_len))
 
 
 def run_ladder(built: dict[str, Path], ladder: list[Rung], text: str = PYDOC_EVAL, seqlen: int = 1024,

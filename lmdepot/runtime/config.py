@@ -25,7 +25,8 @@ class EngineConfig:
     quant_policy: int = 0                # KV cache: 0 float, 8 int8, 4 int4 (runtime/kv_cache.py)
     kv_scales: str = "online"            # online: per-token params; static: the workspace's scale files
     kv_group_size: int | None = None     # online channels per quantizer; None: the whole head
-    kv_rotate: bool | None = None        # Hadamard rotation before online quantization; None: int4 only
+    kv_rotate: bool | None = None        # Hadamard rotation of the per-token quantizers; None: the scheme's
+    kv_scheme: str | None = None         # online: plain | rotate | channel; None: channel for int4, plain for int8
     verify: bool = True                  # re-hash the rank's files against the manifest before loading
     device: str = "auto"                 # auto | cpu | cuda (one GPU per rank: cuda:<rank>)
     seed: int | None = None

@@ -8,13 +8,17 @@ Per layer, with N blocks of B tokens and hkv kv heads of head_dim d on this rank
 | 8 | (N, B, hkv, d) uint8 | scale (N, B, hkv, d // g) fp16, zero (N, B, hkv, d // g) uint8 |
 | 4 | (N, B, hkv, d // 2) uint8, two codes a byte | same as 8 |
 
-g is the quantization group (default: the whole head). Static scales (`--kv-scales static`) keep
+g is the quantization group (default: the whole head). With the per-channel key scheme (`channel`,
+the int4 default, ops/kv_quant.py) K has no per-token params; per block and kv head it keeps
+key_scale and key_min (hkv, d) fp16 and the exact first token key_sink (hkv, d) fp16, i.e.
+6 * d / B bytes per token and kv head. Static scales (`--kv-scales static`) keep
 one fp32 (scale, zero) per kv head in memory instead of per-token parameters.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +31,9 @@ from lmdepot.runtime.errors import RuntimeLoadError
 
 QUANT_POLICIES = (0, 4, 8)
 KV_SCALES = ("online", "static")
+# Online schemes: plain = LMDeploy's per-token per-head; rotate = plain after a Hadamard rotation;
+# channel = per-channel keys over each block + rotated per-token values (int4 only).
+KV_SCHEMES = ("plain", "rotate", "channel")
 
 
 @dataclass(frozen=True)
@@ -37,24 +44,35 @@ class KVSpec:
     group: int = 0           # channels per online quantizer (head_dim: LMDeploy's per-head scheme)
     rotate: bool = False     # Hadamard-rotate channels before online quantization
     static: bool = False
+    key_channel: bool = False  # keys: per-channel ranges over each block (the `channel` scheme)
 
-    def token_bytes(self, hkv: int, head_dim: int) -> int:
-        """Bytes of one token of one layer, K and V together."""
+    def token_bytes(self, hkv: int, head_dim: int, block_size: int = 64) -> float:
+        """Bytes of one token of one layer, K and V together. The per-block key params of the
+        channel scheme are spread over the block's tokens (a fraction of a byte can remain)."""
         if self.bits == 0:
             return 2 * hkv * head_dim * torch.empty((), dtype=self.dtype).element_size()
         codes = hkv * head_dim * self.bits // 8
         params = 0 if self.static else hkv * (head_dim // self.group) * 3   # fp16 scale + uint8 zero
+        if self.key_channel:   # fp16 scale, min and exact first-token row per block and channel
+            return 2 * codes + params + hkv * head_dim * 6 / block_size
         return 2 * (codes + params)
 
 
 def make_spec(quant_policy: int, dtype: torch.dtype, head_dim: int, kv_scales: str = "online",
-              group: int | None = None, rotate: bool | None = None) -> KVSpec:
-    """Validated KVSpec. Defaults: int8 = LMDeploy's per-token per-head scheme; int4 adds the
-    Hadamard rotation (chosen by measurement, docs/quantization.md)."""
+              group: int | None = None, rotate: bool | None = None, scheme: str | None = None) -> KVSpec:
+    """Validated KVSpec. Defaults (chosen by measurement, docs/quantization.md): int8 = LMDeploy's
+    per-token per-head scheme (plain); int4 = per-channel keys + rotated per-token values (channel).
+    `rotate` overrides the scheme's rotation of the per-token quantizers (values only for channel)."""
     if quant_policy not in QUANT_POLICIES:
         raise RuntimeLoadError(f"--quant-policy {quant_policy} is not one of 0, 4, 8")
     if kv_scales not in KV_SCALES:
         raise RuntimeLoadError(f"--kv-scales {kv_scales}: must be online or static")
+    if scheme is not None and scheme not in KV_SCHEMES:
+        raise RuntimeLoadError(f"--kv-scheme {scheme}: must be one of {', '.join(KV_SCHEMES)}")
+    if scheme is not None and (quant_policy == 0 or kv_scales == "static"):
+        raise RuntimeLoadError("--kv-scheme needs --quant-policy 8 or 4 with online scales")
+    if scheme == "channel" and quant_policy != 4:
+        raise RuntimeLoadError("--kv-scheme channel is an int4 scheme (--quant-policy 4)")
     if quant_policy == 0:
         if kv_scales == "static":
             raise RuntimeLoadError("--kv-scales static needs --quant-policy 8 or 4")
@@ -64,16 +82,17 @@ def make_spec(quant_policy: int, dtype: torch.dtype, head_dim: int, kv_scales: s
     group = group or head_dim
     if head_dim % group or (quant_policy == 4 and group % 2):
         raise RuntimeLoadError(f"--kv-group-size {group} must divide head_dim {head_dim} (and be even for int4)")
-    rotate = quant_policy == 4 if rotate is None else rotate
+    scheme = scheme or ("channel" if quant_policy == 4 else "plain")
+    rotate = scheme != "plain" if rotate is None else rotate
     if rotate and head_dim & (head_dim - 1):
         raise RuntimeLoadError(f"the Hadamard KV rotation needs a power-of-two head_dim, got {head_dim}")
-    return KVSpec(quant_policy, dtype, group, rotate, False)
+    return KVSpec(quant_policy, dtype, group, rotate, False, scheme == "channel")
 
 
 def kv_block_bytes(cfg, block_size: int, spec: KVSpec) -> int:
     """Bytes of one KV block on one rank: K and V, every layer, this rank's kv heads."""
     _, hkv = cfg.heads_of_rank()
-    return cfg.num_layer * block_size * spec.token_bytes(hkv, cfg.size_per_head)
+    return math.ceil(cfg.num_layer * block_size * spec.token_bytes(hkv, cfg.size_per_head, block_size))
 
 
 @dataclass
@@ -88,6 +107,10 @@ class QuantKVCache:
     zeros: list[torch.Tensor] = field(default_factory=list)
     static_params: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     sym: bool = False
+    key_channel: bool = False
+    key_scale: torch.Tensor = None   # (N, hkv, d) fp16, channel scheme only
+    key_min: torch.Tensor = None     # (N, hkv, d) fp16
+    key_sink: torch.Tensor = None    # (N, hkv, d) fp16: each block's first key, exact
 
 
 def allocate(spec: KVSpec, num_blocks: int, block_size: int, hkv: int, head_dim: int, static_params=None,
@@ -107,6 +130,11 @@ def allocate(spec: KVSpec, num_blocks: int, block_size: int, hkv: int, head_dim:
         groups = head_dim // spec.group
         cache.scales = [torch.empty(*base, groups, dtype=torch.float16, device=device) for _ in range(2)]
         cache.zeros = [torch.empty(*base, groups, dtype=torch.uint8, device=device) for _ in range(2)]
+    if spec.key_channel:   # K's per-token params above stay unused (never allocated pages on CPU)
+        cache.key_channel = True
+        cache.scales[0] = cache.zeros[0] = None
+        cache.key_scale, cache.key_min, cache.key_sink = (
+            torch.zeros(num_blocks, hkv, head_dim, dtype=torch.float16, device=device) for _ in range(3))
     return cache
 
 

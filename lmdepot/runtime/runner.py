@@ -45,7 +45,7 @@ class ModelRunner:
         self.workspace = weights.workspace
         self.dtype = ecfg.torch_dtype(cfg.weight_type)
         self.kv_spec = make_spec(ecfg.quant_policy, self.dtype, cfg.size_per_head, ecfg.kv_scales,
-                                 ecfg.kv_group_size, ecfg.kv_rotate)
+                                 ecfg.kv_group_size, ecfg.kv_rotate, ecfg.kv_scheme)
         static, sym = None, False
         if self.kv_spec.static:  # before the model is built: a missing file must fail fast
             static, sym = load_static_scales(self.workspace, cfg, rank, ecfg.quant_policy)

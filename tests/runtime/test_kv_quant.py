@@ -61,6 +61,70 @@ def test_cache_write_read_matches_float64(bits, group, rotate):
     assert rel < (0.01 if bits == 8 else 0.2)
 
 
+def ref_channel_block(rows: torch.Tensor) -> torch.Tensor:
+    """float64 quantize -> dequantize of one block's keys in the channel scheme: row 0 exact (fp16),
+    rows 1.. per (head, channel) with an fp16 minimum and fp16 scale over those rows."""
+    out = rows.double().clone()
+    out[0] = rows[0].half().double()
+    if rows.shape[0] > 1:
+        x = rows[1:].double()
+        lo = x.amin(0).half().double()
+        scale = ((x.amax(0) - lo) / 15).clamp(min=kv_quant.SCALE_FLOOR).half().double()
+        out[1:] = torch.round((x - lo) / scale).clamp(0, 15) * scale + lo
+    return out
+
+
+def test_channel_keys_written_in_appends_match_float64():
+    """Keys per channel over each block, the block's first key exact; a block filled by a prefill
+    chunk and then decode steps has its ranges re-derived from what the cache holds plus the new
+    keys (float64 replay of the same steps); blocks not written keep their bytes (prefix sharing)."""
+    torch.manual_seed(0)
+    bs, h, d = 8, 2, 64
+    spec = make_spec(4, torch.float32, d)
+    assert (spec.key_channel, spec.rotate) == (True, True)
+    cache = allocate(spec, 4, bs, h, d)
+    assert cache.key_scale.shape == cache.key_min.shape == cache.key_sink.shape == (4, h, d)
+    assert cache.scales[0] is None and cache.scales[1].shape == (4, bs, h, 1)   # V stays per token
+    k, v = kv_batch(t=13, h=h, d=d)
+    k[0] *= 30   # an attention-sink-like first token: exact, so it does not set block 0's ranges
+    table = torch.tensor([2, 0])
+    slots = table[torch.arange(13) // bs] * bs + torch.arange(13) % bs
+    want = torch.zeros(13, h, d, dtype=torch.float64)
+    done = 0
+    for n in (5, 1, 4, 1, 2):   # across the block boundary at 8
+        store_kv_quant(k[done:done + n], v[done:done + n], cache, slots[done:done + n])
+        for b in range(done // bs, (done + n - 1) // bs + 1):
+            lo, hi = b * bs, min((b + 1) * bs, done + n)
+            rows = torch.cat([want[lo:done], k[max(lo, done):hi].double()]) if done > lo else k[lo:hi]
+            want[lo:hi] = ref_channel_block(rows)
+        done += n
+        got_k, _ = gather_kv_quant(cache, slots[:done], torch.float32)
+        assert torch.allclose(got_k.double(), want[:done], rtol=0, atol=1e-5)
+    assert torch.equal(got_k[0], k[0].half().float()) and torch.equal(got_k[8], k[8].half().float())
+    # one range per channel: block 0's outlier channel 5 does not coarsen the other channels
+    err = (got_k[1:8] - k[1:8]).abs()
+    assert err[..., 5].mean() > 3 * err[..., :5].mean()
+    full = [t[2].clone() for t in (cache.codes[0], cache.key_scale, cache.key_min, cache.key_sink)]
+    store_kv_quant(k[:1], v[:1], cache, torch.tensor([0 * bs + 5]))   # the next token of the last block
+    assert all(torch.equal(a, b[2]) for a, b in zip(full, (cache.codes[0], cache.key_scale, cache.key_min,
+                                                           cache.key_sink)))
+
+
+def test_channel_scheme_options():
+    from lmdepot.runtime.errors import RuntimeLoadError
+
+    assert make_spec(4, torch.float16, 64, scheme="rotate") == KVSpec(4, torch.float16, 64, True)
+    assert make_spec(4, torch.float16, 64, scheme="plain") == KVSpec(4, torch.float16, 64, False)
+    assert make_spec(8, torch.float16, 64) == KVSpec(8, torch.float16, 64, False)
+    for args, msg in (((8, "online", "channel"), "--kv-scheme channel is an int4 scheme (--quant-policy 4)"),
+                      ((0, "online", "plain"), "--kv-scheme needs --quant-policy 8 or 4 with online scales"),
+                      ((4, "static", "plain"), "--kv-scheme needs --quant-policy 8 or 4 with online scales"),
+                      ((4, "online", "kivi"), "--kv-scheme kivi: must be one of plain, rotate, channel")):
+        with pytest.raises(RuntimeLoadError) as exc:
+            make_spec(args[0], torch.float16, 64, args[1], scheme=args[2])
+        assert str(exc.value) == msg
+
+
 def test_int4_packs_two_codes_per_byte():
     k, v = kv_batch(t=4)
     cache = allocate(KVSpec(4, torch.float32, 64, False), 1, 4, 3, 64)
@@ -106,11 +170,16 @@ def test_capacity_int8_and_int4_against_fp16(head_dim):
     fp16 = budget // kv_block_bytes(cfg, 64, make_spec(0, torch.float16, head_dim))
     int8 = budget // kv_block_bytes(cfg, 64, make_spec(8, torch.float16, head_dim))
     int4 = budget // kv_block_bytes(cfg, 64, make_spec(4, torch.float16, head_dim))
+    rot4 = budget // kv_block_bytes(cfg, 64, make_spec(4, torch.float16, head_dim, scheme="rotate"))
     static4 = budget // kv_block_bytes(cfg, 64, make_spec(4, torch.float16, head_dim, "static"))
-    # head_dim 64: 128 B fp16 per head and token; int8 64 + 3 (fp16 scale, uint8 zero); int4 32 + 3
-    assert int8 / fp16 >= 1.9 and int4 / fp16 >= 3.5 and static4 / fp16 >= 3.99
+    # head_dim 64: 128 B fp16 per head and token; int8 64 + 3 (fp16 scale, uint8 zero); rotated int4
+    # 32 + 3; channel int4 (the default): K 32 + 6 * 64 / 64 (fp16 scale, min, sink per block and
+    # channel), V 32 + 3
+    assert int8 / fp16 >= 1.9 and int4 / fp16 >= 3.5 and rot4 / fp16 >= 3.6 and static4 / fp16 >= 3.99
+    d = head_dim
+    assert int4 / fp16 == pytest.approx(4 * d / (d + 6 * d / 64 + 3), rel=1e-3)
     if head_dim == 64:
-        assert (round(int8 / fp16, 2), round(int4 / fp16, 2)) == (1.91, 3.66)
+        assert (round(int8 / fp16, 2), round(rot4 / fp16, 2), round(int4 / fp16, 2)) == (1.91, 3.66, 3.51)
 
 
 def test_runner_blocks_in_same_budget(tiny):
@@ -127,9 +196,10 @@ def test_runner_blocks_in_same_budget(tiny):
         assert r.num_blocks == int(((64 << 20) - r.weight_bytes) * 0.5) // r.block_bytes
         assert r.block_bytes == kv_block_bytes(eng.cfg, r.block_size, r.kv_spec)
         eng.close()
-    # tiny head_dim 16: 32 B fp16 vs 16 + 3 (int8) and 8 + 3 (int4) per head and token
+    # tiny head_dim 16: 32 B fp16 vs 16 + 3 (int8) per head and token for K and for V; int4 channel:
+    # K 8 + 6 * 16 / B, V 8 + 3
     assert blocks[8] / blocks[0] == pytest.approx(32 / 19, rel=1e-3)
-    assert blocks[4] / blocks[0] == pytest.approx(32 / 11, rel=1e-3)
+    assert blocks[4] / blocks[0] == pytest.approx(64 / (8 + 96 / r.block_size + 8 + 3), rel=1e-3)
 
 
 @pytest.mark.parametrize("policy", [8, 4])
@@ -144,3 +214,32 @@ def test_generate_cli_with_quantized_cache(tiny, policy):
                                   "--cache-max-entry-count", "0.01"])
     assert r.exit_code == 0, (r.output, r.exception)
     assert f"int{policy} KV cache" in r.stderr and len(r.stdout.split()) >= 1
+
+
+def test_int4_channel_cache_same_tokens_alone_and_batched(tiny):
+    """The per-channel key cache under continuous batching and prefix caching: a sequence's blocks
+    see the same writes alone as beside others (prompts fit one step, then one token per step), so
+    greedy tokens match; shared prefix blocks are full, hence never requantized."""
+    from lmdepot.runtime.llm import LLM
+    from lmdepot.runtime.sequence import SamplingParams
+
+    _, ws = tiny("llama")
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(3, 160, (32,), generator=g).tolist()   # 2 full blocks of 16
+    prompts = [shared + torch.randint(3, 160, (n,), generator=g).tolist() for n in (3, 17, 9, 30)]
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    kw = dict(dtype="fp32", num_kv_blocks=64, cache_block_seq_len=16, quant_policy=4, quiet=True)
+    alone = LLM(ws, max_batch_size=1, enable_prefix_caching=False, **kw)
+    try:
+        assert alone.engine.runner.kv_spec.key_channel
+        expected = [alone.generate(p, greedy).token_ids for p in prompts]
+    finally:
+        alone.close()
+    llm = LLM(ws, max_batch_size=4, **kw)
+    try:
+        first = llm.generate(prompts[0], greedy).token_ids
+        outs = llm.generate(prompts[1:], greedy)
+        assert llm.engine.bm.hits >= 2 * 3
+        assert [first] + [o.token_ids for o in outs] == expected
+    finally:
+        llm.close()

@@ -99,11 +99,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     groups = Hq // Hkv
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    max_pages = block_tables.shape[1]
-    if num_splits is None:  # enough programs to fill ~2 waves of a large GPU, no device sync needed
-        num_splits = max(1, min(max_pages, triton.cdiv(264, B * Hkv)))
-    pages_per_split = triton.cdiv(max_pages, num_splits)
-    num_splits = triton.cdiv(max_pages, pages_per_split)
+    num_splits, pages_per_split = split_plan(B, Hkv, block_tables.shape[1], num_splits)
     part_o = scratch((B * Hq * num_splits, D), q.device, torch.float32)
     part_lse = scratch((B * Hq * num_splits,), q.device, torch.float32)
     block_d = triton.next_power_of_2(D)
@@ -113,7 +109,21 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_splits, pages_per_split, Hq,
         GROUPS=groups, BLOCK_H=max(16, triton.next_power_of_2(groups)), D=D, BLOCK_D=block_d, PAGE=page)
+    return merge_splits(part_o, part_lse, q, num_splits, out)
+
+
+def split_plan(batch: int, hkv: int, max_pages: int, num_splits: int | None = None) -> tuple[int, int]:
+    """(splits, pages per split) of a (batch, kv heads) decode; shared with the quantized-cache kernel."""
+    if num_splits is None:  # enough programs to fill ~2 waves of a large GPU, no device sync needed
+        num_splits = max(1, min(max_pages, triton.cdiv(264, batch * hkv)))
+    pages_per_split = triton.cdiv(max_pages, num_splits)
+    return triton.cdiv(max_pages, pages_per_split), pages_per_split
+
+
+def merge_splits(part_o, part_lse, q, num_splits: int, out=None) -> torch.Tensor:
+    """Combine the splits' (partial output, log-sum-exp) rows into (B, Hq, D) like q."""
+    B, Hq, D = q.shape
     y = out if out is not None else torch.empty_like(q)
     _merge_kernel[(B, Hq)](part_o, part_lse, y, y.stride(0), y.stride(1), Hq, num_splits,
-                           D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits))
+                           D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=triton.next_power_of_2(num_splits))
     return y

@@ -16,6 +16,16 @@ the attention output, since q.k = (qH).(kH).
 Static scheme (`--kv-scales static`): one fp32 (scale, zero) per layer, kv head and K/V from the
 workspace's scale files; no per-token parameters are stored.
 
+Per-channel key scheme (`key_channel`, the int4 default; KIVI's idea on a paged cache): keys have
+a few channels that are large for every token, so a per-token range is set by those and the other
+channels get few codes. Instead each cache block, kv head and channel gets one asymmetric range
+over the block's tokens (fp16 scale and fp16 minimum, x^ = q * scale + min). The block's first
+token is kept exact (fp16 row `key_sink`): token 0 of a sequence is the attention sink, whose
+keys are far from the others and would otherwise set block 0's ranges. Appending to a block that
+is not full re-derives its ranges from its dequantized tokens plus the new ones and requantizes
+it; only the sequence's own last block is ever touched (full blocks, the only ones prefix caching
+shares, are never written again). Values stay per token (rotated), as in the rotated scheme.
+
 int4 codes are packed two per byte along head_dim: byte i = code[2i] | code[2i+1] << 4.
 """
 
@@ -38,6 +48,12 @@ def hadamard(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=16)
+def hadamard_on(n: int, device: str) -> torch.Tensor:
+    """hadamard(n) on a device, copied once (kernels and CUDA graphs must not copy it every step)."""
+    return hadamard(n).to(device)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -93,6 +109,59 @@ def dequantize_static(q: torch.Tensor, scale, zero, bits: int, sym: bool, dtype)
     return ((q.float() - off - zero[:, None]) * scale[:, None]).to(dtype)
 
 
+def quantize_channel(x: torch.Tensor, bits: int):
+    """x (n, H, D) tokens of one block (n >= 1) -> codes (n, H, D) uint8, scale (H, D) fp16, min (H, D)
+    fp16: one range per head and channel over the n tokens."""
+    qmax = 2 ** bits - 1
+    x = x.float()
+    lo = x.amin(0).half()
+    scale = ((x.amax(0) - lo.float()) / qmax).clamp(min=SCALE_FLOOR).half()
+    q = torch.round((x - lo.float()) / scale.float()).clamp(0, qmax)
+    return q.to(torch.uint8), scale, lo
+
+
+def dequantize_channel(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Codes (..., H, D) with per-(H, D) scale and min broadcast over the leading dims -> float32."""
+    return q.float() * scale.float() + lo.float()
+
+
+def _codes(cache, kv: int, blocks):
+    q = cache.codes[kv][blocks]
+    return unpack_int4(q) if cache.bits == 4 else q
+
+
+def _store_keys_channel(k: torch.Tensor, cache, slot_mapping: torch.Tensor) -> None:
+    """Per-channel keys: requantize every block that receives new tokens (see the module doc).
+    A block's new tokens are contiguous and its older ones are offsets 0.. first new - 1."""
+    bs = cache.codes[0].shape[1]
+    blocks, offs = slot_mapping // bs, slot_mapping % bs
+    for blk in blocks.unique().tolist():
+        sel = blocks == blk
+        first, last = int(offs[sel].min()), int(offs[sel].max())
+        rows = torch.empty(last + 1, *k.shape[1:], dtype=torch.float32, device=k.device)
+        if first > 0:   # the older tokens, as the cache holds them
+            rows[:first] = dequantize_channel(_codes(cache, 0, blk)[:first], cache.key_scale[blk],
+                                              cache.key_min[blk])
+            rows[0] = cache.key_sink[blk].float()
+        rows[offs[sel]] = k[sel].float()
+        if first == 0:
+            cache.key_sink[blk] = rows[0].half()
+        q = torch.zeros(bs, *k.shape[1:], dtype=torch.uint8, device=k.device)
+        if last > 0:
+            q[1:last + 1], cache.key_scale[blk], cache.key_min[blk] = quantize_channel(rows[1:], cache.bits)
+        cache.codes[0][blk] = pack_int4(q) if cache.bits == 4 else q
+
+
+def _gather_keys_channel(cache, slots: torch.Tensor) -> torch.Tensor:
+    bs = cache.codes[0].shape[1]
+    blocks, offs = slots // bs, slots % bs
+    codes = cache.codes[0].view(-1, *cache.codes[0].shape[2:])[slots]
+    if cache.bits == 4:
+        codes = unpack_int4(codes)
+    x = dequantize_channel(codes, cache.key_scale[blocks], cache.key_min[blocks])
+    return torch.where((offs == 0)[:, None, None], cache.key_sink[blocks].float(), x)
+
+
 def _encode(x: torch.Tensor, cache, kv: int):
     """Codes (and per-token params) of new keys (kv = 0) or values (kv = 1)."""
     if cache.static:
@@ -106,6 +175,9 @@ def _encode(x: torch.Tensor, cache, kv: int):
 def store_kv_quant(k: torch.Tensor, v: torch.Tensor, cache, slot_mapping: torch.Tensor) -> None:
     """Quantize new k/v (T, hkv, d) into their slots of a QuantKVCache (see runtime/kv_cache.py)."""
     for kv, x in enumerate((k, v)):
+        if kv == 0 and cache.key_channel:
+            _store_keys_channel(x, cache, slot_mapping)
+            continue
         q, scale, zero = _encode(x, cache, kv)
         if cache.bits == 4:
             q = pack_int4(q)
@@ -120,6 +192,9 @@ def gather_kv_quant(cache, slots: torch.Tensor, dtype) -> tuple[torch.Tensor, to
     """Dequantized keys and values (n, hkv, d) of the given cache slots."""
     out = []
     for kv in (0, 1):
+        if kv == 0 and cache.key_channel:
+            out.append(_gather_keys_channel(cache, slots).to(dtype))
+            continue
         codes = cache.codes[kv]
         q = codes.view(-1, *codes.shape[2:])[slots]
         if cache.bits == 4:

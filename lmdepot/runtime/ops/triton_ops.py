@@ -127,6 +127,50 @@ def _install_w8a8() -> None:
         ops.register(name, fn)
 
 
+# --- quantized KV cache (int8 / int4 online): store and decode-attention kernels -----------------
+
+def _kv_kernels_fit(cache, head_dim: int) -> bool:
+    """Online caches with one quantizer per token and head (the defaults), power-of-two heads."""
+    return (not cache.static and cache.group == head_dim and head_dim >= 16
+            and not head_dim & (head_dim - 1))
+
+
+def store_kv_quant(k, v, cache, slot_mapping):
+    from lmdepot.runtime.context import get_context
+    from lmdepot.runtime.ops import kv_quant
+
+    ctx = get_context()
+    if not k.is_cuda or not _kv_kernels_fit(cache, k.shape[-1]) or \
+            (cache.key_channel and ctx.block_tables is None):
+        return kv_quant.store_kv_quant(k, v, cache, slot_mapping)
+    from lmdepot.runtime.kernels.kv_store_channel import store_keys_channel
+    from lmdepot.runtime.kernels.kv_store_quant import store_quant_per_token
+
+    if cache.key_channel:   # the step's batch from the context's device tensors (CUDA-graph safe)
+        store_keys_channel(k, cache, ctx.block_tables, ctx.context_lens, ctx.q_start_loc, ctx.max_q_len)
+    else:
+        store_quant_per_token(k, slot_mapping, cache.codes[0], cache.scales[0], cache.zeros[0],
+                              cache.bits, cache.rotate)
+    store_quant_per_token(v, slot_mapping, cache.codes[1], cache.scales[1], cache.zeros[1],
+                          cache.bits, cache.rotate)
+
+
+def paged_attention_quant(q, k, v, cache, ctx, scale):
+    """Decode steps read the int8/int4 codes in the split-K kernel; the rest uses the reference."""
+    window = ctx.sliding_window
+    if not q.is_cuda or not _kv_kernels_fit(cache, q.shape[-1]) or cache.codes[0].shape[1] < 16 or \
+            any(s.q_len != 1 or (window and s.ctx_len > window) for s in ctx.seqs):
+        return reference.paged_attention_quant(q, k, v, cache, ctx, scale)
+    from lmdepot.runtime.kernels.paged_decode_attention_quant import paged_decode_attention_quant
+
+    return paged_decode_attention_quant(q, cache, ctx.block_tables, ctx.context_lens, scale)
+
+
+def _install_kv_quant() -> None:
+    for name, fn in (("store_kv_quant", store_kv_quant), ("paged_attention_quant", paged_attention_quant)):
+        ops.register(name, fn)
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -135,4 +179,5 @@ def install() -> None:
         ops.register(name, fn)
     _install_attention()
     _install_w8a8()
+    _install_kv_quant()
     _installed = True

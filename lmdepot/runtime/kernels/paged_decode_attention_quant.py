@@ -1,0 +1,152 @@
+"""Decode attention over a quantized paged KV cache (online int8 / int4, see runtime/ops/kv_quant.py).
+
+Same split-K structure as paged_decode_attention.py (one program per (sequence, kv head, split),
+GQA heads grouped, the same split plan and merge kernel); each page's codes are dequantized in
+registers right after the load, so the cache is read at its quantized size:
+- per-token quantizers (K unless `key_channel`, V always): x^ = (code - zero) * scale with
+  scale/zero per token, kv head and group of GROUP channels;
+- per-channel keys (`key_channel`): x^ = code * scale + min with scale/min per block, kv head and
+  channel, and the block's first key read exactly from its fp16 sink row.
+int4 codes sit two per byte (channel 2i in the low nibble). A Hadamard rotation is undone outside
+the kernel: q.k = (qH).(kH) for rotated keys, and sum p (vH) H = (sum p vH) H for rotated values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from lmdepot.runtime.kernels.paged_decode_attention import merge_splits, split_plan
+from lmdepot.runtime.kernels.scratch import scratch
+
+
+def reference(q, cache, block_tables, seq_lens, sm_scale):
+    """float32 attention of q (B, Hq, D) over the dequantized cache (ops/kv_quant.gather_kv_quant)."""
+    from lmdepot.runtime.ops.kv_quant import gather_kv_quant
+
+    out = torch.empty_like(q)
+    page, hkv = cache.codes[0].shape[1], cache.codes[0].shape[2]
+    for b in range(q.shape[0]):
+        n = int(seq_lens[b])
+        pages = block_tables[b, : -(-n // page)].long()
+        slots = (pages[:, None] * page + torch.arange(page, device=q.device)).reshape(-1)[:n]
+        k, v = (x.float().repeat_interleave(q.shape[1] // hkv, dim=1)
+                for x in gather_kv_quant(cache, slots, torch.float32))
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * sm_scale
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+@triton.jit
+def _codes(ptr, blk, offs_s, offs_d, s_b, s_s, s_h, kvh, mask, BITS: tl.constexpr):
+    """(PAGE, BLOCK_D) codes of one page and kv head as float32."""
+    base = ptr + blk * s_b + offs_s[:, None] * s_s + kvh * s_h
+    if BITS == 4:
+        byte = tl.load(base + offs_d[None, :] // 2, mask=mask, other=0)
+        code = (byte >> ((offs_d[None, :] % 2) * 4).to(tl.uint8)) & 0xF
+    else:
+        code = tl.load(base + offs_d[None, :], mask=mask, other=0)
+    return code.to(tl.float32)
+
+
+@triton.jit
+def _per_token(c_ptr, s_ptr, z_ptr, blk, offs_s, offs_d, kvh, mask,
+               c_b, c_s, c_h, p_b, p_s, p_h, BITS: tl.constexpr, GROUP: tl.constexpr):
+    code = _codes(c_ptr, blk, offs_s, offs_d, c_b, c_s, c_h, kvh, mask, BITS)
+    p = blk * p_b + offs_s[:, None] * p_s + kvh * p_h + offs_d[None, :] // GROUP
+    scale = tl.load(s_ptr + p, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + p, mask=mask, other=0).to(tl.float32)
+    return (code - zero) * scale
+
+
+@triton.jit
+def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr,
+                  bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scale,
+                  stride_qb, stride_qh, c_b, c_s, c_h, p_b, p_s, p_h, ch_b, ch_h,
+                  stride_bt, NUM_SPLITS, PAGES_PER_SPLIT, Hq,
+                  GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PAGE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, KEY_CHANNEL: tl.constexpr):
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b)
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = kvh * GROUPS + offs_h
+    mask_h = offs_h < GROUPS
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
+    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    offs_s = tl.arange(0, PAGE)
+    first = split * PAGES_PER_SPLIT
+    last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(seq_len, PAGE))
+    for p in range(first, last):
+        blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
+        mask_s = p * PAGE + offs_s < seq_len
+        kv_mask = mask_s[:, None] & mask_d[None, :]
+        if KEY_CHANNEL:
+            code = _codes(kc_ptr, blk, offs_s, offs_d, c_b, c_s, c_h, kvh, kv_mask, BITS)
+            ch = blk * ch_b + kvh * ch_h + offs_d
+            scale = tl.load(ks_ptr + ch, mask=mask_d, other=0.0).to(tl.float32)
+            lo = tl.load(kmin_ptr + ch, mask=mask_d, other=0.0).to(tl.float32)
+            sink = tl.load(ksink_ptr + ch, mask=mask_d, other=0.0).to(tl.float32)
+            k = tl.where(offs_s[:, None] == 0, sink[None, :], code * scale[None, :] + lo[None, :])
+        else:
+            k = _per_token(kc_ptr, ks_ptr, kz_ptr, blk, offs_s, offs_d, kvh, kv_mask,
+                           c_b, c_s, c_h, p_b, p_s, p_h, BITS, GROUP)
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * sm_scale
+        s = tl.where(mask_s[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        prob = tl.exp(s - m_new[:, None])
+        v = _per_token(vc_ptr, vs_ptr, vz_ptr, blk, offs_s, offs_d, kvh, kv_mask,
+                       c_b, c_s, c_h, p_b, p_s, p_h, BITS, GROUP)
+        v = tl.where(kv_mask, v, 0.0)
+        l = l * alpha + tl.sum(prob, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))
+        m = m_new
+    empty = l == 0.0
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l)[:, None])
+    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
+    row = (b * Hq + heads) * NUM_SPLITS + split
+    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + row, lse, mask=mask_h)
+
+
+def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: float | None = None,
+                                 num_splits: int | None = None) -> torch.Tensor:
+    """q (B, Hq, D), cache an online QuantKVCache whose K/V code tensors share one layout."""
+    from lmdepot.runtime.ops.kv_quant import hadamard_on
+
+    B, Hq, D = q.shape
+    kc, vc = cache.codes
+    page, Hkv = kc.shape[1], kc.shape[2]
+    sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    rot = hadamard_on(D, str(q.device)) if cache.rotate else None
+    if rot is not None and not cache.key_channel:   # rotated keys: score with the rotated query
+        q = (q.float() @ rot).to(q.dtype)
+    num_splits, pages_per_split = split_plan(B, Hkv, block_tables.shape[1], num_splits)
+    part_o = scratch((B * Hq * num_splits, D), q.device, torch.float32)
+    part_lse = scratch((B * Hq * num_splits,), q.device, torch.float32)
+    vs, vz = cache.scales[1], cache.zeros[1]
+    if cache.key_channel:
+        ks, kz, kmin, ksink = cache.key_scale, vz, cache.key_min, cache.key_sink
+    else:
+        ks, kz, kmin, ksink = cache.scales[0], cache.zeros[0], vs, vs   # the last two are unused
+    ch = cache.key_scale if cache.key_channel else vs   # strides only
+    _split_kernel[(B, Hkv, num_splits)](
+        q, kc, vc, ks, kz, vs, vz, kmin, ksink, block_tables, seq_lens, part_o, part_lse, sm_scale,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2), ch.stride(0), ch.stride(1), block_tables.stride(0),
+        num_splits, pages_per_split, Hq,
+        GROUPS=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), D=D,
+        BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits, GROUP=cache.group,
+        KEY_CHANNEL=cache.key_channel)
+    y = merge_splits(part_o, part_lse, q, num_splits)
+    if rot is not None:   # values were quantized rotated: rotate the weighted sum back
+        y = (y.float() @ rot).to(y.dtype)
+    return y

@@ -1,0 +1,93 @@
+"""Split-K decode attention over an int8 / int4 paged cache vs its torch reference (same dequantized
+keys and values, float32 attention)."""
+
+import pytest
+import torch
+
+from lmdepot.runtime.kernels.paged_decode_attention_quant import paged_decode_attention_quant, reference
+from lmdepot.runtime.kv_cache import make_spec, allocate
+from lmdepot.runtime.ops.kv_quant import store_kv_quant
+from tests.kernels.conftest import DEVICE, DTYPES
+
+
+def _filled_cache(spec, num_blocks, page, hkv, d, lens, tables):
+    """A cache holding each sequence's tokens, written in two appends (the second one re-derives
+    the per-channel key ranges of a partly filled block), like a prefill then decode steps."""
+    cache = allocate(spec, num_blocks, page, hkv, d, device=DEVICE)
+    for n, table in zip(lens, tables.long()):
+        k = torch.randn(n, hkv, d, device=DEVICE)
+        k[:, :, 3] += 8   # an offset outlier channel, like real keys
+        v = torch.randn(n, hkv, d, device=DEVICE)
+        slots = (table[:, None] * page + torch.arange(page, device=DEVICE)).reshape(-1)[:n]
+        cut = n // 2 + 1
+        store_kv_quant(k[:cut], v[:cut], cache, slots[:cut])
+        if cut < n:
+            store_kv_quant(k[cut:], v[cut:], cache, slots[cut:])
+    return cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits, scheme", [(8, "plain"), (4, "plain"), (4, "rotate"), (4, "channel")])
+@pytest.mark.parametrize("hq, hkv, num_splits", [(9, 3, None), (4, 4, 2)])
+def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits):
+    page, d, lens = 16, 32, [1, 15, 3 * 16 + 5]
+    max_pages = max(-(-n // page) for n in lens)
+    tables = torch.stack([torch.randperm(24)[:max_pages] for _ in lens]).to(torch.int32).to(DEVICE)
+    spec = make_spec(bits, dtype, d, scheme=scheme)
+    cache = _filled_cache(spec, 24, page, hkv, d, lens, tables)
+    q = torch.randn(len(lens), hq, d, device=DEVICE, dtype=dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    y = paged_decode_attention_quant(q, cache, tables, seq_lens, num_splits=num_splits)
+    ref = reference(q, cache, tables, seq_lens, d ** -0.5)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+
+
+def test_group_size_quantizers():
+    """Per-token quantizers of 8 channels: each group reads its own scale and zero."""
+    page, d, hkv = 16, 32, 2
+    spec = make_spec(8, DTYPES[0], d, group=8)
+    tables = torch.tensor([[2, 0, 5]], dtype=torch.int32, device=DEVICE)
+    cache = _filled_cache(spec, 6, page, hkv, d, [40], tables)
+    q = torch.randn(1, 4, d, device=DEVICE, dtype=DTYPES[0])
+    lens = torch.tensor([40], dtype=torch.int32, device=DEVICE)
+    torch.testing.assert_close(paged_decode_attention_quant(q, cache, tables, lens),
+                               reference(q, cache, tables, lens, d ** -0.5), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the op wrappers hand CPU tensors to the reference")
+@pytest.mark.parametrize("bits, scheme", [(8, "plain"), (4, "rotate"), (4, "channel")])
+def test_triton_ops_prefill_then_decode_match_reference_ops(bits, scheme):
+    """ops/triton_ops' store + decode attention on a Context built like the runner's (device
+    tensors): a 2-sequence prefill then 3 decode steps give the reference's cache and outputs."""
+    from lmdepot.runtime.context import Context, SeqSlice, set_context, reset_context
+    from lmdepot.runtime.ops import reference, triton_ops
+
+    page, hkv, hq, d = 16, 2, 4, 64
+    spec = make_spec(bits, torch.float16, d, scheme=scheme)
+    ref, got = (allocate(spec, 16, page, hkv, d, device=DEVICE) for _ in range(2))
+    tables = [torch.tensor([3, 7, 1], device=DEVICE), torch.tensor([0, 9, 5], device=DEVICE)]
+    done = [0, 0]
+    try:
+        for new in ([21, 16], [1, 1], [1, 1], [1, 1]):
+            seqs, slots, start = [], [], 0
+            for i, n in enumerate(new):
+                pos = torch.arange(done[i], done[i] + n, device=DEVICE)
+                slots.append(tables[i][pos // page] * page + pos % page)
+                seqs.append(SeqSlice(start, n, done[i] + n, tables[i]))
+                start += n
+            ctx = Context(torch.cat(slots), seqs, page, block_tables=torch.stack(tables).to(torch.int32),
+                          context_lens=torch.tensor([s.ctx_len for s in seqs], dtype=torch.int32, device=DEVICE),
+                          q_start_loc=torch.tensor([0, new[0], sum(new)], dtype=torch.int32, device=DEVICE),
+                          max_q_len=max(new), max_ctx_len=max(s.ctx_len for s in seqs))
+            set_context(ctx)
+            k, v = (torch.randn(sum(new), hkv, d, device=DEVICE, dtype=torch.float16) for _ in range(2))
+            q = torch.randn(sum(new), hq, d, device=DEVICE, dtype=torch.float16)
+            store_kv_quant(k, v, ref, ctx.slot_mapping)
+            triton_ops.store_kv_quant(k, v, got, ctx.slot_mapping)
+            want = reference.paged_attention_quant(q, k, v, ref, ctx, d ** -0.5)
+            have = triton_ops.paged_attention_quant(q, k, v, got, ctx, d ** -0.5)
+            torch.testing.assert_close(have, want, rtol=2e-2, atol=2e-2)
+            done = [c + n for c, n in zip(done, new)]
+    finally:
+        reset_context()
