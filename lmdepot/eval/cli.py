@@ -5,26 +5,7 @@ from __future__ import annotations
 import click
 
 from lmdepot.eval import PYDOC_EVAL
-
-
-def kv_options(fn):
-    options = [
-        click.option("--quant-policy", default=0, show_default=True, type=int,
-                     help="KV cache: 0 float, 8 int8, 4 int4."),
-        click.option("--kv-scales", default="online", show_default=True,
-                     help="online (per-token scales) or static (the workspace's calibrated per-head scales)."),
-        click.option("--kv-scheme", type=click.Choice(["plain", "rotate", "channel"]), default=None,
-                     help="Online KV: plain (LMDeploy's per-token per-head), rotate (Hadamard, then plain) or"
-                          " channel (int4: per-channel keys over each block + rotated per-token values)."
-                          "  [default: channel for int4, plain for int8]"),
-        click.option("--kv-group-size", default=None, type=int,
-                     help="Online KV: channels per scale (default: the whole head, LMDeploy's scheme)."),
-        click.option("--kv-rotate/--no-kv-rotate", default=None,
-                     help="Online KV: Hadamard-rotate the per-token quantizers (default: the scheme's; on for int4)."),
-    ]
-    for opt in reversed(options):
-        fn = opt(fn)
-    return fn
+from lmdepot.runtime.cli_options import kv_options
 
 
 @click.group("eval")

@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from lmdepot.runtime.cli_options import check_kv_options, kv_engine_kwargs, kv_options
+
 from lmdepot.runtime.errors import RequestError
 
 
@@ -17,10 +19,6 @@ def _runtime_options(fn):
         click.option("--tp", default=None, type=click.IntRange(1, 64),
                      help="Tensor-parallel ranks (must equal the workspace's tensor_para_size)."),
         click.option("--session-len", default=None, type=click.IntRange(1), help="Max tokens of a session."),
-        click.option("--quant-policy", default=0, show_default=True, type=int,
-                     help="KV cache: 0 float, 8 int8, 4 int4 (per-token scales unless --kv-scales static)."),
-        click.option("--kv-scales", default="online", show_default=True,
-                     help="online (per-token scales in the cache) or static (the workspace's calibrated scales)."),
         click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
                      show_default=True, help="Compute/KV dtype (auto: bf16 for bf16 weights, else fp32 on CPU)."),
         click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
@@ -40,19 +38,17 @@ def _runtime_options(fn):
     ]
     for opt in reversed(options):
         fn = opt(fn)
-    return fn
+    return kv_options(fn)
 
 
 def _open(model, opts: dict):
     """The engine from the runtime options (tp None: the workspace's own tensor_para_size)."""
-    from lmdepot.runtime.kv_cache import make_spec
     from lmdepot.runtime.llm import LLM
 
-    make_spec(opts["quant_policy"], None, 64, opts["kv_scales"])  # checks the options before loading anything
+    check_kv_options(opts)
     return LLM(model, tp=opts["tp"], session_len=opts["session_len"], dtype=opts["dtype"],
                cache_max_entry_count=opts["cache_max_entry_count"], device=opts["device"],
-               cpu_memory_budget=int(opts["memory_budget"] * 2**30), quant_policy=opts["quant_policy"],
-               kv_scales=opts["kv_scales"], eager=opts["eager"])
+               cpu_memory_budget=int(opts["memory_budget"] * 2**30), eager=opts["eager"], **kv_engine_kwargs(opts))
 
 
 def _params(opts: dict):

@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from lmdepot.runtime.cli_options import check_kv_options, kv_engine_kwargs, kv_options
+
 from lmdepot.serve.tools import PARSERS
 
 
@@ -26,10 +28,7 @@ def serve():
 @click.option("--server-port", default=23333, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--tp", default=None, type=click.IntRange(1, 64),
               help="Tensor-parallel ranks (must equal the workspace's tensor_para_size).")
-@click.option("--quant-policy", default=0, show_default=True, type=int,
-              help="KV cache: 0 float, 8 int8, 4 int4 (per-token scales unless --kv-scales static).")
-@click.option("--kv-scales", default="online", show_default=True,
-              help="online (per-token scales in the cache) or static (the workspace's calibrated scales).")
+@kv_options
 @click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of free memory (CPU: of --memory-budget) after weights given to KV blocks.")
 @click.option("--max-batch-size", default=None, type=click.IntRange(1), help="Sequences per engine step.")
@@ -51,9 +50,9 @@ def serve():
 @click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True,
               help="Compute/KV dtype.")
 @click.option("--eager", is_flag=True, help="CUDA: no CUDA graphs for decode steps (debugging, profiling).")
-def api_server(model, server_name, server_port, tp, quant_policy, kv_scales, cache_max_entry_count, max_batch_size,
+def api_server(model, server_name, server_port, tp, cache_max_entry_count, max_batch_size,
                session_len, model_name, api_keys, tool_call_parser, max_queued_requests, log_level, allow_origins,
-               memory_budget, dtype, eager):
+               memory_budget, dtype, eager, **kv):
     """OpenAI-compatible API server. MODEL: workspace dir or NAME:TAG.
 
     Routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/chat/interactive, /health, /metrics,
@@ -61,14 +60,13 @@ def api_server(model, server_name, server_port, tp, quant_policy, kv_scales, cac
     """
     import uvicorn
 
-    from lmdepot.runtime.kv_cache import make_spec
     from lmdepot.runtime.llm import AsyncLLM
     from lmdepot.serve.app import ServeConfig, create_app
 
-    make_spec(quant_policy, None, 64, kv_scales)  # checks the options before loading anything
+    check_kv_options(kv)
     llm = AsyncLLM(model, tp=tp, session_len=session_len, max_batch_size=max_batch_size,
                    cache_max_entry_count=cache_max_entry_count, cpu_memory_budget=int(memory_budget * 2**30),
-                   dtype=dtype, quant_policy=quant_policy, kv_scales=kv_scales, eager=eager)
+                   dtype=dtype, eager=eager, **kv_engine_kwargs(kv))
     cfg = ServeConfig(model_name=model_name or _default_model_name(model), api_keys=_split(api_keys), tool_call_parser=tool_call_parser,
                       max_queued_requests=max_queued_requests, allow_origins=_split(allow_origins))
     app = create_app(llm, cfg, owns_llm=True)
