@@ -53,18 +53,26 @@ def _eos_ids(workspace: Path, end_id: int) -> set[int]:
 class Engine:
     def __init__(self, source, ecfg: EngineConfig | None = None):
         self.ecfg = ecfg = replace(ecfg or EngineConfig())
-        self.workers, self.runner = [], None
-        workspace = resolve_workspace(source, 0)   # rank 0's files only; workers resolve their own rank
-        # Checked before spawning anything: a wrong --tp must fail fast, in one line.
-        ecfg.tp = read_config(workspace, ecfg.tp).tensor_para_size
-        if ecfg.tp > 1:
-            self._spawn_workers(str(source))
+        self.workers, self.runner, self._group = [], None, False
+        launch = tp.launched()
+        if launch is not None:  # torchrun-style: ranks != 0 serve as workers inside this call, then exit
+            workspace = self._join_launched(str(source), launch)
+        else:
+            workspace = resolve_workspace(source, 0)   # rank 0's files only; workers resolve their own rank
+            # Checked before spawning anything: a wrong --tp must fail fast, in one line.
+            ecfg.tp = read_config(workspace, ecfg.tp).tensor_para_size
+            if ecfg.tp > 1:
+                self._spawn_workers(str(source))
         try:
             self.runner = ModelRunner(workspace, ecfg, 0)
         except BaseException as exc:
             failed = self._stop_workers(error=True)
             if failed and not isinstance(exc, LmdepotError):
                 raise RuntimeLoadError(failed) from None
+            if launch is not None and not isinstance(exc, (LmdepotError, KeyboardInterrupt)):
+                raise RuntimeLoadError(f"rank 0: lost the other ranks while loading ({type(exc).__name__}:"
+                                       f" {str(exc).strip().splitlines()[0] if str(exc).strip() else ''});"
+                                       " their own logs name the cause") from None
             raise
         try:
             cfg = self.cfg = self.runner.cfg
@@ -93,6 +101,58 @@ class Engine:
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ecfg.tp))
         tp.init(0, self.ecfg.tp, port, self.ecfg.device)
+        self._group = True
+
+    def _join_launched(self, source: str, launch: tp.Launch) -> Path:
+        """Every rank of a torchrun-style launch: join the group, pull this rank's files, agree that all
+        ranks loaded; rank 0 returns its workspace, the others run the worker loop and exit the process."""
+        ecfg = self.ecfg
+        if ecfg.tp is not None and ecfg.tp != launch.world_size:
+            raise RuntimeLoadError(f"--tp {ecfg.tp} differs from WORLD_SIZE={launch.world_size};"
+                                   f" launch {ecfg.tp} ranks or drop --tp")
+        if ecfg.device == "cuda":
+            import torch
+
+            ecfg.device = f"cuda:{launch.local_rank}"   # LOCAL_RANK picks this process's GPU
+            torch.cuda.set_device(ecfg.device)
+        tp.join_launched(launch, ecfg.device)
+        self._group = True
+        error, workspace = None, None
+        try:
+            workspace = resolve_workspace(source, launch.rank)
+            n = read_config(workspace).tensor_para_size
+            if n != launch.world_size:
+                error = (f"WORLD_SIZE={launch.world_size} but {source} has tensor_para_size = {n};"
+                         f" launch {n} ranks or re-convert with --tp {launch.world_size}")
+        except LmdepotError as exc:
+            error = f"rank {launch.rank}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others would wait
+            error = f"rank {launch.rank}: {type(exc).__name__}: {exc}"
+        try:
+            tp.agree(error)
+        except BaseException:
+            tp.shutdown()
+            raise
+        ecfg.tp = launch.world_size
+        if launch.rank != 0:
+            self._serve_as_worker(workspace, launch.rank)
+        return workspace
+
+    def _serve_as_worker(self, workspace: Path, rank: int) -> None:
+        """Ranks 1..N-1 of a launched group: load, follow rank 0's steps until it closes, exit the process."""
+        self.ecfg.quiet = True
+        try:
+            try:
+                runner = ModelRunner(workspace, self.ecfg, rank)
+            except LmdepotError as exc:
+                raise RuntimeLoadError(f"rank {rank}: {exc}") from None
+            try:
+                tp.worker_loop(runner)
+            except RuntimeError as exc:  # rank 0 went away: gloo reports the closed connection
+                raise RuntimeLoadError(f"rank {rank}: lost rank 0 ({str(exc).strip().splitlines()[0]})") from None
+        finally:
+            tp.shutdown()
+        raise SystemExit(0)
 
     def _stop_workers(self, error: bool = False) -> str | None:
         """Join the workers; with error=True, return the first failed rank's message, if any."""
@@ -103,7 +163,7 @@ class Engine:
         message = None
         if self.workers and not self._errors.empty():
             message = self._errors.get()
-        self.workers = []
+        self.workers, self._group = [], False
         tp.shutdown()
         return message
 
@@ -111,7 +171,7 @@ class Engine:
         if getattr(self, "runner", None) is not None:
             self.runner.close()
             self.runner = None
-        if self.workers:
+        if self.workers or self._group:
             self._stop_workers()
 
     # --- requests --------------------------------------------------------------------------------
