@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -146,6 +147,8 @@ class Engine:
                 runner = ModelRunner(workspace, self.ecfg, rank)
             except LmdepotError as exc:
                 raise RuntimeLoadError(f"rank {rank}: {exc}") from None
+            print(f"[lmdepot] rank {rank} of {tp.world_size()} loaded ({runner.weight_bytes / 2**20:.1f} MiB of"
+                  f" weights, {runner.num_blocks} KV blocks); following rank 0's steps", file=sys.stderr, flush=True)
             try:
                 tp.worker_loop(runner)
             except RuntimeError as exc:  # rank 0 went away: gloo reports the closed connection
