@@ -114,7 +114,8 @@ class Engine:
         if ecfg.device == "cuda":
             import torch
 
-            ecfg.device = f"cuda:{launch.local_rank}"   # LOCAL_RANK picks this process's GPU
+            # LOCAL_RANK picks this process's GPU (modulo: a launcher may show each process only its own)
+            ecfg.device = f"cuda:{launch.local_rank % max(torch.cuda.device_count(), 1)}"
             torch.cuda.set_device(ecfg.device)
         tp.join_launched(launch, ecfg.device)
         self._group = True

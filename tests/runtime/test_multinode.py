@@ -122,6 +122,14 @@ def test_an_incomplete_launch_environment_is_one_line(monkeypatch):
     assert tp.launched() is None   # a plain start: rank 0 spawns its own workers
 
 
+def test_tp_differing_from_world_size_fails_before_joining(tiny, monkeypatch):
+    _, ws2 = tiny("qwen2", tp=2)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RuntimeLoadError, match=r"^--tp 4 differs from WORLD_SIZE=2; launch 4 ranks or drop --tp$"):
+        LLM(ws2, tp=4, dtype="fp32", quiet=True)
+
+
 IDLE = """
 import sys, time
 from lmdepot.runtime import tp
