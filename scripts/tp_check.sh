@@ -26,8 +26,9 @@ lm() { python -m lmdepot.cli "$@"; }
 stage() { echo "== +${SECONDS}s $*" | tee -a "$log"; }
 have_time() { [ "$SECONDS" -lt "$BUDGET" ] || { stage "skipped (budget): $*"; return 1; }; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
-python -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count(), 'nccl', torch.cuda.nccl.version())" | tee -a "$log"
+EQ_ARGS=${EQ_ARGS:-}           # extra tp_equality.py options (a CPU dry run: TP_CHECK_TINY=1 EQ_ARGS="--requests 8")
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
+python -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())" | tee -a "$log"
 if [ -n "${WHEELS:-}" ]; then
   pip install -q --no-index --find-links "$WHEELS" fastapi uvicorn pydantic platformdirs prometheus-client 2>&1 | tail -2
 fi
@@ -36,7 +37,11 @@ build() {  # shape layers dir
   python - "$1" "$2" "$3" <<'EOF'
 import sys, time
 from pathlib import Path
-from lmdepot.bench.generation import random_checkpoint
+import os
+from lmdepot.bench.generation import SHAPES, random_checkpoint
+if os.environ.get("TP_CHECK_TINY"):  # a CPU dry run of this script: the shapes at 1/32 of the width
+    for s in SHAPES.values():
+        s.update(hidden_size=128, intermediate_size=s["intermediate_size"] // 32, vocab_size=s["vocab_size"] // 32)
 t = time.perf_counter()
 random_checkpoint(sys.argv[1], Path(sys.argv[3]), int(sys.argv[2]))
 print(f"built {sys.argv[1]} x {sys.argv[2]} layers in {time.perf_counter() - t:.0f} s")
@@ -54,27 +59,42 @@ convert_all() {  # dir: the four workspaces at once (the converter is mostly I/O
 }
 
 serve_tp2() {  # ref: api_server --tp 2 from the registry, one completion, the per-rank pull lines
-  local ref=$1 port=23456 name=${1//[:\/]/_}
+  local ref=$1 port=$2 name=${1//[:\/]/_}
   if ! python -c "import fastapi, uvicorn" 2>/dev/null; then
     stage "api_server skipped: fastapi/uvicorn not installed (set WHEELS=...)"; return
   fi
-  lm serve api_server "$ref" --tp 2 --model-name tp --server-port $port --server-name 127.0.0.1 > "$out/serve_$name.log" 2>&1 &
+  # python itself in the background (not the lm function), so that $! is the server's pid
+  python -m lmdepot.cli serve api_server "$ref" --tp 2 --model-name tp --server-port "$port" --server-name 127.0.0.1 \
+    > "$out/serve_$name.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 240); do
-    curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
-    kill -0 $pid 2>/dev/null || break
-    sleep 1
-  done
-  curl -s "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
-    -d '{"model": "tp", "prompt": "w5 w6 w7 w8", "max_tokens": 16, "temperature": 0}' > "$out/serve_$name.json"
-  echo >> "$out/serve_$name.json"
-  kill -INT $pid 2>/dev/null; sleep 5; kill $pid 2>/dev/null; wait $pid 2>/dev/null
-  grep -E "^\[lmdepot\] rank|serving|error" "$out/serve_$name.log" | tee -a "$log"
+  # wait for /health (or the server's death), then one greedy completion; urllib: curl may be absent
+  python - "$port" "$pid" > "$out/serve_$name.json" <<'EOF'
+import json, os, sys, time, urllib.request
+port, pid = sys.argv[1], int(sys.argv[2])
+base = f"http://127.0.0.1:{port}"
+for _ in range(480):
+    try:
+        urllib.request.urlopen(base + "/health", timeout=2)
+        break
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            sys.exit("server exited")
+        time.sleep(0.5)
+body = {"model": "tp", "prompt": "w5 w6 w7 w8", "max_tokens": 16, "temperature": 0}
+req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+print(urllib.request.urlopen(req, timeout=120).read().decode())
+EOF
+  kill -INT $pid 2>/dev/null   # drains, closes the engine: rank 1 exits with it
+  for _ in $(seq 30); do kill -0 $pid 2>/dev/null || break; sleep 1; done
+  kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+  grep -Ei "^\[lmdepot\] rank|serving|error" "$out/serve_$name.log" | tee -a "$log"
   head -c 600 "$out/serve_$name.json" | tee -a "$log"; echo | tee -a "$log"
 }
 
 launched_tp2() {  # ref: torchrun-style, two "nodes" with their own caches, generate from the registry
-  local ref=$1 name=${1//[:\/]/_} port=29517
+  local ref=$1 port=$2 name=${1//[:\/]/_}
   rm -rf "$work/node0" "$work/node1"
   for r in 0 1; do
     RANK=$r LOCAL_RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port LMDEPOT_CACHE=$work/node$r \
@@ -91,25 +111,25 @@ launched_tp2() {  # ref: torchrun-style, two "nodes" with their own caches, gene
 }
 
 shape_run() {  # shape layers
-  local shape=$1 layers=$2 d=$work/$1
+  local shape=$1 layers=$2 d=$work/$1 port=$3
   stage "$shape x $layers layers: build"; build "$shape" "$layers" "$d/hf" 2>&1 | tail -1 | tee -a "$log"
   stage "$shape: convert fp16/int4 x tp1/tp2"; convert_all "$d"
   rm -rf "$d/hf"   # disk: the workspaces are what the rest needs
   stage "$shape: push tp=2 workspaces"
   lm registry push "$d/fp16-tp2" "$shape:fp16-tp2" 2>&1 | tail -1 | tee -a "$log"
   lm registry push "$d/int4-tp2" "$shape:int4-tp2" 2>&1 | tail -1 | tee -a "$log"
-  stage "$shape: serve api_server $shape:fp16-tp2 --tp 2"; serve_tp2 "$shape:fp16-tp2"
-  have_time "$shape launched" && { stage "$shape: torchrun-style launch of $shape:int4-tp2"; launched_tp2 "$shape:int4-tp2"; }
+  stage "$shape: serve api_server $shape:fp16-tp2 --tp 2"; serve_tp2 "$shape:fp16-tp2" "$port"
+  have_time "$shape launched" && { stage "$shape: torchrun-style launch of $shape:int4-tp2"; launched_tp2 "$shape:int4-tp2" $((port + 1)); }
   have_time "$shape fp16 equality" && {
     stage "$shape: tp_equality fp16 weights, bf16 compute"
-    python scripts/tp_equality.py --tp1 "$d/fp16-tp1" --tp2 "$d/fp16-tp2" --json "$out/tp_equality_${shape}_fp16.json" \
-      2>> "$log" | tail -12 | tee -a "$log"; }
+    python scripts/tp_equality.py --tp1 "$d/fp16-tp1" --tp2 "$d/fp16-tp2" --json "$out/tp_equality_${shape}_fp16.json" $EQ_ARGS \
+      2>> "$log" | tail -1 | tee -a "$log"; }
   have_time "$shape int4 equality" && {
     stage "$shape: tp_equality int4 (RTN) weights"
     python scripts/tp_equality.py --tp1 "$d/int4-tp1" --tp2 "$d/int4-tp2" \
-      --json "$out/tp_equality_${shape}_int4.json" 2>> "$log" | tail -12 | tee -a "$log"; }
+      --json "$out/tp_equality_${shape}_int4.json" $EQ_ARGS 2>> "$log" | tail -1 | tee -a "$log"; }
 }
 
-shape_run llama2-7b "$LAYERS"
-have_time "llama3-8b" && { rm -rf "$work/llama2-7b"; LAYERS=$LAYERS3; BUDGET=$((BUDGET + 90)); shape_run llama3-8b "$LAYERS3"; }
+shape_run llama2-7b "$LAYERS" 23456
+have_time "llama3-8b" && { rm -rf "$work/llama2-7b"; LAYERS=$LAYERS3; BUDGET=$((BUDGET + 90)); shape_run llama3-8b "$LAYERS3" 23466; }
 stage "done"

@@ -136,6 +136,14 @@ def main(argv=None) -> int:
               "tp2": {k: v for k, v in b.items() if k not in ("logits", "tokens")}, **compare(a, b)}
     text = json.dumps(report, indent=2)
     print(text)
+    speed = ""
+    if "decode_bs1_ratio_tp2_over_tp1" in report:
+        speed = (f"; decode bs1 {a['decode_bs1_ms']:.2f} -> {b['decode_bs1_ms']:.2f} ms/step"
+                 f" ({report['decode_bs1_ratio_tp2_over_tp1']:.2f}x); {args.requests} requests"
+                 f" {a['throughput']['output_tok_s']:.0f} -> {b['throughput']['output_tok_s']:.0f} out tok/s"
+                 f" ({report['throughput_ratio_tp2_over_tp1']:.2f}x)")
+    print(f"summary: logits rel err {report['logits_rel_err']:.2e}; continuations identical"
+          f" {report['continuations_identical_pct']:.1f}% (tokens {report['tokens_equal_pct']:.1f}%){speed}")
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
