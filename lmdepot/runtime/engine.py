@@ -148,12 +148,16 @@ class Engine:
                 runner = ModelRunner(workspace, self.ecfg, rank)
             except LmdepotError as exc:
                 raise RuntimeLoadError(f"rank {rank}: {exc}") from None
+            except RuntimeError as exc:  # out of device memory, a peer that closed while the cache was sized
+                raise RuntimeLoadError(f"rank {rank}: failed to load: {type(exc).__name__}:"
+                                       f" {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
             print(f"[lmdepot] rank {rank} of {tp.world_size()} loaded ({runner.weight_bytes / 2**20:.1f} MiB of"
                   f" weights, {runner.num_blocks} KV blocks); following rank 0's steps", file=sys.stderr, flush=True)
             try:
                 tp.worker_loop(runner)
-            except RuntimeError as exc:  # rank 0 went away: gloo reports the closed connection
-                raise RuntimeLoadError(f"rank {rank}: lost rank 0 ({str(exc).strip().splitlines()[0]})") from None
+            except RuntimeError as exc:  # rank 0 went away (gloo reports the closed connection) or a step failed
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise RuntimeLoadError(f"rank {rank}: stopped following rank 0 ({first})") from None
         finally:
             tp.shutdown()
         raise SystemExit(0)

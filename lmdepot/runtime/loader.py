@@ -34,7 +34,6 @@ def resolve_workspace(source: str | Path, rank: int = 0) -> Path:
         raise RuntimeLoadError(f"{source}: no such workspace directory, and not a registry ref"
                                " (NAME:TAG or NAME@sha256:HEX)")
     from lmdepot.registry import Registry  # lazy: plain workspace loads need no fsspec
-
     from lmdepot.registry.pull import pull
 
     registry = Registry()  # $LMDEPOT_REGISTRY, else the default store in the user cache
