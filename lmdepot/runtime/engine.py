@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -57,7 +56,8 @@ class Engine:
         self.workers, self.runner, self._group = [], None, False
         launch = tp.launched()
         if launch is not None:  # torchrun-style: ranks != 0 serve as workers inside this call, then exit
-            workspace = self._join_launched(str(source), launch)
+            workspace = tp.join_launched_and_pull(str(source), launch, ecfg)
+            self._group = True
         else:
             workspace = resolve_workspace(source, 0)   # rank 0's files only; workers resolve their own rank
             # Checked before spawning anything: a wrong --tp must fail fast, in one line.
@@ -103,64 +103,6 @@ class Engine:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ecfg.tp))
         tp.init(0, self.ecfg.tp, port, self.ecfg.device)
         self._group = True
-
-    def _join_launched(self, source: str, launch: tp.Launch) -> Path:
-        """Every rank of a torchrun-style launch: join the group, pull this rank's files, agree that all
-        ranks loaded; rank 0 returns its workspace, the others run the worker loop and exit the process."""
-        ecfg = self.ecfg
-        if ecfg.tp is not None and ecfg.tp != launch.world_size:
-            raise RuntimeLoadError(f"--tp {ecfg.tp} differs from WORLD_SIZE={launch.world_size};"
-                                   f" launch {ecfg.tp} ranks or drop --tp")
-        if ecfg.device == "cuda":
-            import torch
-
-            # LOCAL_RANK picks this process's GPU (modulo: a launcher may show each process only its own)
-            ecfg.device = f"cuda:{launch.local_rank % max(torch.cuda.device_count(), 1)}"
-            torch.cuda.set_device(ecfg.device)
-        tp.join_launched(launch, ecfg.device)
-        self._group = True
-        error, workspace = None, None
-        try:
-            workspace = resolve_workspace(source, launch.rank)
-            n = read_config(workspace).tensor_para_size
-            if n != launch.world_size:
-                error = (f"WORLD_SIZE={launch.world_size} but {source} has tensor_para_size = {n};"
-                         f" launch {n} ranks or re-convert with --tp {launch.world_size}")
-        except LmdepotError as exc:
-            error = f"rank {launch.rank}: {exc}"
-        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others would wait
-            error = f"rank {launch.rank}: {type(exc).__name__}: {exc}"
-        try:
-            tp.agree(error)
-        except BaseException:
-            tp.shutdown()
-            raise
-        ecfg.tp = launch.world_size
-        if launch.rank != 0:
-            self._serve_as_worker(workspace, launch.rank)
-        return workspace
-
-    def _serve_as_worker(self, workspace: Path, rank: int) -> None:
-        """Ranks 1..N-1 of a launched group: load, follow rank 0's steps until it closes, exit the process."""
-        self.ecfg.quiet = True
-        try:
-            try:
-                runner = ModelRunner(workspace, self.ecfg, rank)
-            except LmdepotError as exc:
-                raise RuntimeLoadError(f"rank {rank}: {exc}") from None
-            except RuntimeError as exc:  # out of device memory, a peer that closed while the cache was sized
-                raise RuntimeLoadError(f"rank {rank}: failed to load: {type(exc).__name__}:"
-                                       f" {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
-            print(f"[lmdepot] rank {rank} of {tp.world_size()} loaded ({runner.weight_bytes / 2**20:.1f} MiB of"
-                  f" weights, {runner.num_blocks} KV blocks); following rank 0's steps", file=sys.stderr, flush=True)
-            try:
-                tp.worker_loop(runner)
-            except RuntimeError as exc:  # rank 0 went away (gloo reports the closed connection) or a step failed
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise RuntimeLoadError(f"rank {rank}: stopped following rank 0 ({first})") from None
-        finally:
-            tp.shutdown()
-        raise SystemExit(0)
 
     def _stop_workers(self, error: bool = False) -> str | None:
         """Join the workers; with error=True, return the first failed rank's message, if any."""

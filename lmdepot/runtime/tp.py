@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -143,7 +145,7 @@ def join_launched(launch: Launch, device: str) -> None:
     try:
         _join(launch.rank, launch.world_size, device, "env://")
     except (RuntimeError, ValueError) as exc:  # DistStoreError, DistNetworkError are RuntimeErrors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         raise RuntimeLoadError(f"rank {launch.rank}: could not join the {launch.world_size} ranks at {launch.master}"
                                f" within LMDEPOT_TP_TIMEOUT={timeout().total_seconds():g} s ({first})") from None
 
@@ -155,6 +157,73 @@ def agree(error: str | None) -> None:
     failed = [e for e in all_gather_object(error) if e]
     if failed:
         raise RuntimeLoadError(failed[0])
+
+
+def join_launched_and_pull(source: str, launch: Launch, ecfg) -> Path:
+    """Every rank of a torchrun-style launch: join the group, pull this rank's files, agree that all
+    ranks got theirs. Rank 0 returns its workspace; the other ranks run the worker loop and exit."""
+    from lmdepot.errors import LmdepotError
+    from lmdepot.runtime.errors import RuntimeLoadError
+    from lmdepot.runtime.loader import read_config, resolve_workspace
+
+    if ecfg.tp is not None and ecfg.tp != launch.world_size:
+        raise RuntimeLoadError(f"--tp {ecfg.tp} differs from WORLD_SIZE={launch.world_size};"
+                               f" launch {ecfg.tp} ranks or drop --tp")
+    if ecfg.device == "cuda":
+        # LOCAL_RANK picks this process's GPU (modulo: a launcher may show each process only its own)
+        ecfg.device = f"cuda:{launch.local_rank % max(torch.cuda.device_count(), 1)}"
+        torch.cuda.set_device(ecfg.device)
+    join_launched(launch, ecfg.device)
+    error, workspace = None, None
+    try:
+        workspace = resolve_workspace(source, launch.rank)
+        n = read_config(workspace).tensor_para_size
+        if n != launch.world_size:
+            error = (f"WORLD_SIZE={launch.world_size} but {source} has tensor_para_size = {n};"
+                     f" launch {n} ranks or re-convert with --tp {launch.world_size}")
+    except LmdepotError as exc:
+        error = f"rank {launch.rank}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others would wait
+        error = f"rank {launch.rank}: {type(exc).__name__}: {exc}"
+    try:
+        agree(error)
+    except BaseException:
+        shutdown()
+        raise
+    ecfg.tp = launch.world_size
+    if launch.rank != 0:
+        serve_as_worker(workspace, ecfg, launch.rank)
+    return workspace
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def serve_as_worker(workspace, ecfg, rank_: int) -> None:
+    """Ranks 1..N-1 of a launched group: load, follow rank 0's steps until it closes, exit the process."""
+    from lmdepot.errors import LmdepotError
+    from lmdepot.runtime.errors import RuntimeLoadError
+    from lmdepot.runtime.runner import ModelRunner
+
+    ecfg.quiet = True
+    try:
+        try:
+            runner = ModelRunner(workspace, ecfg, rank_)
+        except LmdepotError as exc:
+            raise RuntimeLoadError(f"rank {rank_}: {exc}") from None
+        except RuntimeError as exc:  # out of device memory, a peer that closed while the cache was sized
+            raise RuntimeLoadError(f"rank {rank_}: failed to load: {type(exc).__name__}: {_first_line(exc)}") from None
+        print(f"[lmdepot] rank {rank_} of {world_size()} loaded ({runner.weight_bytes / 2**20:.1f} MiB of weights,"
+              f" {runner.num_blocks} KV blocks); following rank 0's steps", file=sys.stderr, flush=True)
+        try:
+            worker_loop(runner)
+        except RuntimeError as exc:  # rank 0 went away (gloo reports the closed connection) or a step failed
+            raise RuntimeLoadError(f"rank {rank_}: stopped following rank 0 ({_first_line(exc)})") from None
+    finally:
+        shutdown()
+    raise SystemExit(0)
 
 
 # --- ranks 1..N-1 ---------------------------------------------------------------------------------
