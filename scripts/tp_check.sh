@@ -38,7 +38,8 @@ build() {  # shape layers dir
 import sys, time
 from pathlib import Path
 import os
-from lmdepot.bench.generation import SHAPES, random_checkpoint
+from lmdepot.bench.models import random_checkpoint
+from lmdepot.bench.shapes import SHAPES
 if os.environ.get("TP_CHECK_TINY"):  # a CPU dry run of this script: the shapes at 1/32 of the width
     for s in SHAPES.values():
         s.update(hidden_size=128, intermediate_size=s["intermediate_size"] // 32, vocab_size=s["vocab_size"] // 32)
