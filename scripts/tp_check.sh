@@ -125,16 +125,16 @@ shape_run() {  # shape layers
     stage "$shape: tp_equality fp16 weights, bf16 compute"
     python scripts/tp_equality.py --tp1 "$d/fp16-tp1" --tp2 "$d/fp16-tp2" --json "$out/tp_equality_${shape}_fp16.json" $EQ_ARGS \
       2>> "$log" | tail -1 | tee -a "$log"; }
+  have_time "$shape int4 equality" && {
+    stage "$shape: tp_equality int4 (RTN) weights"
+    python scripts/tp_equality.py --tp1 "$d/int4-tp1" --tp2 "$d/int4-tp2" \
+      --json "$out/tp_equality_${shape}_int4.json" $EQ_ARGS 2>> "$log" | tail -1 | tee -a "$log"; }
   have_time "$shape bench throughput" && {   # the project's own benchmark, 256 requests, tp1 then tp2
     stage "$shape: lmdepot bench throughput, fp16 tp1 vs tp2"
     for t in 1 2; do
       lm bench throughput --model "$d/fp16-tp$t" --json "$out/bench_throughput_${shape}_fp16_tp$t.json" 2>> "$log" \
         | tail -3 | tee -a "$log"
     done; }
-  have_time "$shape int4 equality" && {
-    stage "$shape: tp_equality int4 (RTN) weights"
-    python scripts/tp_equality.py --tp1 "$d/int4-tp1" --tp2 "$d/int4-tp2" \
-      --json "$out/tp_equality_${shape}_int4.json" $EQ_ARGS 2>> "$log" | tail -1 | tee -a "$log"; }
 }
 
 shape_run llama2-7b "$LAYERS" 23456
