@@ -53,18 +53,27 @@ def _eos_ids(workspace: Path, end_id: int) -> set[int]:
 class Engine:
     def __init__(self, source, ecfg: EngineConfig | None = None):
         self.ecfg = ecfg = replace(ecfg or EngineConfig())
-        self.workers, self.runner = [], None
-        workspace = resolve_workspace(source, 0)   # rank 0's files only; workers resolve their own rank
-        # Checked before spawning anything: a wrong --tp must fail fast, in one line.
-        ecfg.tp = read_config(workspace, ecfg.tp).tensor_para_size
-        if ecfg.tp > 1:
-            self._spawn_workers(str(source))
+        self.workers, self.runner, self._group = [], None, False
+        launch = tp.launched()
+        if launch is not None:  # torchrun-style: ranks != 0 serve as workers inside this call, then exit
+            workspace = tp.join_launched_and_pull(str(source), launch, ecfg)
+            self._group = True
+        else:
+            workspace = resolve_workspace(source, 0)   # rank 0's files only; workers resolve their own rank
+            # Checked before spawning anything: a wrong --tp must fail fast, in one line.
+            ecfg.tp = read_config(workspace, ecfg.tp).tensor_para_size
+            if ecfg.tp > 1:
+                self._spawn_workers(str(source))
         try:
             self.runner = ModelRunner(workspace, ecfg, 0)
         except BaseException as exc:
             failed = self._stop_workers(error=True)
             if failed and not isinstance(exc, LmdepotError):
                 raise RuntimeLoadError(failed) from None
+            if launch is not None and not isinstance(exc, (LmdepotError, KeyboardInterrupt)):
+                raise RuntimeLoadError(f"rank 0: lost the other ranks while loading ({type(exc).__name__}:"
+                                       f" {str(exc).strip().splitlines()[0] if str(exc).strip() else ''});"
+                                       " their own logs name the cause") from None
             raise
         try:
             cfg = self.cfg = self.runner.cfg
@@ -93,6 +102,7 @@ class Engine:
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ecfg.tp))
         tp.init(0, self.ecfg.tp, port, self.ecfg.device)
+        self._group = True
 
     def _stop_workers(self, error: bool = False) -> str | None:
         """Join the workers; with error=True, return the first failed rank's message, if any."""
@@ -103,7 +113,7 @@ class Engine:
         message = None
         if self.workers and not self._errors.empty():
             message = self._errors.get()
-        self.workers = []
+        self.workers, self._group = [], False
         tp.shutdown()
         return message
 
@@ -111,7 +121,7 @@ class Engine:
         if getattr(self, "runner", None) is not None:
             self.runner.close()
             self.runner = None
-        if self.workers:
+        if self.workers or self._group:
             self._stop_workers()
 
     # --- requests --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +34,31 @@ def resolve_workspace(source: str | Path, rank: int = 0) -> Path:
         raise RuntimeLoadError(f"{source}: no such workspace directory, and not a registry ref"
                                " (NAME:TAG or NAME@sha256:HEX)")
     from lmdepot.registry import Registry  # lazy: plain workspace loads need no fsspec
+    from lmdepot.registry.pull import pull
 
     registry = Registry()  # $LMDEPOT_REGISTRY, else the default store in the user cache
     try:
-        return Path(registry.pull(str(source), rank=rank))
+        result = pull(registry, str(source), rank=rank)
     except LmdepotError:
         raise
     except (FileNotFoundError, KeyError) as exc:
         raise RuntimeLoadError(f"{source}: not found in the registry ({exc})") from None
+    # One line per rank, so that every node's log shows what it transferred (rank's files only).
+    print(pull_summary(source, rank, result), file=sys.stderr, flush=True)
+    return Path(result.path)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def pull_summary(source, rank: int, result) -> str:
+    """One line: the rank's files fetched from the registry and found in the cache, with their bytes."""
+    fetched = sum(b.size for b in result.fetched)
+    cached = sum(b.size for b in result.cached)
+    return (f"[lmdepot] rank {rank} pulled {source} ({result.digest[:19]}): {len(result.fetched)} files fetched"
+            f" ({fetched} bytes, {_size(fetched)}), {len(result.cached)} already cached ({cached} bytes)"
+            f" -> {result.path}")
 
 
 @dataclass

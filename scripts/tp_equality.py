@@ -1,0 +1,154 @@
+"""tp=2 vs tp=1 on two workspaces of one checkpoint: logits, greedy tokens, decode latency, throughput.
+
+    python scripts/tp_equality.py --tp1 WS_TP1 --tp2 WS_TP2 [--dtype bf16] [--json OUT.json]
+
+WS may be a directory or a registry ref. Correctness (the issue's bar): the first decoding step's
+logits over 16 prompts, relative error ||l2 - l1|| / ||l1|| <= 1e-2, and >= 95% of the 32-token
+greedy continuations identical. Speed: decode latency per step at batch 1 (prompt 128, 128 new
+tokens) and the output tokens/s of 256 requests (prompts of 32..512 tokens, 128 new tokens each).
+Needs one GPU for tp=1 and two for tp=2; on the CPU (tiny workspaces) it runs the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+
+import torch
+
+from lmdepot.runtime.llm import LLM
+from lmdepot.runtime.sequence import SamplingParams
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prompts(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, min(vocab, 30000), (k,), generator=g).tolist() for k in lens]
+
+
+def first_step_logits(engine, ids: list[int]) -> torch.Tensor:
+    """Logits of the last prompt position from one prefill on an idle engine (its first blocks)."""
+    n, bs = len(ids), engine.bm.block_size
+    meta = {"tokens": ids, "positions": list(range(n)), "slots": list(range(n)),
+            "seqs": [(n, n, list(range(-(-n // bs))))], "logit_rows": [n - 1]}
+    return engine.runner.run(meta)[0].float()
+
+
+def decode_latency(llm, prompt_len: int = 128, new: int = 128) -> float:
+    """Seconds per decode step at batch 1 (time after the first token / steps)."""
+    engine = llm.engine
+    ids = prompts(1, engine.cfg.vocab_size, prompt_len, prompt_len, 7)[0]
+    llm.generate([ids[:16]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))   # warm-up
+    seq = engine.add_request(ids, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+    first = None
+    while engine.has_unfinished():
+        engine.step()
+        if first is None and seq.num_output >= 1:
+            _sync()
+            first = time.perf_counter()
+    _sync()
+    return (time.perf_counter() - first) / (new - 1)
+
+
+def throughput(llm, requests: int, new: int = 128) -> dict:
+    reqs = prompts(requests, llm.engine.cfg.vocab_size, 32, 512, 11)
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    _sync()
+    start = time.perf_counter()
+    outs = llm.generate(reqs, params)
+    _sync()
+    seconds = time.perf_counter() - start
+    generated = sum(len(o.token_ids) for o in outs)
+    return {"requests": requests, "prompt_tokens": sum(map(len, reqs)), "output_tokens": generated,
+            "seconds": seconds, "output_tok_s": generated / seconds, "req_s": requests / seconds}
+
+
+def measure(ws: str, tp: int, args) -> dict:
+    t0 = time.perf_counter()
+    llm = LLM(ws, tp=tp, dtype=args.dtype, max_batch_size=args.max_batch_size, verify=False)
+    load_s = time.perf_counter() - t0
+    try:
+        ps = prompts(args.prompts, llm.engine.cfg.vocab_size, 16, 128, 3)
+        logits = torch.stack([first_step_logits(llm.engine, p) for p in ps])
+        outs = llm.generate(ps, SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True))
+        res = {"tp": tp, "load_s": load_s, "logits": logits, "tokens": [o.token_ids for o in outs]}
+        if not args.no_speed:
+            res["decode_bs1_ms"] = 1e3 * decode_latency(llm)
+            res["throughput"] = throughput(llm, args.requests)
+        return res
+    finally:
+        llm.close()
+
+
+def _free() -> None:
+    """Give the previous engine's weights and KV cache back before the next one sizes its cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def compare(a: dict, b: dict) -> dict:
+    l1, l2 = a["logits"], b["logits"]
+    rel = float((l2 - l1).norm() / l1.norm())
+    same = [x == y for x, y in zip(a["tokens"], b["tokens"])]
+    tok = sum(u == v for x, y in zip(a["tokens"], b["tokens"]) for u, v in zip(x, y))
+    total = sum(len(x) for x in a["tokens"])
+    top2 = l1.topk(2, dim=-1).values
+    out = {"logits_rel_err": rel, "logits_max_abs_err": float((l2 - l1).abs().max()),
+           "argmax_equal_first_step": float((l1.argmax(-1) == l2.argmax(-1)).float().mean()),
+           "tp1_top2_margin_min": float((top2[:, 0] - top2[:, 1]).min()),
+           "continuations_identical_pct": 100.0 * sum(same) / len(same), "tokens_equal_pct": 100.0 * tok / total,
+           "pass_logits": rel <= 1e-2, "pass_tokens": sum(same) / len(same) >= 0.95}
+    if "decode_bs1_ms" in a and "decode_bs1_ms" in b:
+        out["decode_bs1_ratio_tp2_over_tp1"] = b["decode_bs1_ms"] / a["decode_bs1_ms"]
+        out["pass_latency"] = out["decode_bs1_ratio_tp2_over_tp1"] <= 0.6
+        out["throughput_ratio_tp2_over_tp1"] = b["throughput"]["output_tok_s"] / a["throughput"]["output_tok_s"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tp1", required=True, help="workspace (dir or NAME:TAG) converted with --tp 1")
+    ap.add_argument("--tp2", required=True, help="the same checkpoint converted with --tp 2")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--max-batch-size", type=int, default=None)
+    ap.add_argument("--no-speed", action="store_true", help="correctness only")
+    ap.add_argument("--json", default=None, help="write the results here too")
+    args = ap.parse_args(argv)
+    a = measure(args.tp1, 1, args)
+    _free()
+    b = measure(args.tp2, 2, args)
+    report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "gpus": torch.cuda.device_count(), "torch": torch.__version__, "dtype": args.dtype,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "prompts": args.prompts, "tokens": args.tokens,
+              "tp1": {k: v for k, v in a.items() if k not in ("logits", "tokens")},
+              "tp2": {k: v for k, v in b.items() if k not in ("logits", "tokens")}, **compare(a, b)}
+    text = json.dumps(report, indent=2)
+    print(text)
+    speed = ""
+    if "decode_bs1_ratio_tp2_over_tp1" in report:
+        speed = (f"; decode bs1 {a['decode_bs1_ms']:.2f} -> {b['decode_bs1_ms']:.2f} ms/step"
+                 f" ({report['decode_bs1_ratio_tp2_over_tp1']:.2f}x); {args.requests} requests"
+                 f" {a['throughput']['output_tok_s']:.0f} -> {b['throughput']['output_tok_s']:.0f} out tok/s"
+                 f" ({report['throughput_ratio_tp2_over_tp1']:.2f}x)")
+    print(f"summary: logits rel err {report['logits_rel_err']:.2e}; continuations identical"
+          f" {report['continuations_identical_pct']:.1f}% (tokens {report['tokens_equal_pct']:.1f}%){speed}")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0 if report["pass_logits"] and report["pass_tokens"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
