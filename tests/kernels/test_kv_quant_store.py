@@ -41,7 +41,7 @@ def test_per_token_store_matches_reference(bits, rotate):
 def _step(hkv, d, page, tables, done, new):
     """Keys, slots and the step's device tensors for sequences with `done` cached and `new` tokens."""
     k = _keys(sum(new), hkv, d)
-    slots = torch.cat([tables[i].long()[(torch.arange(done[i], done[i] + n) // page)] * page
+    slots = torch.cat([tables[i].long().cpu()[(torch.arange(done[i], done[i] + n) // page)] * page
                        + torch.arange(done[i], done[i] + n) % page for i, n in enumerate(new)]).to(DEVICE)
     lens = torch.tensor([c + n for c, n in zip(done, new)], dtype=torch.int32, device=DEVICE)
     qloc = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEVICE)

@@ -159,7 +159,7 @@ def test_running_sequences_share_prefix_blocks(tiny):
         llm.close()
 
 
-def test_incremental_detokenization_equals_a_full_decode(smol_llm):
+def test_smollm2_incremental_detokenization_equals_a_full_decode(smol_llm):
     """Streaming text, decoded a few ids at a time, is the full decode of the output ids at every step
     whose full decode is complete UTF-8 (multi-byte characters split over tokens included)."""
     from lmdepot.runtime.sequence import Sequence

@@ -168,7 +168,7 @@ def _encode(x: torch.Tensor, cache, kv: int):
         scale, zero = cache.static_params[kv]
         return quantize_static(x, scale, zero, cache.bits, cache.sym), None, None
     if cache.rotate:
-        x = x.float() @ hadamard(x.shape[-1])
+        x = x.float() @ hadamard_on(x.shape[-1], x.device)
     return quantize_online(x, cache.bits, cache.group)
 
 
@@ -207,6 +207,6 @@ def gather_kv_quant(cache, slots: torch.Tensor, dtype) -> tuple[torch.Tensor, to
             x = dequantize_online(q, s.view(-1, *s.shape[2:])[slots], z.view(-1, *z.shape[2:])[slots],
                                   torch.float32)
             if cache.rotate:
-                x = x @ hadamard(x.shape[-1])
+                x = x @ hadamard_on(x.shape[-1], x.device)
         out.append(x.to(dtype))
     return out[0], out[1]
