@@ -221,9 +221,14 @@ def serve_as_worker(workspace, ecfg, rank_: int) -> None:
             worker_loop(runner)
         except RuntimeError as exc:  # rank 0 went away (gloo reports the closed connection) or a step failed
             raise RuntimeLoadError(f"rank {rank_}: stopped following rank 0 ({_first_line(exc)})") from None
-    finally:
+    except BaseException:
         shutdown()
-    raise SystemExit(0)
+        raise
+    # Rank 0 closed the group and is tearing down the rendezvous store it hosts: an NCCL teardown here
+    # can wait on that store for ever (seen on 2 H200s), and the process is done anyway.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --- ranks 1..N-1 ---------------------------------------------------------------------------------
@@ -255,5 +260,9 @@ def worker_main(rank_: int, size: int, port: int, source: str, engine_cfg, error
                 errors.put(f"rank {rank_} failed to load: {type(exc).__name__}: {exc}")
             raise
         worker_loop(runner)
-    finally:
+    except BaseException:
         shutdown()
+        raise
+    sys.stdout.flush()   # as in serve_as_worker: no NCCL teardown against a store rank 0 is closing
+    sys.stderr.flush()
+    os._exit(0)
