@@ -27,6 +27,23 @@ def calib_options(fn):
     return fn
 
 
+def _workspace_options(fn):
+    """Where and how a quantizing command writes its workspace."""
+    options = [
+        click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks."),
+        click.option("--dst-path", required=True, type=click.Path(file_okay=False),
+                     help="Workspace directory to write."),
+        click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+                     help="Also store the calibration statistics there (for kv_qparams)."),
+        click.option("--model-name", default=None, help="model_name in config.ini (default: from the source)."),
+        click.option("--force", is_flag=True,
+                     help="Write into a non-empty dst (only files lmdepot writes are replaced)."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
 def _params(dataset, samples, seqlen) -> CalibParams:
     return CalibParams(dataset, parse_samples(samples), seqlen)
 
@@ -75,12 +92,7 @@ def calibrate(model, calib_dataset, calib_samples, calib_seqlen, device, work_di
 @click.option("--search-tokens", default=4096, show_default=True, type=click.IntRange(1),
               help="Calibration tokens (whole samples) the searches measure errors on.")
 @calib_options
-@click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
-@click.option("--dst-path", required=True, type=click.Path(file_okay=False), help="Workspace directory to write.")
-@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
-              help="Also store the calibration statistics there (for kv_qparams).")
-@click.option("--model-name", default=None, help="model_name in config.ini (default: from the source).")
-@click.option("--force", is_flag=True, help="Write into a non-empty dst (only files lmdepot writes are replaced).")
+@_workspace_options
 def auto_awq(model, w_bits, w_group_size, method, search_scale, search_tokens, calib_dataset, calib_samples,
              calib_seqlen, device, tp, dst_path, work_dir, model_name, force):
     """Quantize MODEL's linear weights to int4 and write an int4 workspace."""
@@ -101,12 +113,7 @@ def auto_awq(model, w_bits, w_group_size, method, search_scale, search_tokens, c
 @click.option("--alpha", default=0.5, show_default=True, type=float,
               help="Migration strength: s = absmax(x)^alpha / absmax(w)^(1-alpha), between 0 and 1.")
 @calib_options
-@click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
-@click.option("--dst-path", required=True, type=click.Path(file_okay=False), help="Workspace directory to write.")
-@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
-              help="Also store the calibration statistics there (for kv_qparams).")
-@click.option("--model-name", default=None, help="model_name in config.ini (default: from the source).")
-@click.option("--force", is_flag=True, help="Write into a non-empty dst (only files lmdepot writes are replaced).")
+@_workspace_options
 def smooth_quant(model, alpha, calib_dataset, calib_samples, calib_seqlen, device, tp, dst_path, work_dir,
                  model_name, force):
     """W8A8: calibrate MODEL, smooth activations into weights, write an int8 (weight_type = int8) workspace."""
