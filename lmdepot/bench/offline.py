@@ -70,6 +70,8 @@ def warmup(llm, vocab: int) -> None:
 
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     for n in (8, 16, 17, 128):
+        if n + params.max_tokens > llm.engine.session_len:
+            continue
         llm.generate([[3 + i % max(1, vocab - 3) for i in range(n)]], params)
 
 
