@@ -11,7 +11,11 @@ graph is captured once, at engine start, reading static input buffers that every
 
 The graph includes the final norm and lm_head: its output is the (b, vocab) logits. Captured ops
 must take every per-step value from these tensors, never from python values: the runner only uses a
-graph where that holds (see `DecodeGraphs.fits`), and everything else runs eagerly as before.
+graph where that holds (see `DecodeGraphs.fits` and `ModelRunner._graphs_apply`), and everything
+else runs eagerly as before. This holds for the float cache and for the quantized one (quant_policy
+8/4 with the Triton store and decode kernels): a padded row's codes, per-token scales/zeros and, in
+the `channel` scheme, its block's per-channel key params and exact first-key row all land in the
+scratch block, which every per-block tensor of the cache holds.
 
 With tensor parallelism every rank captures the same buckets in the same order at start (the NCCL
 all-reduces are captured too) and decides per step from the broadcast metadata alone, so all ranks
@@ -27,12 +31,21 @@ import torch
 
 from lmdepot.runtime.context import Context, SeqSlice, block_table_array, reset_context, set_context
 
-# Quantized KV caches (quant_policy 4/8) run eagerly until their ops are known to be graph-safe
-# (no python loops over ctx.seqs, no host syncs): flip this once they are.
-QUANT_KV_GRAPH_SAFE = False
 # Larger decode batches run eagerly: their launches are a small part of the step, and every bucket
 # costs capture time at start.
 MAX_GRAPH_BATCH = 256
+
+
+class GraphCaptureError(RuntimeError):
+    """A bucket's warm-up or capture raised: the runner warns with this one line and decodes eagerly."""
+
+    def __init__(self, bucket: int, exc: BaseException):
+        root = exc
+        while root.__context__ is not None:   # a failed capture_end hides the op that broke the capture
+            root = root.__context__
+        first = (str(root).strip().splitlines() or [""])[0]
+        super().__init__(f"CUDA graph capture failed at batch {bucket} ({type(root).__name__}: {first})")
+        self.bucket = bucket
 
 
 def buckets(max_bs: int) -> list[int]:
@@ -108,28 +121,36 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture_all(self, quiet: bool = True) -> None:
+        """Capture every bucket; on any error drop what was captured and raise GraphCaptureError."""
         if not self.capture:
             return
         t0 = time.perf_counter()
         # Largest first: the shared pool is sized by the biggest bucket and the smaller ones reuse it.
         for b in reversed(self.sizes):
-            set_context(self._context(b))
             try:
-                self._forward(b)   # warm-up outside the graph: Triton compiles, cuBLAS picks, NCCL inits
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: CUDA calls of other threads (NCCL's watchdog, a server's) do not void the capture
-                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                    self.outputs[b] = self._forward(b)
-            finally:
-                reset_context()
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[b] = graph
+                self._capture_one(b)
+            except Exception as exc:
+                self.close()
+                raise GraphCaptureError(b, exc) from exc
         torch.cuda.synchronize(self.device)
         if not quiet:
             print(f"[lmdepot] captured {len(self.sizes)} decode CUDA graphs (batch {self.sizes[0]}..{self.sizes[-1]})"
                   f" in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    def _capture_one(self, b: int) -> None:
+        set_context(self._context(b))
+        try:
+            self._forward(b)   # warm-up outside the graph: Triton compiles, cuBLAS picks, NCCL inits
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA calls of other threads (NCCL's watchdog, a server's) do not void the capture
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                self.outputs[b] = self._forward(b)
+        finally:
+            reset_context()
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[b] = graph
 
     # --- one step ------------------------------------------------------------------------------------
     def run(self, meta: dict) -> torch.Tensor:
@@ -141,8 +162,9 @@ class DecodeGraphs:
         rows = torch.tensor([meta["tokens"] + [0] * pad, meta["positions"] + [0] * pad,
                              meta["slots"] + [self.scratch_slot] * pad, lens], dtype=torch.int64)
         scratch_block = self.scratch_slot // self.block_size
+        # filled with the scratch block too: no row's table points at a real block it does not own
         tables = torch.from_numpy(block_table_array([t for _, _, t in meta["seqs"]] + [[scratch_block]] * pad,
-                                                    self.max_blocks))
+                                                    self.max_blocks, fill=scratch_block))
         if self.device.type == "cuda":   # pinned: the copies are queued behind the previous step, no sync
             rows, tables = rows.pin_memory(), tables.pin_memory()
         self.tokens[:b].copy_(rows[0], non_blocking=True)

@@ -14,7 +14,7 @@ import torch
 from lmdepot.runtime import ops, tp
 from lmdepot.runtime.config import EngineConfig
 from lmdepot.runtime.context import Context, SeqSlice, block_table_array, reset_context, set_context
-from lmdepot.runtime.cuda_graph import QUANT_KV_GRAPH_SAFE, DecodeGraphs
+from lmdepot.runtime.cuda_graph import DecodeGraphs, GraphCaptureError
 from lmdepot.runtime.errors import CacheFullError
 from lmdepot.runtime.kv_cache import allocate, kv_block_bytes, load_static_scales, make_spec
 from lmdepot.runtime.loader import load_rank
@@ -72,7 +72,26 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.block_size, -(-session_len // self.block_size), max_bs,
                                        self.num_blocks, cfg.sliding_window, self.device,
                                        capture=self.device.type == "cuda")
-            self.graphs.capture_all(quiet=ecfg.quiet or tp.rank() != 0)
+            self._capture_graphs(quiet=ecfg.quiet or tp.rank() != 0)
+
+    def _capture_graphs(self, quiet: bool) -> None:
+        """A capture that raises (an op not graph-safe after all, a driver limit) costs speed, not the
+        engine: one warning line, then every step runs eagerly."""
+        error = None
+        try:
+            self.graphs.capture_all(quiet=quiet)
+        except GraphCaptureError as exc:
+            error = exc
+        failed = error is not None
+        if tp.world_size() > 1:   # all ranks replay the same graphs or none (a failure is usually on all)
+            t = torch.tensor([int(failed)], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            failed = bool(t)
+        if failed:
+            if error is not None:
+                rank = f" (rank {tp.rank()})" if tp.world_size() > 1 else ""
+                print(f"[lmdepot] warning{rank}: {error}; decode steps run eagerly", file=sys.stderr)
+            self.close_graphs()
 
     def _graphs_apply(self, ecfg: EngineConfig) -> bool:
         """CUDA graphs for decode steps, unless --eager or an op on the decode path is not graph-safe.
@@ -81,16 +100,22 @@ class ModelRunner:
             return False
         if self.device.type != "cuda" and os.environ.get("LMDEPOT_GRAPHS_ON_CPU") != "1":
             return False
-        if self.kv_spec.bits and not QUANT_KV_GRAPH_SAFE:
-            return False
         if self.device.type != "cuda":
             return True
-        # The Triton decode kernel (graph-safe) needs head_dim and pages of at least 16; smaller ones, or
-        # another attention op registered (tests swap in the reference), loop over the sequences in python.
+        # The Triton decode kernels (graph-safe) need head_dim and pages of at least 16; smaller ones, or
+        # other attention ops registered (tests swap in the reference), loop over the sequences in python.
         from lmdepot.runtime.ops import triton_ops
 
-        return ops.get("paged_attention") in (triton_ops.paged_attention, triton_ops.paged_attention_kernel) \
-            and self.cfg.size_per_head >= 16 and self.block_size >= 16
+        if self.cfg.size_per_head < 16 or self.block_size < 16:
+            return False
+        if not self.kv_spec.bits:
+            return ops.get("paged_attention") in (triton_ops.paged_attention, triton_ops.paged_attention_kernel)
+        # Quantized cache: its Triton store and decode kernels read only the Context's tensors; the torch
+        # references they fall back to (static scales, groups smaller than a head, a head_dim that is not
+        # a power of two) sync on the host (the channel store) or loop over ctx.seqs (attention).
+        return ops.get("store_kv_quant") is triton_ops.store_kv_quant \
+            and ops.get("paged_attention_quant") is triton_ops.paged_attention_quant \
+            and triton_ops._kv_kernels_fit(self.kv_spec, self.cfg.size_per_head)
 
     def _size_cache(self, ecfg: EngineConfig) -> int:
         block = self.block_bytes = kv_block_bytes(self.cfg, self.block_size, self.kv_spec)
