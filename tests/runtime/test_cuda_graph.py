@@ -83,15 +83,26 @@ def test_padded_decode_path_under_tp2(tiny, monkeypatch):
         assert 8 in llm.engine.runner.graphs.used   # 5 rows padded to 8
 
 
+def _capture_time_context(monkeypatch):
+    """Padded steps see the Context a graph's python code saw while capturing (every ctx.seqs entry a
+    1-token sequence): an op that reads a per-step value from python instead of the buffers goes wrong."""
+    from lmdepot.runtime import cuda_graph
+
+    at_capture = cuda_graph.DecodeGraphs._context
+    monkeypatch.setattr(cuda_graph.DecodeGraphs, "_context", lambda self, b, lens=None: at_capture(self, b))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter on CPU tensors; the GPU runs test_gpu.py")
 def test_padded_path_through_the_triton_kernels(tiny, monkeypatch):
     """The static buffers as the captured kernels read them (Triton's interpreter on the CPU): padded
-    rows, scratch-block tables and full-width block tables give the eager kernels' logits."""
+    rows, scratch-block tables and full-width block tables give the eager kernels' logits, with the
+    capture-time Context (1-token ctx.seqs) as a captured graph's python code saw it."""
     from lmdepot.runtime import ops
     from lmdepot.runtime.kernels import paged_decode_attention as decode_mod
     from lmdepot.runtime.ops import triton_ops
 
     monkeypatch.setenv("LMDEPOT_GRAPHS_ON_CPU", "1")
+    _capture_time_context(monkeypatch)
     for name, fn in (("rope_store_kv", triton_ops.rope_store_kv_kernel),
                      ("paged_attention", triton_ops.paged_attention_kernel)):
         monkeypatch.setitem(ops._TABLE, name, fn)
@@ -161,8 +172,11 @@ def _quant_kernels(monkeypatch):
 @pytest.mark.parametrize("policy, scheme", QUANT)
 def test_padded_quant_path_through_the_triton_kernels(tiny, monkeypatch, policy, scheme):
     """The quantized cache's store and decode kernels on the static buffers (padded rows, scratch-block
-    tables, full-width tables) give the eager engine's tokens and per-step logits."""
+    tables, full-width tables) give the eager engine's tokens and per-step logits. The padded steps
+    run with the capture-time Context (every ctx.seqs entry a 1-token sequence, as the python code
+    saw it while capturing): the kernels must read each per-step value from the buffers."""
     _quant_kernels(monkeypatch)
+    _capture_time_context(monkeypatch)
     _, ws = tiny("llama")
     kw = dict(dtype="fp32", num_kv_blocks=24, cache_block_seq_len=16, max_batch_size=4, session_len=64, quiet=True,
               quant_policy=policy, kv_scheme=scheme)
@@ -205,6 +219,7 @@ def test_padded_rows_write_only_the_scratch_block_of_a_quantized_cache(tiny, mon
     per-token scales/zeros, per-block key params and first-key rows) outside the new tokens' slots
     (for channel keys: outside the sequences' last blocks) and the scratch block stays as it was."""
     _quant_kernels(monkeypatch)
+    _capture_time_context(monkeypatch)
     monkeypatch.setenv("LMDEPOT_GRAPHS_ON_CPU", "1")
     _, ws = tiny("llama")
     with LLM(ws, dtype="fp32", num_kv_blocks=12, cache_block_seq_len=16, max_batch_size=8, session_len=64,
