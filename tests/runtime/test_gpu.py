@@ -250,3 +250,12 @@ def test_cuda_graphs_over_a_quantized_kv_cache_match_eager(gqa_model, capsys, po
             assert torch.equal(out.argmax(-1)[clear], eager.argmax(-1)[clear])
     finally:
         llm.close()
+
+
+def test_a_quantized_cache_without_its_kernels_decodes_eagerly(gqa_model):
+    """Groups smaller than a head have no Triton kernel: their torch reference loops over the
+    sequences in python, so no graph is captured (and generation still works)."""
+    _, ws = gqa_model
+    with LLM(ws, quant_policy=8, kv_group_size=32, **GRAPH_LLM) as llm:
+        assert llm.engine.runner.graphs is None
+        assert llm.generate([list(range(3, 30))], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
