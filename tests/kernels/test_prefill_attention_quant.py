@@ -14,6 +14,7 @@ SCHEMES = [(8, "plain"), (4, "plain"), (4, "rotate"), (4, "channel")]
 # Plain prefill (ctx == q), prefix hits / later chunks (ctx > q, odd lengths), decode rows (q = 1).
 MIXED = [(7, 7), (1, 23), (19, 40), (1, 1), (5, 70)]
 SMALL = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+NEW_KV = torch.empty(0, 2, 64)   # the ops' k/v arguments: only their kv head count is read (stored already)
 
 
 def _batch(seqs, spec, page, hq, hkv, d, dtype, seed):
@@ -95,3 +96,79 @@ def test_real_size_llama3_gqa(bits, scheme, seqs):
     """Llama-3-8B attention shapes (32 q heads, 8 kv heads, head_dim 128, pages of 64), the launcher's
     own tile choice."""
     _check(seqs, bits, scheme, 64, 32, 8, 128, torch.bfloat16, config=None)
+
+
+def _context(seqs, tables, starts, lens, page, window=0):
+    from lmdepot.runtime.context import Context, SeqSlice
+
+    slices = [SeqSlice(int(starts[i]), q, n, tables[i].long()) for i, (q, n) in enumerate(seqs)]
+    return Context(None, slices, page, window, block_tables=tables, context_lens=lens, q_start_loc=starts,
+                   max_q_len=max(q for q, _ in seqs), max_ctx_len=max(n for _, n in seqs))
+
+
+@pytest.mark.parametrize("seqs, window, kernel", [
+    (MIXED, 0, "prefill"),                  # prefill + extend + decode rows: one prefill-quant launch
+    ([(1, 23), (1, 40)], 0, "decode"),      # decode-only: the split-K decode-quant kernel
+    ([(1, 23), (1, 40)], 30, "prefill"),    # decode-only but the window cuts in: the prefill kernel
+])
+def test_routing(monkeypatch, seqs, window, kernel):
+    """ops/triton_ops' routing (without its device check) picks the kernel and matches the reference op."""
+    from lmdepot.runtime.kernels import paged_decode_attention_quant as decode_mod
+    from lmdepot.runtime.kernels import prefill_attention_quant as prefill_mod
+    from lmdepot.runtime.ops import reference as ref_ops
+    from lmdepot.runtime.ops import triton_ops
+
+    calls = []
+    for mod, name in ((prefill_mod, "prefill_attention_quant"), (decode_mod, "paged_decode_attention_quant")):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=name, **kw: calls.append(_n) or _o(*a, **kw))
+    spec = make_spec(4, DTYPES[0], 64)
+    q, cache, tables, starts, lens = _batch(seqs, spec, 16, 4, 2, 64, DTYPES[0], 5)
+    ctx = _context(seqs, tables, starts, lens, 16, window)
+    y = triton_ops.paged_attention_quant_kernel(q, NEW_KV, NEW_KV, cache, ctx, 64 ** -0.5)
+    assert calls == [f"{'prefill_attention_quant' if kernel == 'prefill' else 'paged_decode_attention_quant'}"]
+    want = ref_ops.paged_attention_quant(q, NEW_KV, NEW_KV, cache, ctx, 64 ** -0.5)
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+
+
+def test_static_scales_stay_on_the_reference(monkeypatch):
+    from lmdepot.runtime.ops import triton_ops
+
+    spec = make_spec(8, DTYPES[0], 64, kv_scales="static")
+    params = [(torch.full((2,), 0.05), torch.zeros(2)), (torch.full((2,), 0.05), torch.zeros(2))]
+    cache = allocate(spec, 4, 16, 2, 64, static_params=params, device=DEVICE)
+    seqs = [(5, 5)]
+    tables = torch.tensor([[2]], dtype=torch.int32, device=DEVICE)
+    ctx = _context(seqs, tables, torch.tensor([0, 5], dtype=torch.int32, device=DEVICE),
+                   torch.tensor([5], dtype=torch.int32, device=DEVICE), 16)
+    store_kv_quant(torch.randn(5, 2, 64, device=DEVICE), torch.randn(5, 2, 64, device=DEVICE), cache,
+                   torch.arange(32, 37, device=DEVICE))
+    monkeypatch.setattr(triton_ops, "_prefill_quant", lambda *a: pytest.fail("static scales reached the kernel"))
+    q = torch.randn(5, 4, 64, device=DEVICE, dtype=DTYPES[0])
+    y = triton_ops.paged_attention_quant_kernel(q, NEW_KV, NEW_KV, cache, ctx, 0.125)
+    assert y.shape == q.shape and not y.isnan().any()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the safety net only guards CUDA launches")
+def test_failed_first_launch_warns_and_uses_the_reference(monkeypatch):
+    from lmdepot.runtime.kernels import prefill_attention_quant as prefill_mod
+    from lmdepot.runtime.ops import reference as ref_ops
+    from lmdepot.runtime.ops import triton_ops
+
+    def broken(*a, **kw):
+        raise RuntimeError("no compile\nsecond line")
+
+    monkeypatch.setattr(prefill_mod, "prefill_attention_quant", broken)
+    monkeypatch.setattr(triton_ops, "_prefill_quant_state", {})
+    spec = make_spec(8, torch.float16, 64)
+    q, cache, tables, starts, lens = _batch(MIXED, spec, 16, 4, 2, 64, torch.float16, 7)
+    ctx = _context(MIXED, tables, starts, lens, 16)
+    want = ref_ops.paged_attention_quant(q, NEW_KV, NEW_KV, cache, ctx, 0.125)
+    with pytest.warns(UserWarning, match=r"^prefill_attention_quant kernel failed \(RuntimeError: no compile\)"):
+        y = triton_ops.paged_attention_quant(q, NEW_KV, NEW_KV, cache, ctx, 0.125)
+    torch.testing.assert_close(y, want)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # warned once: later steps go to the reference silently
+        torch.testing.assert_close(triton_ops.paged_attention_quant(q, NEW_KV, NEW_KV, cache, ctx, 0.125), want)
