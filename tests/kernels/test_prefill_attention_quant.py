@@ -150,21 +150,34 @@ def test_static_scales_stay_on_the_reference(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the safety net only guards CUDA launches")
-def test_failed_first_launch_warns_and_uses_the_reference(monkeypatch):
+@pytest.mark.parametrize("launched_before, error, falls_back", [
+    (False, RuntimeError("no compile\nsecond line"), True),   # the first launch raises: anything
+    (True, None, True),                                        # later: a Triton compile/resource error
+    (True, RuntimeError("device-side assert"), False),         # later: a runtime error propagates
+])
+def test_failed_launch_warns_once_and_uses_the_reference(monkeypatch, launched_before, error, falls_back):
+    from triton.runtime.errors import OutOfResources
+
     from lmdepot.runtime.kernels import prefill_attention_quant as prefill_mod
     from lmdepot.runtime.ops import reference as ref_ops
     from lmdepot.runtime.ops import triton_ops
 
+    error = error or OutOfResources(300000, 232448, "shared memory")
+
     def broken(*a, **kw):
-        raise RuntimeError("no compile\nsecond line")
+        raise error
 
     monkeypatch.setattr(prefill_mod, "prefill_attention_quant", broken)
-    monkeypatch.setattr(triton_ops, "_prefill_quant_state", {})
+    monkeypatch.setattr(triton_ops, "_prefill_quant_state", {(8, False, 64): True} if launched_before else {})
     spec = make_spec(8, torch.float16, 64)
     q, cache, tables, starts, lens = _batch(MIXED, spec, 16, 4, 2, 64, torch.float16, 7)
     ctx = _context(MIXED, tables, starts, lens, 16)
+    if not falls_back:
+        with pytest.raises(RuntimeError, match="device-side assert"):
+            triton_ops.paged_attention_quant(q, NEW_KV, NEW_KV, cache, ctx, 0.125)
+        return
     want = ref_ops.paged_attention_quant(q, NEW_KV, NEW_KV, cache, ctx, 0.125)
-    with pytest.warns(UserWarning, match=r"^prefill_attention_quant kernel failed \(RuntimeError: no compile\)"):
+    with pytest.warns(UserWarning, match=rf"^prefill_attention_quant kernel failed \({type(error).__name__}: "):
         y = triton_ops.paged_attention_quant(q, NEW_KV, NEW_KV, cache, ctx, 0.125)
     torch.testing.assert_close(y, want)
     import warnings

@@ -182,8 +182,9 @@ _prefill_quant_state: dict = {}   # (bits, key_channel, head_dim) -> True once l
 
 
 def _prefill_quant(q, k, v, cache, ctx, scale):
-    """Safety net for a kernel no GPU has compiled yet: if a variant's first CUDA launch raises (a
-    Triton compile or resource error), warn once and use the reference for it from then on."""
+    """Safety net for a kernel no GPU had compiled when it was written: if its first CUDA launch for a
+    cache variant raises, or any later launch hits a Triton compile/resource error (a new tile
+    config), warn once and use the reference for that variant from then on."""
     from lmdepot.runtime.kernels.prefill_attention_quant import prefill_attention_quant
 
     key = (cache.bits, cache.key_channel, q.shape[-1])
@@ -193,8 +194,12 @@ def _prefill_quant(q, k, v, cache, ctx, scale):
         out = prefill_attention_quant(q, cache, ctx.block_tables, ctx.q_start_loc, ctx.context_lens,
                                       ctx.max_q_len, scale, ctx.sliding_window)
     except Exception as exc:
-        if not q.is_cuda or key in _prefill_quant_state:   # the interpreter's tests, or it ran before
-            raise
+        try:
+            from triton.errors import TritonError
+        except ImportError:   # older Triton: no common base class
+            TritonError = ()
+        if not q.is_cuda or (key in _prefill_quant_state and not isinstance(exc, TritonError)):
+            raise   # the interpreter's tests see every error; a runtime error after a good launch too
         import warnings
 
         _prefill_quant_state[key] = False
