@@ -9,6 +9,7 @@ registers right after the load, so the cache is read at its quantized size:
   channel, and the block's first key read exactly from its fp16 sink row.
 int4 codes sit two per byte (channel 2i in the low nibble). A Hadamard rotation is undone outside
 the kernel: q.k = (qH).(kH) for rotated keys, and sum p (vH) H = (sum p vH) H for rotated values.
+The tile loaders live in kv_quant_tile.py, shared with prefill_attention_quant.py.
 """
 
 from __future__ import annotations
