@@ -12,10 +12,13 @@ import torch
 
 from lmdepot.runtime import ops
 from lmdepot.runtime.llm import LLM
-from lmdepot.runtime.ops import reference
+from lmdepot.runtime.ops import kv_quant, reference
 from lmdepot.runtime.sequence import SamplingParams
 
-ATTENTION_OPS = ("rope_store_kv", "paged_attention")
+# The reference of every op a kernel test may replace (float cache, then quantized cache).
+REFERENCE_OPS = {"rope_store_kv": reference.rope_store_kv, "paged_attention": reference.paged_attention,
+                 "store_kv_quant": kv_quant.store_kv_quant,
+                 "paged_attention_quant": reference.paged_attention_quant}
 
 
 def scenario_prompts(vocab: int, seed: int = 0):
@@ -53,15 +56,15 @@ def teacher_forced_logits(llm, ids):
 
 
 def check_kernels_follow_reference(ws, device: str, kernel_ops: dict, vocab: int, max_tokens: int = 6,
-                                   tie: float = 0.05):
+                                   tie: float = 0.05, engine_kw: dict | None = None):
     """Greedy tokens of the engine with `kernel_ops` installed equal the reference engine's argmax at
     every step, up to near-ties (top-2 logits closer than `tie`, which fp16 kernels may break either
     way). Returns (steps, prefix hits) of the kernel run for the caller's scenario checks."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     first, batch = scenario_prompts(vocab)
     kw = dict(device=device, dtype="fp16", cache_block_seq_len=16, num_kv_blocks=64, max_batch_size=8,
-              max_num_batched_tokens=24, quiet=True)
-    saved = {name: ops._TABLE[name] for name in ATTENTION_OPS}
+              max_num_batched_tokens=24, quiet=True) | (engine_kw or {})
+    saved = {name: ops._TABLE[name] for name in REFERENCE_OPS}
     try:
         for name, fn in kernel_ops.items():
             ops.register(name, fn)
@@ -70,8 +73,8 @@ def check_kernels_follow_reference(ws, device: str, kernel_ops: dict, vocab: int
             outs, steps, hits = generate_with_spy(llm, first, batch, params)
         finally:
             llm.close()
-        for name in ATTENTION_OPS:
-            ops.register(name, getattr(reference, name))
+        for name, fn in REFERENCE_OPS.items():
+            ops.register(name, fn)
         ref = LLM(ws, **kw)
         try:
             for prompt, out in zip([first, *batch], outs):

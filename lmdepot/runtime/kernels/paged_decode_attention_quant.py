@@ -9,6 +9,7 @@ registers right after the load, so the cache is read at its quantized size:
   channel, and the block's first key read exactly from its fp16 sink row.
 int4 codes sit two per byte (channel 2i in the low nibble). A Hadamard rotation is undone outside
 the kernel: q.k = (qH).(kH) for rotated keys, and sum p (vH) H = (sum p vH) H for rotated values.
+The tile loaders live in kv_quant_tile.py, shared with prefill_attention_quant.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmdepot.runtime.kernels.kv_quant_tile import channel_key_tile, per_token_tile
 from lmdepot.runtime.kernels.paged_decode_attention import merge_splits, split_plan
 from lmdepot.runtime.kernels.scratch import scratch
 
@@ -38,28 +40,6 @@ def reference(q, cache, block_tables, seq_lens, sm_scale):
         scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * sm_scale
         out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(q.dtype)
     return out
-
-
-@triton.jit
-def _codes(ptr, blk, offs_s, offs_d, s_b, s_s, s_h, kvh, mask, BITS: tl.constexpr):
-    """(PAGE, BLOCK_D) codes of one page and kv head as float32."""
-    base = ptr + blk * s_b + offs_s[:, None] * s_s + kvh * s_h
-    if BITS == 4:
-        byte = tl.load(base + offs_d[None, :] // 2, mask=mask, other=0)
-        code = (byte >> ((offs_d[None, :] % 2) * 4).to(tl.uint8)) & 0xF
-    else:
-        code = tl.load(base + offs_d[None, :], mask=mask, other=0)
-    return code.to(tl.float32)
-
-
-@triton.jit
-def _per_token(c_ptr, s_ptr, z_ptr, blk, offs_s, offs_d, kvh, mask,
-               c_b, c_s, c_h, p_b, p_s, p_h, BITS: tl.constexpr, GROUP: tl.constexpr):
-    code = _codes(c_ptr, blk, offs_s, offs_d, c_b, c_s, c_h, kvh, mask, BITS)
-    p = blk * p_b + offs_s[:, None] * p_s + kvh * p_h + offs_d[None, :] // GROUP
-    scale = tl.load(s_ptr + p, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + p, mask=mask, other=0).to(tl.float32)
-    return (code - zero) * scale
 
 
 @triton.jit
@@ -88,23 +68,19 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
         blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
         mask_s = p * PAGE + offs_s < seq_len
         kv_mask = mask_s[:, None] & mask_d[None, :]
-        if KEY_CHANNEL:
-            code = _codes(kc_ptr, blk, offs_s, offs_d, c_b, c_s, c_h, kvh, kv_mask, BITS)
-            ch = blk * ch_b + kvh * ch_h + offs_d
-            scale = tl.load(ks_ptr + ch, mask=mask_d, other=0.0).to(tl.float32)
-            lo = tl.load(kmin_ptr + ch, mask=mask_d, other=0.0).to(tl.float32)
-            sink = tl.load(ksink_ptr + ch, mask=mask_d, other=0.0).to(tl.float32)
-            k = tl.where(offs_s[:, None] == 0, sink[None, :], code * scale[None, :] + lo[None, :])
+        c_row = blk * c_b + offs_s[:, None] * c_s + kvh * c_h
+        p_row = blk * p_b + offs_s[:, None] * p_s + kvh * p_h
+        if KEY_CHANNEL:   # one block: its per-channel params are one (1, BLOCK_D) row
+            k = channel_key_tile(kc_ptr, ks_ptr, kmin_ptr, ksink_ptr, c_row, blk * ch_b + kvh * ch_h,
+                                 offs_s[:, None] == 0, offs_d, kv_mask, mask_d[None, :], BITS)
         else:
-            k = _per_token(kc_ptr, ks_ptr, kz_ptr, blk, offs_s, offs_d, kvh, kv_mask,
-                           c_b, c_s, c_h, p_b, p_s, p_h, BITS, GROUP)
+            k = per_token_tile(kc_ptr, ks_ptr, kz_ptr, c_row, p_row, offs_d, kv_mask, BITS, GROUP)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * sm_scale
         s = tl.where(mask_s[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         prob = tl.exp(s - m_new[:, None])
-        v = _per_token(vc_ptr, vs_ptr, vz_ptr, blk, offs_s, offs_d, kvh, kv_mask,
-                       c_b, c_s, c_h, p_b, p_s, p_h, BITS, GROUP)
+        v = per_token_tile(vc_ptr, vs_ptr, vz_ptr, c_row, p_row, offs_d, kv_mask, BITS, GROUP)
         v = tl.where(kv_mask, v, 0.0)
         l = l * alpha + tl.sum(prob, axis=1)
         acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))

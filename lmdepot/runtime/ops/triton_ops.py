@@ -127,7 +127,7 @@ def _install_w8a8() -> None:
         ops.register(name, fn)
 
 
-# --- quantized KV cache (int8 / int4 online): store and decode-attention kernels -----------------
+# --- quantized KV cache (int8 / int4 online): store, prefill and decode attention kernels ------
 
 def _kv_kernels_fit(cache, head_dim: int) -> bool:
     """Online caches with one quantizer per token and head (the defaults), power-of-two heads."""
@@ -156,14 +156,59 @@ def store_kv_quant(k, v, cache, slot_mapping):
 
 
 def paged_attention_quant(q, k, v, cache, ctx, scale):
-    """Decode steps read the int8/int4 codes in the split-K kernel; the rest uses the reference."""
-    window = ctx.sliding_window
-    if not q.is_cuda or not _kv_kernels_fit(cache, q.shape[-1]) or cache.codes[0].shape[1] < 16 or \
-            any(s.q_len != 1 or (window and s.ctx_len > window) for s in ctx.seqs):
+    if not q.is_cuda:
         return reference.paged_attention_quant(q, k, v, cache, ctx, scale)
-    from lmdepot.runtime.kernels.paged_decode_attention_quant import paged_decode_attention_quant
+    return paged_attention_quant_kernel(q, k, v, cache, ctx, scale)
 
-    return paged_decode_attention_quant(q, cache, ctx.block_tables, ctx.context_lens, scale)
+
+def paged_attention_quant_kernel(q, k, v, cache, ctx, scale):
+    """As paged_attention_kernel over an int8/int4 cache: decode-only steps use the split-K
+    decode-quant kernel, prefill/extend/mixed steps (and windowed decodes) the prefill-quant kernel;
+    static scales, other group sizes, fp32 and tiny heads the reference. Reads only ctx's device
+    tensors and python ints (CUDA-graph safe)."""
+    window = ctx.sliding_window
+    if q.shape[0] == 0 or ctx.block_tables is None or not _kv_kernels_fit(cache, q.shape[-1]):
+        return reference.paged_attention_quant(q, k, v, cache, ctx, scale)
+    if ctx.is_decode and cache.codes[0].shape[1] >= 16 and not (window and ctx.max_ctx_len > window):
+        from lmdepot.runtime.kernels.paged_decode_attention_quant import paged_decode_attention_quant
+
+        return paged_decode_attention_quant(q, cache, ctx.block_tables, ctx.context_lens, scale)
+    if q.dtype == torch.float32:   # fp32 dots would run as tf32
+        return reference.paged_attention_quant(q, k, v, cache, ctx, scale)
+    return _prefill_quant(q, k, v, cache, ctx, scale)
+
+
+_prefill_quant_state: dict = {}   # (bits, key_channel, head_dim) -> True once launched, False once failed
+
+
+def _prefill_quant(q, k, v, cache, ctx, scale):
+    """Safety net for a kernel no GPU had compiled when it was written: if its first CUDA launch for a
+    cache variant raises, or any later launch hits a Triton compile/resource error (a new tile
+    config), warn once and use the reference for that variant from then on."""
+    from lmdepot.runtime.kernels.prefill_attention_quant import prefill_attention_quant
+
+    key = (cache.bits, cache.key_channel, q.shape[-1])
+    if _prefill_quant_state.get(key) is False:
+        return reference.paged_attention_quant(q, k, v, cache, ctx, scale)
+    try:
+        out = prefill_attention_quant(q, cache, ctx.block_tables, ctx.q_start_loc, ctx.context_lens,
+                                      ctx.max_q_len, scale, ctx.sliding_window)
+    except Exception as exc:
+        try:
+            from triton.errors import TritonError
+        except ImportError:   # older Triton: no common base class
+            TritonError = ()
+        if not q.is_cuda or (key in _prefill_quant_state and not isinstance(exc, TritonError)):
+            raise   # the interpreter's tests see every error; a runtime error after a good launch too
+        import warnings
+
+        _prefill_quant_state[key] = False
+        msg = str(exc).strip().splitlines()
+        warnings.warn(f"prefill_attention_quant kernel failed ({type(exc).__name__}: "
+                      f"{msg[0] if msg else ''}); using the torch reference")
+        return reference.paged_attention_quant(q, k, v, cache, ctx, scale)
+    _prefill_quant_state[key] = True
+    return out
 
 
 def _install_kv_quant() -> None:
