@@ -151,3 +151,24 @@ def eval_ppl_error(*args) -> str:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     return lines[0]
+
+
+def record_graph_and_eager_steps(runner, graphs) -> list:
+    """Make every step that replays a graph run eagerly on the same metadata first; returns the
+    list that collects (batch, eager logits, graph logits)."""
+    execute, pairs = runner.execute, []
+
+    def both(meta):
+        if not graphs.fits(meta, runner.cfg):
+            return execute(meta)
+        runner.graphs = None
+        try:
+            eager = execute(meta).clone()
+        finally:
+            runner.graphs = graphs
+        out = execute(meta)
+        pairs.append((len(meta["seqs"]), eager, out.clone()))
+        return out
+
+    runner.execute = both
+    return pairs

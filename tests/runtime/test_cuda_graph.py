@@ -8,6 +8,7 @@ import torch
 from lmdepot.runtime.cuda_graph import buckets
 from lmdepot.runtime.llm import LLM
 from lmdepot.runtime.sequence import SamplingParams
+from runtime_helpers import record_graph_and_eager_steps
 
 
 def test_buckets():
@@ -113,25 +114,13 @@ def test_padded_path_through_the_triton_kernels(tiny, monkeypatch):
     with LLM(ws, dtype="fp32", num_kv_blocks=24, cache_block_seq_len=16, max_batch_size=4, session_len=64,
              quiet=True) as llm:
         runner = llm.engine.runner
-        graphs, execute, pairs = runner.graphs, runner.execute, []
-
-        def both(meta):
-            if not graphs.fits(meta, runner.cfg):
-                return execute(meta)
-            runner.graphs = None
-            try:
-                eager = execute(meta).clone()
-            finally:
-                runner.graphs = graphs
-            pairs.append((eager, execute(meta).clone()))
-            return pairs[-1][1]
-
-        runner.execute = both
+        graphs = runner.graphs
+        pairs = record_graph_and_eager_steps(runner, graphs)
         prompts = _prompts()[:3]
         llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 6, 4)])
     assert graphs.used == {1, 2, 4} and len(pairs) == 5
     assert (4, 4) in calls   # the padded batch: 4 rows, block tables as wide as session_len / 16
-    for eager, padded in pairs:
+    for _, eager, padded in pairs:
         assert torch.allclose(eager, padded, atol=1e-5, rtol=1e-5)
 
 

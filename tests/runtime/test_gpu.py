@@ -6,6 +6,7 @@ import torch
 from lmdepot.convert.converter import ConvertOptions, convert_model
 from lmdepot.runtime.llm import LLM
 from lmdepot.runtime.sequence import SamplingParams
+from runtime_helpers import record_graph_and_eager_steps
 from tests.tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -77,27 +78,6 @@ GRAPH_LLM = dict(device="cuda", dtype="fp16", cache_block_seq_len=16, num_kv_blo
                  session_len=256, quiet=True)
 
 
-def _record_graph_and_eager_steps(runner, graphs) -> list:
-    """Make every step that replays a graph run eagerly on the same metadata first; returns the
-    list that collects (batch, eager logits, graph logits)."""
-    execute, pairs = runner.execute, []
-
-    def both(meta):
-        if not graphs.fits(meta, runner.cfg):
-            return execute(meta)
-        runner.graphs = None
-        try:
-            eager = execute(meta).clone()
-        finally:
-            runner.graphs = graphs
-        out = execute(meta)
-        pairs.append((len(meta["seqs"]), eager, out.clone()))
-        return out
-
-    runner.execute = both
-    return pairs
-
-
 def _assert_steps_agree(pairs) -> None:
     """Logits within 1e-2 relative and the same argmax wherever the top two are not near a tie."""
     for n, eager, out in pairs:
@@ -116,7 +96,7 @@ def test_cuda_graph_decode_logits_match_eager(gqa_model):
         runner = llm.engine.runner
         graphs = runner.graphs
         assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8, 16]
-        pairs = _record_graph_and_eager_steps(runner, graphs)
+        pairs = record_graph_and_eager_steps(runner, graphs)
         prompts, params = _mixed_prompts()
         for n in (1, 2, 3, 5, 8, 11):
             llm.generate(prompts[:n], params[:n])
@@ -235,7 +215,7 @@ def test_cuda_graphs_over_a_quantized_kv_cache_match_eager(gqa_model, capsys, po
         assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8, 16]
         assert "capture failed" not in capsys.readouterr().err
         assert runner.model.layers[0].attention.kv_quant.bits == policy
-        pairs = _record_graph_and_eager_steps(runner, graphs)
+        pairs = record_graph_and_eager_steps(runner, graphs)
         prompts, params = _mixed_prompts()
         for n in (1, 3, 11):
             llm.generate(prompts[:n], params[:n])
