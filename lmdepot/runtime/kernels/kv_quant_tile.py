@@ -1,4 +1,4 @@
-"""`@triton.jit` helpers shared by the attention kernels over a quantized paged KV cache
+"""`@triton.jit` helpers (and the launchers' parameter choice) shared by the attention kernels over a quantized paged KV cache
 (paged_decode_attention_quant.py, prefill_attention_quant.py): one tile of N cached keys or values,
 dequantized in registers right after the load (schemes: runtime/ops/kv_quant.py).
 
@@ -14,6 +14,17 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+def param_operands(cache):
+    """The parameter tensors both attention launchers pass for a QuantKVCache: (key scale, key zero,
+    key min, key sink, value scale, value zero, the tensor whose strides are the per-channel ones).
+    Without the channel key scheme the key min/sink slots are unused and get the value scales, and
+    the per-channel strides are read off the value scales."""
+    vs, vz = cache.scales[1], cache.zeros[1]
+    if cache.key_channel:
+        return cache.key_scale, vz, cache.key_min, cache.key_sink, vs, vz, cache.key_scale
+    return cache.scales[0], cache.zeros[0], vs, vs, vs, vz, vs
 
 
 @triton.jit

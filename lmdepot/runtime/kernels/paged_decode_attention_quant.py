@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.kv_quant_tile import channel_key_tile, per_token_tile
+from lmdepot.runtime.kernels.kv_quant_tile import channel_key_tile, param_operands, per_token_tile
 from lmdepot.runtime.kernels.paged_decode_attention import merge_splits, split_plan
 from lmdepot.runtime.kernels.scratch import scratch
 
@@ -108,12 +108,7 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
     num_splits, pages_per_split = split_plan(B, Hkv, block_tables.shape[1], num_splits)
     part_o = scratch((B * Hq * num_splits, D), q.device, torch.float32)
     part_lse = scratch((B * Hq * num_splits,), q.device, torch.float32)
-    vs, vz = cache.scales[1], cache.zeros[1]
-    if cache.key_channel:
-        ks, kz, kmin, ksink = cache.key_scale, vz, cache.key_min, cache.key_sink
-    else:
-        ks, kz, kmin, ksink = cache.scales[0], cache.zeros[0], vs, vs   # the last two are unused
-    ch = cache.key_scale if cache.key_channel else vs   # strides only
+    ks, kz, kmin, ksink, vs, vz, ch = param_operands(cache)
     _split_kernel[(B, Hkv, num_splits)](
         q, kc, vc, ks, kz, vs, vz, kmin, ksink, block_tables, seq_lens, part_o, part_lse, sm_scale,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),

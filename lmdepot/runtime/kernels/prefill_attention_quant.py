@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.kv_quant_tile import channel_key_tile, per_token_tile
+from lmdepot.runtime.kernels.kv_quant_tile import channel_key_tile, param_operands, per_token_tile
 from lmdepot.runtime.kernels.prefill_attention import LOG2E, NO_WINDOW, default_config
 
 
@@ -143,12 +143,7 @@ def prefill_attention_quant(q, cache, block_tables, q_start_loc, context_lens, m
     cfg = default_config(max_q_len * groups, D)
     cfg.update(config or {})
     y = out if out is not None else torch.empty_like(q)
-    vs, vz = cache.scales[1], cache.zeros[1]
-    if cache.key_channel:
-        ks, kz, kmin, ksink = cache.key_scale, vz, cache.key_min, cache.key_sink
-    else:
-        ks, kz, kmin, ksink = cache.scales[0], cache.zeros[0], vs, vs   # the last two are unused
-    ch = cache.key_scale if cache.key_channel else vs   # strides only
+    ks, kz, kmin, ksink, vs, vz, ch = param_operands(cache)
     grid = (triton.cdiv(max(max_q_len, 1) * groups, cfg["block_m"]), block_tables.shape[0], Hkv)
     _kernel[grid](
         qr, y, kc, vc, ks, kz, vs, vz, kmin, ksink, block_tables, q_start_loc, context_lens, sm_scale * LOG2E,
