@@ -2,7 +2,10 @@
 # One device call (<= 10 minutes on one H100/H200): GPU tests, then the benchmarks. Run from the repo root.
 #
 # Env vars choose what runs (defaults in brackets):
-#   STEPS        comma list of tests,kernels,model,generation,eager,throughput,serving,coldstart [all but eager]
+#   STEPS        comma list of tests,kernels,tune,model,profile,generation,eager,throughput,serving,coldstart,qprefill
+#                [tests,kernels,model,generation,throughput,serving,coldstart]
+#                tune: scripts/tune_w8a8.py; profile: scripts/profile_decode.py on the fp16 and int4 workspaces
+#                (kernel time per decode step); qprefill: scripts/bench_prefill_quant.py
 #   SHAPE        random-weight model shape (lmdepot bench model --help) [llama2-7b]
 #   LAYERS       depth cut, or "all" for the full model [8]
 #   TP           tensor-parallel ranks of the built workspaces (needs that many GPUs) [1]
@@ -40,13 +43,27 @@ if has kernels; then
   step kernels
   timeout "$t" python -m lmdepot.cli bench kernels | tee "$out/bench_kernels.txt"
 fi
+if has tune; then
+  step "tune w8a8"
+  timeout "$t" python scripts/tune_w8a8.py ${TUNE_W8A8_MS:-} | tee "$out/tune_w8a8.txt"
+fi
+if has qprefill; then
+  step "prefill over the quantized cache"
+  timeout "$t" python scripts/bench_prefill_quant.py | tee "$out/bench_prefill_quant.txt"
+fi
 if has model; then
   step "model $shape layers=$layers tp=$tp"
   # the fp16 workspace only when a bench uses it (a full 7B conversion is minutes)
-  fp16=--no-fp16; { has generation || has throughput || has serving; } && fp16=--fp16
+  fp16=--no-fp16; { has generation || has throughput || has serving || has profile; } && fp16=--fp16
   rm -rf "$m"
   timeout "${MODEL_TIMEOUT:-540}" python -m lmdepot.cli bench model "$shape" --dst "$m" "${layer_args[@]}" --tp "$tp" \
     --int4 $fp16 | tee "$out/bench_model.txt"
+fi
+if has profile; then
+  step profile
+  { timeout "$t" python scripts/profile_decode.py "$m/fp16" --batch ${PROFILE_BATCH:-1,16}
+    timeout "$t" python scripts/profile_decode.py "$m/int4" --batch 1; } 2>&1 | grep -v "^\[lmdepot\]\|USDT" \
+    | tee "$out/profile_decode.txt"
 fi
 if has generation; then
   step generation

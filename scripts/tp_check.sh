@@ -8,9 +8,10 @@
 # For each shape: a random-weight HF checkpoint (built on the GPU), converted with --tp 1 and --tp 2 in fp16
 # and int4 (RTN); the tp=2 workspaces pushed to a file:// registry; `serve api_server NAME:TAG --tp 2`
 # started from the registry (each rank pulls only its own files; its log shows the bytes); a torchrun-style
-# launch (RANK/WORLD_SIZE env, one cache per "node") of `generate` from the registry; then
-# scripts/tp_equality.py: bf16 logits and greedy tokens tp=2 vs tp=1, decode bs1 latency, 256-request
-# throughput. Stages past BUDGET seconds are skipped so that $OUT always comes back.
+# launch (RANK/WORLD_SIZE env, one cache per "node") of `generate` from the registry; and
+# scripts/tp_equality.py (run first, after the push): bf16 logits and greedy tokens tp=2 vs tp=1, decode
+# bs1 latency, 256-request throughput, with NCCL and with the one-shot all-reduce. Stages past BUDGET
+# seconds are skipped so that $OUT always comes back.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1   # no NVLink multicast on the lent machines
@@ -119,16 +120,16 @@ shape_run() {  # shape layers
   stage "$shape: push tp=2 workspaces"
   lm registry push "$d/fp16-tp2" "$shape:fp16-tp2" 2>&1 | tail -1 | tee -a "$log"
   lm registry push "$d/int4-tp2" "$shape:int4-tp2" 2>&1 | tail -1 | tee -a "$log"
-  stage "$shape: serve api_server $shape:fp16-tp2 --tp 2"; serve_tp2 "$shape:fp16-tp2" "$port"
-  have_time "$shape launched" && { stage "$shape: torchrun-style launch of $shape:int4-tp2"; launched_tp2 "$shape:int4-tp2" $((port + 1)); }
   have_time "$shape fp16 equality" && {
-    stage "$shape: tp_equality fp16 weights, bf16 compute"
-    python scripts/tp_equality.py --tp1 "$d/fp16-tp1" --tp2 "$d/fp16-tp2" --json "$out/tp_equality_${shape}_fp16.json" $EQ_ARGS \
-      2>> "$log" | tail -1 | tee -a "$log"; }
+    stage "$shape: tp_equality fp16 weights, bf16 compute, all-reduce by NCCL then by the one-shot path"
+    python scripts/tp_equality.py --tp1 "$d/fp16-tp1" --tp2 "$d/fp16-tp2" --allreduce nccl,auto \
+      --json "$out/tp_equality_${shape}_fp16.json" $EQ_ARGS 2>> "$log" | grep summary | tee -a "$log"; }
+  have_time "$shape serve" && { stage "$shape: serve api_server $shape:fp16-tp2 --tp 2"; serve_tp2 "$shape:fp16-tp2" "$port"; }
+  have_time "$shape launched" && { stage "$shape: torchrun-style launch of $shape:int4-tp2"; launched_tp2 "$shape:int4-tp2" $((port + 1)); }
   have_time "$shape int4 equality" && {
     stage "$shape: tp_equality int4 (RTN) weights"
-    python scripts/tp_equality.py --tp1 "$d/int4-tp1" --tp2 "$d/int4-tp2" \
-      --json "$out/tp_equality_${shape}_int4.json" $EQ_ARGS 2>> "$log" | tail -1 | tee -a "$log"; }
+    python scripts/tp_equality.py --tp1 "$d/int4-tp1" --tp2 "$d/int4-tp2" --no-speed \
+      --json "$out/tp_equality_${shape}_int4.json" $EQ_ARGS 2>> "$log" | grep summary | tee -a "$log"; }
   have_time "$shape bench throughput" && {   # the project's own benchmark, 256 requests, tp1 then tp2
     stage "$shape: lmdepot bench throughput, fp16 tp1 vs tp2"
     for t in 1 2; do

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 
@@ -124,30 +125,37 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--max-batch-size", type=int, default=None)
     ap.add_argument("--no-speed", action="store_true", help="correctness only")
+    ap.add_argument("--allreduce", default="auto",
+                    help="comma list of LMDEPOT_ALLREDUCE modes to run tp=2 with (runtime/allreduce.py), e.g. nccl,auto")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     a = measure(args.tp1, 1, args)
-    _free()
-    b = measure(args.tp2, 2, args)
     report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "gpus": torch.cuda.device_count(), "torch": torch.__version__, "dtype": args.dtype,
               "date": time.strftime("%Y-%m-%d %H:%M"), "prompts": args.prompts, "tokens": args.tokens,
-              "tp1": {k: v for k, v in a.items() if k not in ("logits", "tokens")},
-              "tp2": {k: v for k, v in b.items() if k not in ("logits", "tokens")}, **compare(a, b)}
+              "tp1": {k: v for k, v in a.items() if k not in ("logits", "tokens")}, "tp2": {}}
+    ok = True
+    for mode in args.allreduce.split(","):
+        _free()
+        os.environ["LMDEPOT_ALLREDUCE"] = mode   # read by rank 0 here and inherited by the spawned rank
+        b = measure(args.tp2, 2, args)
+        cmp = compare(a, b)
+        report["tp2"][mode] = {**{k: v for k, v in b.items() if k not in ("logits", "tokens")}, **cmp}
+        ok = ok and cmp["pass_logits"] and cmp["pass_tokens"]
+        speed = ""
+        if "decode_bs1_ratio_tp2_over_tp1" in cmp:
+            speed = (f"; decode bs1 {a['decode_bs1_ms']:.2f} -> {b['decode_bs1_ms']:.2f} ms/step"
+                     f" ({cmp['decode_bs1_ratio_tp2_over_tp1']:.2f}x); {args.requests} requests"
+                     f" {a['throughput']['output_tok_s']:.0f} -> {b['throughput']['output_tok_s']:.0f} out tok/s"
+                     f" ({cmp['throughput_ratio_tp2_over_tp1']:.2f}x)")
+        print(f"summary (all-reduce {mode}): logits rel err {cmp['logits_rel_err']:.2e}; continuations identical"
+              f" {cmp['continuations_identical_pct']:.1f}% (tokens {cmp['tokens_equal_pct']:.1f}%){speed}",
+              flush=True)
     text = json.dumps(report, indent=2)
-    print(text)
-    speed = ""
-    if "decode_bs1_ratio_tp2_over_tp1" in report:
-        speed = (f"; decode bs1 {a['decode_bs1_ms']:.2f} -> {b['decode_bs1_ms']:.2f} ms/step"
-                 f" ({report['decode_bs1_ratio_tp2_over_tp1']:.2f}x); {args.requests} requests"
-                 f" {a['throughput']['output_tok_s']:.0f} -> {b['throughput']['output_tok_s']:.0f} out tok/s"
-                 f" ({report['throughput_ratio_tp2_over_tp1']:.2f}x)")
-    print(f"summary: logits rel err {report['logits_rel_err']:.2e}; continuations identical"
-          f" {report['continuations_identical_pct']:.1f}% (tokens {report['tokens_equal_pct']:.1f}%){speed}")
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
-    return 0 if report["pass_logits"] and report["pass_tokens"] else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

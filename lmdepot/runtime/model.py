@@ -55,6 +55,18 @@ def _linear(t, prefix, dtype, in_features, bias=True) -> Linear:
     return lin
 
 
+def _fused_linear(t, prefixes, dtype, in_features) -> Linear:
+    """One linear for several that read the same input (gate and up): their output columns side by
+    side, so decode reads the input once and launches one GEMV. Every workspace tensor of a linear
+    (weight, qweight, scales, zeros, bias) has the output dim last."""
+    merged = {}
+    for key in ("weight", "qweight", "scales", "zeros", "bias"):
+        parts = [t.get(f"{p}.{key}") for p in prefixes]
+        if all(x is not None for x in parts):
+            merged[f"fused.{key}"] = torch.cat(parts, dim=-1)
+    return _linear(merged, "fused", dtype, in_features)
+
+
 def rope_inv_freq(cfg: WorkspaceConfig) -> torch.Tensor:
     dim = cfg.rotary_embedding or cfg.size_per_head
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -130,12 +142,11 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: WorkspaceConfig, t: dict, dtype: torch.dtype):
         super().__init__()
         inter = cfg.inter_size // cfg.tensor_para_size
-        self.w1 = _linear(t, layout.W_GATE, dtype, cfg.hidden_units)
-        self.w3 = _linear(t, layout.W_UP, dtype, cfg.hidden_units)
+        self.w13 = _fused_linear(t, (layout.W_GATE, layout.W_UP), dtype, cfg.hidden_units)
         self.w2 = _linear(t, layout.W_DOWN, dtype, inter)
 
     def forward(self, x):
-        return tp.all_reduce(self.w2(ops.silu_mul(self.w1(x), self.w3(x))))
+        return tp.all_reduce(self.w2(ops.silu_mul(self.w13(x))))
 
 
 class DecoderLayer(nn.Module):
@@ -146,12 +157,25 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = t[layout.FFN_NORM].to(dtype)
         self.attention = Attention(cfg, t, dtype)
         self.feed_forward = FeedForward(cfg, t, dtype)
-        # W8A8: the norms emit int8 codes + per-token scales that q/k/v and gate/up read directly.
-        self.norm = ops.rms_norm_quant if self.attention.w_qkv.int8 else ops.rms_norm
+        self.w8a8 = self.attention.w_qkv.int8
 
-    def forward(self, x, cos, sin):
-        x = x + self.attention(self.norm(x, self.attention_norm, self.eps), cos, sin)
-        return x + self.feed_forward(self.norm(x, self.ffn_norm, self.eps))
+    def norm(self, x, residual, weight):
+        """(the sublayer's input, the new residual stream x + residual): one kernel for the residual
+        add and the norm. W8A8: the norm emits int8 codes + per-token scales that q/k/v and gate/up
+        read directly."""
+        if self.w8a8:
+            h = x if residual is None else x + residual
+            return ops.rms_norm_quant(h, weight, self.eps), h
+        if residual is None:
+            return ops.rms_norm(x, weight, self.eps), x
+        return ops.add_rms_norm(x, residual, weight, self.eps)
+
+    def forward(self, x, residual, cos, sin):
+        """x: the previous layer's last sublayer output (the embeddings for the first layer), residual:
+        the stream before it (None for the first layer). Returns the same pair for the next layer."""
+        h, residual = self.norm(x, residual, self.attention_norm)
+        h, residual = self.norm(self.attention(h, cos, sin), residual, self.ffn_norm)
+        return self.feed_forward(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -194,9 +218,10 @@ class LlamaModel(nn.Module):
         cos, sin = self.rope(positions)
         if self.cfg.use_logn_attn:
             get_context().logn = logn_factors(positions, self.cfg.max_position_embeddings)
+        residual = None
         for layer in self.layers:
-            h = layer(h, cos, sin)
-        return h
+            h, residual = layer(h, residual, cos, sin)
+        return h if residual is None else h + residual
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

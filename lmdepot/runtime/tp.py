@@ -27,7 +27,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lmdepot.runtime.allreduce import AllReduce
+
 _control = None   # gloo group for step metadata and load status (see the module docstring)
+_sum: AllReduce | None = None   # the row-parallel outputs' all-reduce (allreduce.py)
 
 
 def world_size() -> int:
@@ -39,8 +42,12 @@ def rank() -> int:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum x over the ranks, in place."""
+    global _sum
     if world_size() > 1:
-        dist.all_reduce(x)
+        if _sum is None:
+            _sum = AllReduce()
+        _sum(x)
     return x
 
 
@@ -97,7 +104,8 @@ def init(rank_: int, size: int, port: int, device: str = "cpu") -> None:
 
 
 def shutdown() -> None:
-    global _control
+    global _control, _sum
+    _sum = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _control = None

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from lmdepot.formats.int4 import quantize_int4_rtn
-from lmdepot.runtime.kernels.w4a16 import _LOCKS, reference, w4a16_linear
+from lmdepot.runtime.kernels.scratch import _SEMAPHORES
+from lmdepot.runtime.kernels.w4a16 import reference, w4a16_linear
 from tests.kernels.conftest import DEVICE, DTYPES, poisoned
 
 
@@ -30,7 +31,7 @@ def test_gemv_split_k_variants_agree(split_k):
         y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config={"split_k": split_k})
         assert y.shape == (2, 1, N)
         torch.testing.assert_close(y, reference(x, q["qweight"], q["scales"], q["zeros"]), rtol=1e-4, atol=1e-3)
-    assert not _LOCKS[x.device].any()
+    assert not _SEMAPHORES[x.device].any()
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmdepot.runtime.kernels import rms_norm_quant as rq
+from lmdepot.runtime.kernels.scratch import _SEMAPHORES
 from lmdepot.runtime.kernels.w8a8 import heuristic_config, w8a8_linear
 from lmdepot.runtime.ops import reference as ref
 from tests.kernels.conftest import DEVICE, DTYPES, poisoned
@@ -23,7 +24,8 @@ def _ones(*shape):
 
 
 @pytest.mark.parametrize("M, K, N", [(1, 64, 32), (5, 70, 37), (33, 96, 80), (18, 200, 48)])
-@pytest.mark.parametrize("config", [SMALL, {**SMALL, "block_m": 32, "block_k": 64, "group_m": 1}])
+@pytest.mark.parametrize("config", [SMALL, {**SMALL, "block_m": 32, "block_k": 64, "group_m": 1},
+                                    {**SMALL, "split_k": 3}])
 def test_int_gemm_is_exact(M, K, N, config):
     a, w = _int8(M, K), _int8(N, K)
     out = torch.full((M, N), -2**31, device=DEVICE, dtype=torch.int32)
@@ -45,15 +47,16 @@ def test_int_gemm_exact_at_extreme_codes():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("M, K, N", [(3, 64, 48), (21, 100, 40)])
-def test_epilogue_matches_reference(dtype, with_bias, M, K, N):
+@pytest.mark.parametrize("M, K, N, split_k", [(3, 64, 48, 1), (21, 100, 40, 1), (21, 100, 40, 2)])
+def test_epilogue_matches_reference(dtype, with_bias, M, K, N, split_k):
     a, w = _int8(M, K), _int8(N, K)
     xs = torch.rand(M, device=DEVICE) * 0.01 + 1e-4
     ws = torch.rand(N, device=DEVICE) * 0.01 + 1e-4
     bias = torch.randn(N, device=DEVICE, dtype=dtype) if with_bias else None
     out = poisoned((M, N), dtype)
-    y = w8a8_linear(a, xs, w, ws, bias, out_dtype=dtype, out=out, config=SMALL)
+    y = w8a8_linear(a, xs, w, ws, bias, out_dtype=dtype, out=out, config=SMALL | {"split_k": split_k})
     assert not y.isnan().any()
+    assert not _SEMAPHORES[y.device].any()   # the splits' counters are left at zero for the next launch
     # Same fp32 operations in the same order; a GPU may fuse the bias add into an FMA, and the final
     # rounding to dtype may then differ by one ulp (bf16: 2^-8).
     tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]

@@ -1,4 +1,5 @@
-"""Scratch buffers of kernels. Tests set POISON so that any element a kernel forgets to write is NaN."""
+"""Scratch buffers of kernels. Tests set POISON so that any element a kernel forgets to write is NaN
+(or an integer type's minimum)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,21 @@ POISON = False
 
 
 def scratch(shape, device, dtype) -> torch.Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    if POISON:   # NaN, or the most negative value for integer buffers
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, fill, device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype)
+
+
+_SEMAPHORES: dict[torch.device, torch.Tensor] = {}
+
+
+def semaphores(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for kernels whose K splits meet in the kernel (w4a16, w8a8): each launch
+    leaves them at zero, so one array serves every launch on the device. Grown, never shrunk, and
+    allocated before any CUDA graph capture by the warm-up run."""
+    device = torch.device(device)
+    sems = _SEMAPHORES.get(device)
+    if sems is None or sems.numel() < n:
+        sems = _SEMAPHORES[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return sems

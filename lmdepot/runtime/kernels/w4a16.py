@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from lmdepot.formats.int4 import dequantize_int4
-from lmdepot.runtime.kernels.scratch import scratch
+from lmdepot.runtime.kernels.scratch import scratch, semaphores
 
 
 def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -120,16 +120,6 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PADDED, stride_x
 
 
 GEMV_MAX_M = 4
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-
-
-def _locks(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 semaphores, shared by all GEMV launches on the device (each launch leaves them at
-    zero). Grown, never shrunk, and allocated before any CUDA graph capture by the warm-up run."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < n:
-        locks = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return locks
 
 
 def _k_split(k_padded: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -157,7 +147,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         tiles_n = triton.cdiv(N, block_n)
         partial = scratch((splits, M, N), x.device, torch.float32) if splits > 1 else y
         _gemv_kernel[(tiles_n, splits, M)](
-            x2, qweight, scales, zeros, partial, y, _locks(x.device, M * tiles_n), M, N, K, k_padded,
+            x2, qweight, scales, zeros, partial, y, semaphores(x.device, M * tiles_n), M, N, K, k_padded,
             x2.stride(0), y.stride(0), GROUP=group, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_SPLIT=per_split,
             SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), num_warps=warps,
             num_stages=cfg.get("num_stages", 3))

@@ -6,8 +6,12 @@ are K-contiguous, the layout tensor cores want for 8-bit operands. tl.dot on int
 int32 sums; the epilogue scales in fp32 and rounds once to the output dtype.
 
 Tiles run in grouped order (GROUP_M row tiles sweep the N tiles together) so that a wave of programs
-shares A and B tiles in L2. Launch parameters come from a small table by M (`heuristic_config`);
-`config=` overrides them for tuning and tests.
+shares A and B tiles in L2. When the output has too few tiles to fill the GPU (M of a few hundred
+rows on a 4096-wide output gives 64 tiles of 128x128 for 132 SMs), K is split: each split stores
+its exact int32 partial sums, counts itself in on the tile's semaphore (w4a16.py's scheme), and the
+last one to arrive adds the partials and runs the epilogue, so a split costs no extra launch.
+Launch parameters come from a small table by M (`heuristic_config`); `config=` overrides them for
+tuning and tests.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
+from lmdepot.runtime.kernels.scratch import scratch, semaphores
 from lmdepot.runtime.ops.reference import linear_w8a8 as reference  # noqa: F401 (the semantics)
 
 
 @triton.jit
-def _kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
-            HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-    pid = tl.program_id(0)
+def _kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, M, N, K, K_PER_SPLIT,
+            stride_am, stride_bn, stride_cm, HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+            SPLITS: tl.constexpr):
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
@@ -36,22 +42,43 @@ def _kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, s
     # but a K tail's); the stores are masked.
     rm = offs_m % M
     rn = offs_n % N
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + offs_k[:, None] + rn[None, :] * stride_bn
+    a_ptrs = a_ptr + rm[:, None] * stride_am + (k_begin + offs_k)[None, :]
+    b_ptrs = b_ptr + (k_begin + offs_k)[:, None] + rn[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         if EVEN_K:  # no K tail (real model widths): unmasked loads pipeline best
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            k_left = K - k * BLOCK_K
+            k_left = k_end - k0
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLITS == 1:
+        _epilogue(acc, mask, offs_m, offs_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, stride_cm, HAS_BIAS, RAW)
+    else:
+        # partials are exact integers, so the order the splits add up in cannot change the result
+        part = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()   # every thread's partial is written before the tile is counted in
+        lock = lock_ptr + pid
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for s in range(SPLITS):
+                acc += tl.load(part + s * M * N, mask=mask, other=0, cache_modifier=".cg")
+            _epilogue(acc, mask, offs_m, offs_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, stride_cm, HAS_BIAS, RAW)
+            tl.atomic_xchg(lock, 0)   # back to zero for the next launch (and CUDA graph replays)
+
+
+@triton.jit
+def _epilogue(acc, mask, offs_m, offs_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, stride_cm, HAS_BIAS: tl.constexpr,
+              RAW: tl.constexpr):
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     if RAW:  # the int32 sums themselves (tests)
         tl.store(c_ptrs, acc, mask=mask)
@@ -96,11 +123,15 @@ def w8a8_linear(xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor,
     if M == 0:
         return c.view(*lead, N)
     cfg = heuristic_config(M, N, K) | (config or {})
-    bm, bn = cfg["block_m"], cfg["block_n"]
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _kernel[grid](a, qweight, x_scales.reshape(-1).contiguous(), w_scales, bias if bias is not None else w_scales, c,
-                  M, N, K, a.stride(0), qweight.stride(0), c.stride(0),
-                  HAS_BIAS=bias is not None, RAW=raw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["block_k"],
-                  GROUP_M=cfg["group_m"], EVEN_K=K % cfg["block_k"] == 0, num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    tiles_k = triton.cdiv(K, bk)
+    per_split = triton.cdiv(tiles_k, max(1, min(cfg.get("split_k", 1), tiles_k))) * bk
+    splits = triton.cdiv(K, per_split)
+    partial = scratch((splits, M, N), xq.device, torch.int32) if splits > 1 else c
+    _kernel[(tiles, splits)](
+        a, qweight, x_scales.reshape(-1).contiguous(), w_scales, bias if bias is not None else w_scales, c,
+        partial, semaphores(xq.device, tiles), M, N, K, per_split, a.stride(0), qweight.stride(0), c.stride(0),
+        HAS_BIAS=bias is not None, RAW=raw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"],
+        EVEN_K=K % bk == 0, SPLITS=splits, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return c.view(*lead, N)

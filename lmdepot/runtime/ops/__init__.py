@@ -13,7 +13,7 @@ from lmdepot.runtime.ops import kv_quant, reference
 
 _TABLE: dict[str, Callable] = {
     name: getattr(reference, name)
-    for name in ("rms_norm", "rope_cos_sin", "apply_rope", "linear", "linear_int4", "silu_mul",
+    for name in ("rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "linear", "linear_int4", "silu_mul",
                  "store_kv", "rope_store_kv", "paged_attention", "paged_attention_quant",
                  "rms_norm_quant", "quant_per_token", "linear_w8a8")
 }
@@ -33,6 +33,11 @@ def get(name: str) -> Callable:
 
 def rms_norm(x, weight, eps):
     return _TABLE["rms_norm"](x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """(rms_norm(x + residual) * weight, x + residual)."""
+    return _TABLE["add_rms_norm"](x, residual, weight, eps)
 
 
 def rope_cos_sin(inv_freq, positions, dtype):
@@ -65,8 +70,9 @@ def linear_w8a8(xq, x_scales, qweight, w_scales, bias, dtype):
     return _TABLE["linear_w8a8"](xq, x_scales, qweight, w_scales, bias, dtype)
 
 
-def silu_mul(gate, up):
-    return _TABLE["silu_mul"](gate, up)
+def silu_mul(gate_up):
+    """silu(gate) * up from the fused gate/up projection output (..., 2·I) -> (..., I)."""
+    return _TABLE["silu_mul"](gate_up)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):

@@ -17,6 +17,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(x + residual), x + residual): the residual add of a sublayer fused with the next norm."""
+    h = x + residual
+    return rms_norm(h, weight, eps), h
+
+
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     freqs = positions[:, None].float() * inv_freq.float().to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -82,7 +88,9 @@ def linear_w8a8(xq, x_scales, qweight, w_scales, bias, dtype):
     return out.to(dtype).view(*xq.shape[:-1], qweight.shape[0])
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up over the fused gate/up projection's output (..., 2·I), rounded as HF does."""
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 

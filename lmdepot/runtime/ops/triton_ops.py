@@ -26,6 +26,22 @@ def rms_norm(x, weight, eps):
     return kernel(x, None, weight, eps)[0]
 
 
+def add_rms_norm(x, residual, weight, eps):
+    if not x.is_cuda:
+        return reference.add_rms_norm(x, residual, weight, eps)
+    from lmdepot.runtime.kernels.rms_norm import rms_norm as kernel
+
+    return kernel(x, residual, weight, eps)
+
+
+def silu_mul(gate_up):
+    if not gate_up.is_cuda:
+        return reference.silu_mul(gate_up)
+    from lmdepot.runtime.kernels.silu_mul import silu_mul as kernel
+
+    return kernel(gate_up)
+
+
 def linear_int4(x, qweight, scales, zeros, in_features, bias):
     if not x.is_cuda or x.dtype == torch.float32:
         return reference.linear_int4(x, qweight, scales, zeros, in_features, bias)
@@ -220,7 +236,8 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    for name, fn in (("rms_norm", rms_norm), ("linear_int4", linear_int4)):
+    for name, fn in (("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm), ("silu_mul", silu_mul),
+                     ("linear_int4", linear_int4)):
         ops.register(name, fn)
     _install_attention()
     _install_w8a8()

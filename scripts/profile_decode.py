@@ -1,0 +1,76 @@
+"""Where a decode step's time goes: GPU kernel time per step by kernel, against the step's wall time.
+
+    python scripts/profile_decode.py WORKSPACE [--batch 1,16] [--steps 20] [--eager]
+
+Runs `batch` sequences (prompt 128 tokens) into steady decode, then records `steps` decode steps
+with torch.profiler (CUDA activity; kernels inside CUDA graph replays are recorded too) and prints,
+per step: wall time, summed kernel time, the gap between them (host work and idle GPU), and the
+kernels by total time. Device run; on the CPU it prints the wall time only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lmdepot.runtime.llm import LLM
+from lmdepot.runtime.sequence import SamplingParams
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def profile(llm: LLM, batch: int, steps: int) -> None:
+    engine = llm.engine
+    g = torch.Generator().manual_seed(batch)
+    for _ in range(batch):
+        ids = torch.randint(3, min(engine.cfg.vocab_size, 30000), (128,), generator=g).tolist()
+        engine.add_request(ids, SamplingParams(max_tokens=steps + 40, temperature=0, ignore_eos=True))
+    for _ in range(20):   # prefill(s) and a few decode steps: warm
+        engine.step()
+    _sync()
+    activities = [torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        _sync()
+        wall = (time.perf_counter() - t0) / steps
+    while engine.has_unfinished():
+        engine.step()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / steps, e.count / steps, e.key))
+    rows.sort(reverse=True)
+    gpu = sum(r[0] for r in rows) / 1e3
+    print(f"batch {batch}: wall {wall * 1e3:.3f} ms/step, kernels {gpu:.3f} ms/step, "
+          f"gap {wall * 1e3 - gpu:.3f} ms/step")
+    for us, n, name in rows[:30]:
+        print(f"  {us:9.1f} us  x{n:5.1f}  {name[:110]}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workspace")
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--kv", default=None, help="quant_policy of the KV cache: 8 or 4 (default fp16)")
+    args = ap.parse_args()
+    kw = {"quant_policy": int(args.kv)} if args.kv else {}
+    llm = LLM(args.workspace, eager=args.eager, verify=False, **kw)
+    try:
+        for b in (int(x) for x in args.batch.split(",")):
+            profile(llm, b, args.steps)
+    finally:
+        llm.close()
+
+
+if __name__ == "__main__":
+    main()
