@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
+
+
+_ONE_SHOT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class AllReduce:
@@ -43,7 +47,8 @@ class AllReduce:
         if x.is_cuda and self.mode != "nccl" and not self.tried:
             self._setup(x.device)
         nbytes = x.numel() * x.element_size()
-        if self.buffer is not None and nbytes <= self.max_bytes and x.is_contiguous():
+        # PyTorch's one-shot kernel takes float32 and bfloat16 (not float16: NCCL sums those)
+        if self.buffer is not None and nbytes <= self.max_bytes and x.is_contiguous() and x.dtype in _ONE_SHOT_DTYPES:
             flat = x.view(-1)
             # a prefix of the buffer seen as bytes, then as x's dtype: its storage offset stays 0
             staged = self.buffer[:nbytes].view(x.dtype)
@@ -59,8 +64,10 @@ class AllReduce:
 
             group = dist.group.WORLD
             self.group_name = group.group_name
-            if hasattr(symm, "enable_symm_mem_for_group"):
-                symm.enable_symm_mem_for_group(self.group_name)
+            if hasattr(symm, "enable_symm_mem_for_group"):   # needed before torch 2.10, deprecated since
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    symm.enable_symm_mem_for_group(self.group_name)
             buffer = symm.empty(self.max_bytes, dtype=torch.uint8, device=device)
             symm.rendezvous(buffer, group)
             self.buffer = buffer

@@ -39,14 +39,25 @@ class Linear(nn.Module):
         b = tensors.get(f"{prefix}.bias") if bias else None
         self.bias = None if b is None else b.to(dtype)
 
-    def forward(self, x) -> torch.Tensor:
+    def forward(self, x, out_dtype=None) -> torch.Tensor:
+        """out_dtype=float32: the sums unrounded (a row-parallel rank's partial, see reduce_partial)."""
         if self.int8:
             # x comes already quantized, (codes, per-token scales), from the fused norm; else quantize here.
             xq, xs = x if isinstance(x, tuple) else ops.quant_per_token(x)
-            return ops.linear_w8a8(xq, xs, self.qweight, self.scales, self.bias, self.dtype)
+            return ops.linear_w8a8(xq, xs, self.qweight, self.scales, self.bias, out_dtype or self.dtype)
         if self.int4:
-            return ops.linear_int4(x, self.qweight, self.scales, self.zeros, self.in_features, self.bias)
-        return ops.linear(x, self.weight, self.bias)
+            return ops.linear_int4(x, self.qweight, self.scales, self.zeros, self.in_features, self.bias, out_dtype)
+        return ops.linear(x, self.weight, self.bias, out_dtype)
+
+
+def reduce_partial(linear: Linear, x) -> torch.Tensor:
+    """A row-parallel linear summed over the ranks. With several ranks each one's partial stays in
+    float32 through the all-reduce and is rounded once, by the next add_rms_norm, as one rank's
+    output would be: tp=2 then differs from tp=1 only in the float32 summation order, not by an
+    extra rounding of every partial to bf16/fp16."""
+    if tp.world_size() == 1:
+        return linear(x)
+    return tp.all_reduce(linear(x, torch.float32))
 
 
 def _linear(t, prefix, dtype, in_features, bias=True) -> Linear:
@@ -134,7 +145,7 @@ class Attention(nn.Module):
         else:  # rope and the cache write in one op (one kernel on GPU)
             q, k = ops.rope_store_kv(q, k, v, cos, sin, self.rot_dim, self.k_cache, self.v_cache, ctx.slot_mapping)
             o = ops.paged_attention(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
-        out = tp.all_reduce(self.wo(o.reshape(o.shape[0], -1)))
+        out = reduce_partial(self.wo, o.reshape(o.shape[0], -1))
         return out if self.wo_bias is None else out + self.wo_bias
 
 
@@ -146,7 +157,7 @@ class FeedForward(nn.Module):
         self.w2 = _linear(t, layout.W_DOWN, dtype, inter)
 
     def forward(self, x):
-        return tp.all_reduce(self.w2(ops.silu_mul(self.w13(x))))
+        return reduce_partial(self.w2, ops.silu_mul(self.w13(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -164,7 +175,7 @@ class DecoderLayer(nn.Module):
         add and the norm. W8A8: the norm emits int8 codes + per-token scales that q/k/v and gate/up
         read directly."""
         if self.w8a8:
-            h = x if residual is None else x + residual
+            h = x if residual is None else x.to(residual.dtype) + residual
             return ops.rms_norm_quant(h, weight, self.eps), h
         if residual is None:
             return ops.rms_norm(x, weight, self.eps), x
@@ -221,7 +232,7 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, cos, sin)
-        return h if residual is None else h + residual
+        return h if residual is None else h.to(residual.dtype) + residual
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,20 @@ def test_rms_norm(dtype, rows, H, with_residual):
     torch.testing.assert_close(y, ref_y, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
+def test_add_rms_norm_rounds_a_float32_sum_first(dtype):
+    """Tensor parallel: x is the float32 all-reduced partial sum; it is rounded to the stream's dtype
+    before the add, exactly as a single rank's linear output would be."""
+    rows, H = 3, 96
+    x = torch.randn(rows, H, device=DEVICE, dtype=torch.float32) * 3
+    res = torch.randn(rows, H, device=DEVICE, dtype=dtype)
+    w = torch.randn(H, device=DEVICE, dtype=dtype)
+    y, h = rn.rms_norm(x, res, w, 1e-5)
+    assert y.dtype == h.dtype == dtype
+    torch.testing.assert_close(h, x.to(dtype) + res, rtol=0, atol=0)
+    torch.testing.assert_close(y, rn.reference(x.to(dtype), res, w, 1e-5)[0], rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, I", [(1, 64), (3, 1536), (4, 1500)])
 def test_silu_mul(dtype, rows, I):

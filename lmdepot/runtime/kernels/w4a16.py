@@ -161,7 +161,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                        num_warps=warps, num_stages=cfg.get("num_stages", 3))
     if splits == 1:
         return partial.view(*lead, N)
-    y = partial.sum(0).to(x.dtype)
+    y = partial.sum(0).to(out.dtype if out is not None else x.dtype)
     if out is not None:
         y = out.view(M, N).copy_(y)
     return y.reshape(*lead, N)

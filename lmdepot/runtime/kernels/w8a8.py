@@ -92,18 +92,22 @@ def _epilogue(acc, mask, offs_m, offs_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, 
 
 
 def heuristic_config(M: int, N: int, K: int) -> dict:
-    """Tiles by M. Small M is weight-bandwidth bound: narrow N tiles give many programs and deep K
-    tiles long contiguous reads. Large M is compute bound: 128-row tiles keep the tensor cores fed;
-    4 stages of 128x128 int8 tiles use 128 KiB of shared memory (H100/H200 have 228 KiB)."""
+    """Tiles by M, from scripts/tune_w8a8.py on an H200 (docs/benchmarks.md). Small M is weight-bandwidth
+    bound: narrow N tiles give many programs and deep K tiles long contiguous reads. From a few hundred
+    rows on, 64- then 128-row tiles keep the tensor cores fed; 3 stages of 128x128 int8 tiles use 96 KiB
+    of shared memory. Where the tiles cover less than one wave of 132 SMs, K is split in two."""
     if M <= 64:  # N tiles narrow enough for about one wave of 132 SMs (4096 columns: 128 programs)
         cfg = {"block_m": 16 if M <= 16 else (32 if M <= 32 else 64), "block_n": 64 if N >= 8192 else 32,
                "block_k": 128, "num_warps": 4, "num_stages": 4}
     elif M <= 256:
-        cfg = {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 4}
+        cfg = {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 3}
     elif M <= 2048:
-        cfg = {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 4}
+        cfg = {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
     else:
         cfg = {"block_m": 128, "block_n": 256, "block_k": 128, "num_warps": 8, "num_stages": 3}
+    tiles = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
+    if M > 64 and tiles < 132 and K >= 2048:
+        cfg |= {"split_k": 2, "num_stages": 4}
     return cfg | {"group_m": 8}
 
 

@@ -48,12 +48,13 @@ def apply_rope(x, cos, sin, rot_dim):
     return _TABLE["apply_rope"](x, cos, sin, rot_dim)
 
 
-def linear(x, weight, bias=None):
-    return _TABLE["linear"](x, weight, bias)
+def linear(x, weight, bias=None, out_dtype=None):
+    """x @ weight.T (+ bias); out_dtype=float32 keeps the unrounded sums (tensor-parallel partials)."""
+    return _TABLE["linear"](x, weight, bias, out_dtype)
 
 
-def linear_int4(x, qweight, scales, zeros, in_features, bias=None):
-    return _TABLE["linear_int4"](x, qweight, scales, zeros, in_features, bias)
+def linear_int4(x, qweight, scales, zeros, in_features, bias=None, out_dtype=None):
+    return _TABLE["linear_int4"](x, qweight, scales, zeros, in_features, bias, out_dtype)
 
 
 def rms_norm_quant(x, weight, eps):

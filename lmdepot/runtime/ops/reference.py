@@ -18,8 +18,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(rms_norm(x + residual), x + residual): the residual add of a sublayer fused with the next norm."""
-    h = x + residual
+    """(rms_norm(x + residual), x + residual): the residual add of a sublayer fused with the next norm.
+    x may be float32 (a tensor-parallel sum): it is rounded to the residual's dtype first, as a
+    single-rank linear's output would be."""
+    h = x.to(residual.dtype) + residual
     return rms_norm(h, weight, eps), h
 
 
@@ -39,16 +41,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: i
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """weight is (out, in), as F.linear wants it: the loader transposes the workspace's (in, out) once."""
-    return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype=None) -> torch.Tensor:
+    """weight is (out, in), as F.linear wants it: the loader transposes the workspace's (in, out) once.
+    out_dtype (float32): the sums before any rounding to x's dtype (tensor-parallel partial sums)."""
+    if out_dtype is None or out_dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    if x.is_cuda:   # cuBLAS accumulates in fp32 anyway: keep its sums as they are
+        y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=out_dtype).view(*x.shape[:-1], -1)
+    else:
+        y = F.linear(x.to(out_dtype), weight.to(out_dtype))
+    return y if bias is None else y + bias.to(out_dtype)
 
 
-def linear_int4(x, qweight, scales, zeros, in_features, bias):
+def linear_int4(x, qweight, scales, zeros, in_features, bias, out_dtype=None):
     # Dequantizing per call keeps only int4 bytes resident; a fused kernel replaces this on GPU.
     w = dequantize_int4(qweight, scales, zeros, in_features, dtype=x.dtype)
-    out = x @ w
-    return out if bias is None else out + bias
+    out = x @ w if out_dtype is None else x.to(out_dtype) @ w.to(out_dtype)
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def quant_per_token(x: torch.Tensor):

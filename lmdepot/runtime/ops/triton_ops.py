@@ -42,13 +42,16 @@ def silu_mul(gate_up):
     return kernel(gate_up)
 
 
-def linear_int4(x, qweight, scales, zeros, in_features, bias):
+def linear_int4(x, qweight, scales, zeros, in_features, bias, out_dtype=None):
     if not x.is_cuda or x.dtype == torch.float32:
-        return reference.linear_int4(x, qweight, scales, zeros, in_features, bias)
+        return reference.linear_int4(x, qweight, scales, zeros, in_features, bias, out_dtype)
     from lmdepot.runtime.kernels.w4a16 import w4a16_linear
 
-    out = w4a16_linear(x, qweight, scales, zeros)
-    return out if bias is None else out + bias
+    y = None
+    if out_dtype is not None and out_dtype != x.dtype:   # the kernel's fp32 sums, unrounded
+        y = torch.empty(*x.shape[:-1], qweight.shape[1], device=x.device, dtype=out_dtype)
+    out = w4a16_linear(x, qweight, scales, zeros, out=y)
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 # --- attention: fused rope + KV write, paged prefill/extend and decode attention -------------------
