@@ -101,8 +101,18 @@ SHAPES = [(4, 4, 32, 32, 8), (8, 2, 64, 32, 16), (6, 1, 32, 32, 4)]
 @pytest.mark.parametrize("bits, scheme", [(8, "plain"), (4, "plain"), (8, "rotate"), (4, "rotate")])
 @pytest.mark.parametrize("hq, hkv, d, rot_dim, page", SHAPES)
 def test_per_token_schemes_match_rope_then_store(dtype, bits, scheme, hq, hkv, d, rot_dim, page):
+    _check_per_token(dtype, bits, scheme, hq, hkv, d, rot_dim, page, T=13, blocks=6)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits, scheme", [(8, "plain"), (4, "rotate")])
+def test_real_size_per_token_schemes(dtype, bits, scheme):
+    _check_per_token(dtype, bits, scheme, 32, 8, 128, 128, 64, T=3000, blocks=64)
+
+
+def _check_per_token(dtype, bits, scheme, hq, hkv, d, rot_dim, page, T, blocks):
     gen = torch.Generator().manual_seed(hq * d + bits)
-    T, blocks = 13, 6
     q, k, v = _qkv(T, hq, hkv, d, dtype, gen)
     cos, sin = _cos_sin(torch.randint(0, 3000, (T,), generator=gen), rot_dim, dtype)
     slots = torch.randperm(blocks * page, generator=gen)[:T].to(DEVICE)

@@ -41,7 +41,7 @@ def cos_sin_halves(cos_row, sin_row, HALF: tl.constexpr, BLOCK_HALF: tl.constexp
 
 @triton.jit
 def rotate_heads(ptr, stride_h, heads, c1, s1, c2, s2, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-            BLOCK_HALF: tl.constexpr):
+                 BLOCK_HALF: tl.constexpr):
     """Rotates the first 2 * HALF channels of `heads` rows in place; returns both rotated halves."""
     offs_h = tl.arange(0, BLOCK_H)
     offs = tl.arange(0, BLOCK_HALF)
