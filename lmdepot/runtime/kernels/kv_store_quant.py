@@ -4,7 +4,8 @@ One program per (new token, kv head): optional Hadamard rotation of the head, on
 over the whole head (0 included, so the zero point is an exact uint8 code), fp16 scale; int4 codes
 are packed two per byte (channel 2i low nibble). The torch reference is ops/kv_quant.py
 (quantize_online / store_kv_quant); the kernel computes each code the same way, up to the
-rotation's float32 summation order.
+rotation's float32 summation order. store_head (one head into one slot) is shared with the fused
+rope + store kernel, rope_store_kv_quant.py.
 """
 
 from __future__ import annotations
