@@ -20,12 +20,16 @@ work=${WORK:-/tmp/tp_check}
 LAYERS=${LAYERS:-16}          # Llama-2-7B shape depth
 LAYERS3=${LAYERS3:-8}         # Llama-3-8B (GQA) shape depth, run if time is left
 BUDGET=${BUDGET:-480}         # seconds after which optional stages are skipped
+STAGES=${STAGES:-equality,serve,launched,int4,throughput,llama3}   # the optional stages to run
 mkdir -p "$out" "$work"
 export LMDEPOT_REGISTRY=file://$work/registry LMDEPOT_CACHE=$work/cache LMDEPOT_PROGRESS=0
 log=$out/tp_check.log
 lm() { python -m lmdepot.cli "$@"; }
 stage() { echo "== +${SECONDS}s $*" | tee -a "$log"; }
-have_time() { [ "$SECONDS" -lt "$BUDGET" ] || { stage "skipped (budget): $*"; return 1; }; }
+have_time() {  # stage-name description...: in STAGES and within BUDGET
+  [[ ",$STAGES," == *",$1,"* ]] || return 1
+  [ "$SECONDS" -lt "$BUDGET" ] || { stage "skipped (budget): $*"; return 1; }
+}
 
 EQ_ARGS=${EQ_ARGS:-}           # extra tp_equality.py options (a CPU dry run: TP_CHECK_TINY=1 EQ_ARGS="--requests 8")
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
@@ -55,9 +59,9 @@ convert_all() {  # dir: the four workspaces at once (the converter is mostly I/O
   lm convert "$d/hf" --dst-path "$d/fp16-tp1" --tp 1 > "$d/c1.log" 2>&1 &
   lm convert "$d/hf" --dst-path "$d/fp16-tp2" --tp 2 > "$d/c2.log" 2>&1 &
   lm lite auto_awq "$d/hf" --method rtn --tp 2 --dst-path "$d/int4-tp2" > "$d/c3.log" 2>&1 &
-  lm lite auto_awq "$d/hf" --method rtn --tp 1 --dst-path "$d/int4-tp1" > "$d/c4.log" 2>&1 &
+  [[ ",$STAGES," == *",int4,"* ]] && lm lite auto_awq "$d/hf" --method rtn --tp 1 --dst-path "$d/int4-tp1" > "$d/c4.log" 2>&1 &
   wait
-  tail -qn1 "$d"/c[1-4].log | tee -a "$log"
+  tail -qn1 "$d"/c[1-4].log 2>/dev/null | tee -a "$log"
 }
 
 serve_tp2() {  # ref: api_server --tp 2 from the registry, one completion, the per-rank pull lines
@@ -120,17 +124,17 @@ shape_run() {  # shape layers
   stage "$shape: push tp=2 workspaces"
   lm registry push "$d/fp16-tp2" "$shape:fp16-tp2" 2>&1 | tail -1 | tee -a "$log"
   lm registry push "$d/int4-tp2" "$shape:int4-tp2" 2>&1 | tail -1 | tee -a "$log"
-  have_time "$shape fp16 equality" && {
+  have_time equality "$shape fp16 equality" && {
     stage "$shape: tp_equality fp16 weights, bf16 compute, all-reduce by NCCL then by the one-shot path"
     python scripts/tp_equality.py --tp1 "$d/fp16-tp1" --tp2 "$d/fp16-tp2" --allreduce nccl,auto \
       --json "$out/tp_equality_${shape}_fp16.json" $EQ_ARGS 2>> "$log" | grep summary | tee -a "$log"; }
-  have_time "$shape serve" && { stage "$shape: serve api_server $shape:fp16-tp2 --tp 2"; serve_tp2 "$shape:fp16-tp2" "$port"; }
-  have_time "$shape launched" && { stage "$shape: torchrun-style launch of $shape:int4-tp2"; launched_tp2 "$shape:int4-tp2" $((port + 1)); }
-  have_time "$shape int4 equality" && {
+  have_time serve "$shape serve" && { stage "$shape: serve api_server $shape:fp16-tp2 --tp 2"; serve_tp2 "$shape:fp16-tp2" "$port"; }
+  have_time launched "$shape launched" && { stage "$shape: torchrun-style launch of $shape:int4-tp2"; launched_tp2 "$shape:int4-tp2" $((port + 1)); }
+  have_time int4 "$shape int4 equality" && {
     stage "$shape: tp_equality int4 (RTN) weights"
     python scripts/tp_equality.py --tp1 "$d/int4-tp1" --tp2 "$d/int4-tp2" --no-speed \
       --json "$out/tp_equality_${shape}_int4.json" $EQ_ARGS 2>> "$log" | grep summary | tee -a "$log"; }
-  have_time "$shape bench throughput" && {   # the project's own benchmark, 256 requests, tp1 then tp2
+  have_time throughput "$shape bench throughput" && {   # the project's own benchmark, 256 requests, tp1 then tp2
     stage "$shape: lmdepot bench throughput, fp16 tp1 vs tp2"
     for t in 1 2; do
       lm bench throughput --model "$d/fp16-tp$t" --json "$out/bench_throughput_${shape}_fp16_tp$t.json" 2>> "$log" \
@@ -139,5 +143,5 @@ shape_run() {  # shape layers
 }
 
 shape_run llama2-7b "$LAYERS" 23456
-have_time "llama3-8b" && { rm -rf "$work/llama2-7b"; LAYERS=$LAYERS3; BUDGET=$((BUDGET + 90)); shape_run llama3-8b "$LAYERS3" 23466; }
+have_time llama3 "llama3-8b" && { rm -rf "$work/llama2-7b"; LAYERS=$LAYERS3; BUDGET=$((BUDGET + 90)); shape_run llama3-8b "$LAYERS3" 23466; }
 stage "done"

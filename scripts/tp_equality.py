@@ -43,20 +43,35 @@ def first_step_logits(engine, ids: list[int]) -> torch.Tensor:
     return engine.runner.run(meta)[0].float()
 
 
-def decode_latency(llm, prompt_len: int = 128, new: int = 128) -> float:
-    """Seconds per decode step at batch 1 (time after the first token / steps)."""
+def decode_latency(llm, prompt_len: int = 128, new: int = 128) -> tuple[float, float]:
+    """(seconds per decode step at batch 1, of which rank 0 spent sending the step to the others)."""
+    from lmdepot.runtime import tp
+
     engine = llm.engine
     ids = prompts(1, engine.cfg.vocab_size, prompt_len, prompt_len, 7)[0]
     llm.generate([ids[:16]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))   # warm-up
     seq = engine.add_request(ids, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+    sent, send = [0.0], tp.send_step
+
+    def timed_send(obj=None):
+        t = time.perf_counter()
+        try:
+            return send(obj)
+        finally:
+            sent[0] += time.perf_counter() - t
+
     first = None
-    while engine.has_unfinished():
-        engine.step()
-        if first is None and seq.num_output >= 1:
-            _sync()
-            first = time.perf_counter()
-    _sync()
-    return (time.perf_counter() - first) / (new - 1)
+    tp.send_step = timed_send
+    try:
+        while engine.has_unfinished():
+            engine.step()
+            if first is None and seq.num_output >= 1:
+                _sync()
+                first, sent[0] = time.perf_counter(), 0.0
+        _sync()
+    finally:
+        tp.send_step = send
+    return (time.perf_counter() - first) / (new - 1), sent[0] / (new - 1)
 
 
 def throughput(llm, requests: int, new: int = 128) -> dict:
@@ -82,7 +97,8 @@ def measure(ws: str, tp: int, args) -> dict:
         outs = llm.generate(ps, SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True))
         res = {"tp": tp, "load_s": load_s, "logits": logits, "tokens": [o.token_ids for o in outs]}
         if not args.no_speed:
-            res["decode_bs1_ms"] = 1e3 * decode_latency(llm)
+            step, sent = decode_latency(llm)
+            res["decode_bs1_ms"], res["decode_bs1_broadcast_ms"] = 1e3 * step, 1e3 * sent
             res["throughput"] = throughput(llm, args.requests)
         return res
     finally:
@@ -145,6 +161,7 @@ def main(argv=None) -> int:
         speed = ""
         if "decode_bs1_ratio_tp2_over_tp1" in cmp:
             speed = (f"; decode bs1 {a['decode_bs1_ms']:.2f} -> {b['decode_bs1_ms']:.2f} ms/step"
+                     f" (step broadcast {b['decode_bs1_broadcast_ms']:.3f} ms)"
                      f" ({cmp['decode_bs1_ratio_tp2_over_tp1']:.2f}x); {args.requests} requests"
                      f" {a['throughput']['output_tok_s']:.0f} -> {b['throughput']['output_tok_s']:.0f} out tok/s"
                      f" ({cmp['throughput_ratio_tp2_over_tp1']:.2f}x)")

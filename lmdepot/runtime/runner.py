@@ -178,13 +178,13 @@ class ModelRunner:
         """Rank 0: broadcast the step, run it. host=False leaves the logits on the device (the engine
         samples there); host=True copies them to the CPU (perplexity, tests)."""
         if tp.world_size() > 1:
-            tp.broadcast_object(meta)
+            tp.send_step(meta)
         logits = self.execute(meta)
         return logits.cpu() if host else logits
 
     def close(self) -> None:
         if tp.world_size() > 1 and tp.rank() == 0:
-            tp.broadcast_object(None)
+            tp.send_step(None)
         self.close_graphs()
 
     def close_graphs(self) -> None:

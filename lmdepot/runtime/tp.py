@@ -27,10 +27,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lmdepot.runtime import step_channel
 from lmdepot.runtime.allreduce import AllReduce
 
 _control = None   # gloo group for step metadata and load status (see the module docstring)
 _sum: AllReduce | None = None   # the row-parallel outputs' all-reduce (allreduce.py)
+_same_host = False   # spawned ranks share rank 0's machine: steps go through shared memory
+_steps: step_channel.StepChannel | None = None
+_CHANNEL = "__lmdepot_step_channel__"
 
 
 def world_size() -> int:
@@ -68,6 +72,37 @@ def broadcast_object(obj=None):
     return box[0]
 
 
+def send_step(meta) -> None:
+    """Rank 0: this step's metadata (None: stop) to the other ranks; through shared memory when they
+    share this machine (step_channel.py), else over the gloo group."""
+    global _steps
+    if _steps is None and _same_host and step_channel.available():
+        _steps = step_channel.StepChannel.create(world_size() - 1)
+        broadcast_object((_CHANNEL, _steps.name))
+    if _steps is None or not _steps.send(meta, timeout().total_seconds()):
+        broadcast_object(meta)
+
+
+def recv_step():
+    """Ranks 1..N-1: the next step's metadata from rank 0 (None: stop)."""
+    global _steps
+    if _steps is None:
+        meta = broadcast_object()
+        if isinstance(meta, tuple) and meta[:1] == (_CHANNEL,):
+            _steps = step_channel.StepChannel.attach(meta[1], world_size() - 1, rank() - 1)
+            return recv_step()
+        return meta
+    meta, big = _steps.recv()
+    return broadcast_object() if big else meta
+
+
+def _close_steps() -> None:
+    global _steps
+    if _steps is not None:
+        _steps.close(unlink=rank() == 0)
+        _steps = None
+
+
 def all_gather_object(obj) -> list:
     """Every rank's obj, in rank order (control group)."""
     out = [None] * world_size()
@@ -98,14 +133,18 @@ def _join(rank_: int, size: int, device: str, init_method: str) -> None:
 
 
 def init(rank_: int, size: int, port: int, device: str = "cpu") -> None:
+    """Spawned ranks: all on this machine, TCP rendezvous on 127.0.0.1."""
+    global _same_host
+    _same_host = True
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     _join(rank_, size, device, f"tcp://127.0.0.1:{port}")
 
 
 def shutdown() -> None:
-    global _control, _sum
-    _sum = None
+    global _control, _sum, _same_host
+    _close_steps()
+    _sum, _same_host = None, False
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _control = None
@@ -242,10 +281,11 @@ def serve_as_worker(workspace, ecfg, rank_: int) -> None:
 # --- ranks 1..N-1 ---------------------------------------------------------------------------------
 def worker_loop(runner) -> None:
     while True:
-        meta = broadcast_object()
+        meta = recv_step()
         if meta is None:
             break
         runner.execute(meta)
+    _close_steps()
 
 
 def worker_main(rank_: int, size: int, port: int, source: str, engine_cfg, errors=None) -> None:
