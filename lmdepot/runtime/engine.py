@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -55,8 +56,7 @@ def text_decoder(tokenizer):
     if (PreTrainedTokenizerFast is not None and isinstance(tokenizer, PreTrainedTokenizerFast)
             and cls.decode is PreTrainedTokenizerFast.decode and cls._decode is PreTrainedTokenizerFast._decode
             and not getattr(tokenizer, "clean_up_tokenization_spaces", True) and hasattr(backend, "decode")):
-        fast = backend.decode
-        return lambda ids: fast(ids, skip_special_tokens=True)
+        return functools.partial(backend.decode, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -233,15 +233,16 @@ class Engine:
         return outputs
 
     def _append(self, seq: Sequence, tok: int, lp: dict | None) -> StepOutput:
-        seq.token_ids.append(tok)
+        ids = seq.token_ids
+        ids.append(tok)
         if lp is not None:
             seq.logprobs.append(lp)
         p = seq.params
         reason = None
-        stop_tok = tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos)
+        stop_tok = tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids)
         if stop_tok:
             reason = "stop"
-        elif seq.num_output >= p.max_tokens or len(seq) >= self.session_len:
+        elif len(ids) - seq.num_prompt >= p.max_tokens or len(ids) >= self.session_len:
             reason = "length"
         text = self._decode(seq, drop_last=stop_tok)
         hold = 0
@@ -277,7 +278,7 @@ class Engine:
         end = len(ids) - 1 if drop_last else len(ids)
         prefix, read, settled = seq.detok
         decode = self._detok
-        before = decode(ids[base + prefix:base + read])
+        before = decode(ids[base + prefix:base + read]) if read > prefix else ""
         now = decode(ids[base + prefix:end])
         if base + read > end or not now.startswith(before):   # settled past ids, or context changed it: redo
             settled, now, before = "", decode(ids[base:end]), ""
