@@ -98,6 +98,7 @@ class Engine:
             cfg = self.cfg = self.runner.cfg
             self.tokenizer = load_tokenizer(self.runner.workspace)
             self._detok = text_decoder(self.tokenizer)
+            self._token_text: dict[int, str] = {}   # one id's decode (at most the vocabulary's size)
             self.session_len = ecfg.session_len or cfg.session_len
             self.eos_ids = _eos_ids(self.runner.workspace, cfg.end_id)
             self.bm = BlockManager(self.runner.num_blocks, self.runner.block_size, ecfg.enable_prefix_caching)
@@ -256,9 +257,11 @@ class Engine:
                 hold = max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         if reason is None and text.endswith("\ufffd"):
             hold = max(hold, 1)  # an incomplete UTF-8 character: wait for its next bytes
-        final = text if reason else text[:len(text) - hold]
-        delta = final[seq.text_offset:]
-        seq.text_offset = max(seq.text_offset, len(final))
+        final = text[:len(text) - hold] if hold and not reason else text
+        offset = seq.text_offset
+        delta = final[offset:] if len(final) > offset else ""
+        if len(final) > offset:
+            seq.text_offset = len(final)
         seq.text = final
         if reason:
             seq.finish_reason = reason
@@ -278,12 +281,19 @@ class Engine:
         end = len(ids) - 1 if drop_last else len(ids)
         prefix, read, settled = seq.detok
         decode = self._detok
-        before = decode(ids[base + prefix:base + read]) if read > prefix else ""
+        if read - prefix == 1:   # the usual window: one settled id, whose text is a pure function of it
+            tok = ids[base + prefix]
+            before = self._token_text.get(tok)
+            if before is None:
+                before = self._token_text[tok] = decode([tok])
+        else:
+            before = decode(ids[base + prefix:base + read]) if read > prefix else ""
         now = decode(ids[base + prefix:end])
         if base + read > end or not now.startswith(before):   # settled past ids, or context changed it: redo
             settled, now, before = "", decode(ids[base:end]), ""
             prefix = read = 0
         new = now[len(before):]
+        text = settled + new if new else settled
         if new and not new.endswith("\ufffd"):
-            seq.detok = [read, end - base, settled + new]
-        return settled + new
+            seq.detok = [read, end - base, text]
+        return text
