@@ -57,3 +57,14 @@ def test_text_decoder_equals_tokenizer_decode(smol_llm, tmp_path):
     assert not isinstance(slow, functools.partial)
     for case in _random_ids(words, 50, 1):
         assert slow(case) == words.decode(case, skip_special_tokens=True)
+
+
+def test_profile_host_step_script_reports_every_phase(capsys):
+    """scripts/profile_host_step.py runs the bench loop and prints each phase and the host total."""
+    from scripts.profile_host_step import PHASES, main
+
+    assert main(["--n", "2", "--prompt", "8-16", "--output", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "decode steps with all 2 sequences: 4;" in out, out
+    for name in (*PHASES, "wall", "HOST", "HOST-argmax"):
+        assert f"\n  {name} " in out, name
