@@ -63,9 +63,25 @@ def build_workspace(tmp: Path, layers: int) -> Path:
     return convert(hf, tmp / "ws")
 
 
+_MISSING = object()
+
+
 class Timers:
     def __init__(self):
         self.step: dict[str, float] = defaultdict(float)
+        self.patched: list = []   # (object, attribute, what it was): undone by restore()
+
+    def patch(self, obj, name: str, value) -> None:
+        self.patched.append((obj, name, obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else _MISSING))
+        setattr(obj, name, value)
+
+    def restore(self) -> None:
+        for obj, name, old in reversed(self.patched):
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+        self.patched.clear()
 
     def wrap(self, obj, name: str, phase: str) -> None:
         fn = getattr(obj, name)
@@ -78,7 +94,7 @@ class Timers:
             finally:
                 acc[phase] += time.perf_counter() - t
 
-        setattr(obj, name, timed)
+        self.patch(obj, name, timed)
 
 
 def instrument(llm, timers: Timers, steps: list) -> None:
@@ -113,7 +129,7 @@ def instrument(llm, timers: Timers, steps: list) -> None:
             sampled_at[0] = time.perf_counter()
             timers.step["sample"] += sampled_at[0] - t
 
-    engine_mod.sample = timed_sample
+    timers.patch(engine_mod, "sample", timed_sample)
     # the sampler's argmax over (n, vocab) logits: CPU compute here, a kernel on a GPU
     timers.wrap(torch.Tensor, "argmax", "argmax")
     step = eng.step
@@ -138,7 +154,7 @@ def instrument(llm, timers: Timers, steps: list) -> None:
         steps.append(rec)
         return out
 
-    eng.step = timed_step
+    timers.patch(eng, "step", timed_step)
 
 
 def summarize(steps: list, n: int) -> dict:
@@ -184,12 +200,12 @@ def main(argv=None) -> int:
     lo, hi = parse_range(args.prompt, "--prompt")
     with tempfile.TemporaryDirectory(prefix="lmdepot-hoststep-") as tmp:
         ws = build_workspace(Path(tmp), args.layers)
+        timers, steps = Timers(), []
         llm = open_llm(ws, args.device, max(args.n, 1), session_len=hi + args.output + 8)
         try:
             vocab = llm.engine.cfg.vocab_size
             warmup(llm, vocab)
             requests = synthetic(args.n, (lo, hi), (args.output, args.output), vocab, args.seed)
-            timers, steps = Timers(), []
             instrument(llm, timers, steps)
             prof = cProfile.Profile() if args.profile else None
             if prof:
@@ -200,6 +216,7 @@ def main(argv=None) -> int:
             if prof:
                 prof.disable()
         finally:
+            timers.restore()   # module functions and torch.Tensor.argmax as they were
             llm.close()
     s = summarize(steps, args.n)
     print(f"{args.n} requests, prompts {lo}-{hi}, {args.output} output tokens, {args.layers} layer(s),"

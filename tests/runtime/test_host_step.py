@@ -68,3 +68,7 @@ def test_profile_host_step_script_reports_every_phase(capsys):
     assert "decode steps with all 2 sequences: 4;" in out, out
     for name in (*PHASES, "wall", "HOST", "HOST-argmax"):
         assert f"\n  {name} " in out, name
+    import torch
+
+    from lmdepot.runtime import engine, sampler
+    assert engine.sample is sampler.sample and "argmax" not in torch.Tensor.__dict__   # its timers are undone
