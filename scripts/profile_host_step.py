@@ -28,7 +28,7 @@ time exactly: medians, and step()'s own loop over the batch (num_computed update
 
 --graphs (CPU) runs the padded CUDA-graph decode path (LMDEPOT_GRAPHS_ON_CPU=1, uncaptured), the
 path a GPU takes for decode batches up to 256; --profile prints the top cProfile entries of the
-decode steps' host code. --device cuda runs it on a GPU (graphs captured): there the kernels run
+whole run's host code (prefills included). --device cuda runs it on a GPU (graphs captured): there the kernels run
 asynchronously and sample() waits for them, so host ~ wall - sample.
 """
 
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", type=int, default=256)
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--graphs", action="store_true", help="the padded CUDA-graph decode path, uncaptured")
-    ap.add_argument("--profile", action="store_true", help="cProfile the decode steps, print the top entries")
+    ap.add_argument("--profile", action="store_true", help="cProfile the run, print the top entries of the host code")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="cuda: the real path (captured graphs); the device work is then waited for in sample")
