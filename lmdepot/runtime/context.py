@@ -6,6 +6,7 @@ only tokens and positions, whatever the batch looks like.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,9 +59,15 @@ def reset_context() -> None:
 
 
 def block_table_array(tables: list[list[int]], width: int | None = None, fill: int = 0) -> np.ndarray:
-    """(len(tables), width) int32 array of the block tables, padded with `fill`."""
-    width = width or max(1, max((len(t) for t in tables), default=0))
+    """(len(tables), width) int32 array of the block tables, padded with `fill`. All rows in one
+    masked assignment of their concatenation: no per-row numpy call (hundreds of rows a step)."""
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    width = width or max(1, int(lens.max(initial=0)))
     out = np.full((len(tables), width), fill, dtype=np.int32)
-    for i, t in enumerate(tables):
-        out[i, :len(t)] = t
+    total = int(lens.sum())
+    if total:
+        if lens.max() > width:
+            raise ValueError(f"a block table of {int(lens.max())} blocks does not fit width {width}")
+        out[np.arange(width) < lens[:, None]] = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32,
+                                                            count=total)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -41,6 +42,24 @@ def load_tokenizer(workspace: Path):
         raise RuntimeLoadError(f"{tok_dir}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
 
 
+def text_decoder(tokenizer):
+    """ids -> tokenizer.decode(ids, skip_special_tokens=True). For a fast tokenizer whose decode adds
+    nothing to its Rust backend's (no clean-up of spaces, no subclass override), the backend is called
+    directly: HF's python wrapper costs several times the decode of the few ids a step decodes, and
+    the engine decodes twice per sequence per step."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedTokenizerFast = None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    cls = type(tokenizer)
+    if (PreTrainedTokenizerFast is not None and isinstance(tokenizer, PreTrainedTokenizerFast)
+            and cls.decode is PreTrainedTokenizerFast.decode and cls._decode is PreTrainedTokenizerFast._decode
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", True) and hasattr(backend, "decode")):
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def _eos_ids(workspace: Path, end_id: int) -> set[int]:
     ids = {end_id}
     gen = Path(workspace) / layout.TOKENIZER_DIR / "generation_config.json"
@@ -78,6 +97,8 @@ class Engine:
         try:
             cfg = self.cfg = self.runner.cfg
             self.tokenizer = load_tokenizer(self.runner.workspace)
+            self._detok = text_decoder(self.tokenizer)
+            self._token_text: dict[int, str] = {}   # one id's decode (at most the vocabulary's size)
             self.session_len = ecfg.session_len or cfg.session_len
             self.eos_ids = _eos_ids(self.runner.workspace, cfg.end_id)
             self.bm = BlockManager(self.runner.num_blocks, self.runner.block_size, ecfg.enable_prefix_caching)
@@ -168,18 +189,23 @@ class Engine:
     # --- the step ----------------------------------------------------------------------------------
     def _metadata(self, batch: list[tuple[Sequence, int]]) -> tuple[dict, list[Sequence]]:
         bs = self.bm.block_size
-        meta = {"tokens": [], "positions": [], "slots": [], "seqs": [], "logit_rows": []}
+        tokens, positions, slots, seqs, rows = [], [], [], [], []
+        meta = {"tokens": tokens, "positions": positions, "slots": slots, "seqs": seqs, "logit_rows": rows}
         sampled = []
         for seq, n in batch:
-            start = seq.num_computed
-            positions = range(start, start + n)
-            meta["tokens"] += seq.token_ids[start:start + n]
-            meta["positions"] += list(positions)
-            meta["slots"] += [seq.block_table[p // bs] * bs + p % bs for p in positions]
+            start, table, ids = seq.num_computed, seq.block_table, seq.token_ids
             ctx = start + n
-            meta["seqs"].append((n, ctx, seq.block_table[:self.bm.blocks_for(ctx)]))
-            if ctx == len(seq):  # prefill (or decode) complete: its last row predicts the next token
-                meta["logit_rows"].append(len(meta["tokens"]) - 1)
+            if n == 1:   # a decode: one token, no lists built for it
+                tokens.append(ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                tokens += ids[start:ctx]
+                positions += range(start, ctx)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, ctx)]
+            seqs.append((n, ctx, table[:-(-ctx // bs)]))
+            if ctx == len(ids):  # prefill (or decode) complete: its last row predicts the next token
+                rows.append(len(tokens) - 1)
                 sampled.append(seq)
         return meta, sampled
 
@@ -196,9 +222,11 @@ class Engine:
             return outputs
         meta, sampled = self._metadata(batch)
         logits = self.runner.run(meta, host=False)   # sampled on the device: one small copy back
+        bs, commit = self.bm.block_size, self.bm.commit
         for seq, n in batch:
             seq.num_computed += n
-            self.bm.commit(seq)
+            if seq.num_computed // bs > len(seq.block_hashes):   # a block filled: publish its hash
+                commit(seq)
         if sampled:
             tokens, logprobs = sample(logits, sampled)
             for seq, tok, lp in zip(sampled, tokens, logprobs):
@@ -206,15 +234,16 @@ class Engine:
         return outputs
 
     def _append(self, seq: Sequence, tok: int, lp: dict | None) -> StepOutput:
-        seq.token_ids.append(tok)
+        ids = seq.token_ids
+        ids.append(tok)
         if lp is not None:
             seq.logprobs.append(lp)
         p = seq.params
         reason = None
-        stop_tok = tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos)
+        stop_tok = tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids)
         if stop_tok:
             reason = "stop"
-        elif seq.num_output >= p.max_tokens or len(seq) >= self.session_len:
+        elif len(ids) - seq.num_prompt >= p.max_tokens or len(ids) >= self.session_len:
             reason = "length"
         text = self._decode(seq, drop_last=stop_tok)
         hold = 0
@@ -228,9 +257,11 @@ class Engine:
                 hold = max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         if reason is None and text.endswith("\ufffd"):
             hold = max(hold, 1)  # an incomplete UTF-8 character: wait for its next bytes
-        final = text if reason else text[:len(text) - hold]
-        delta = final[seq.text_offset:]
-        seq.text_offset = max(seq.text_offset, len(final))
+        final = text[:len(text) - hold] if hold and not reason else text
+        offset = seq.text_offset
+        delta = final[offset:] if len(final) > offset else ""
+        if len(final) > offset:
+            seq.text_offset = len(final)
         seq.text = final
         if reason:
             seq.finish_reason = reason
@@ -244,15 +275,25 @@ class Engine:
 
         Text is settled up to `read` ids; a step decodes from `prefix` (a few ids back, so that a
         tokenizer that treats a leading space or a merge by context sees the same context as a full
-        decode) and keeps what is new. Text ending in an incomplete UTF-8 character is not settled."""
-        ids = seq.output_ids[:-1] if drop_last else seq.output_ids
+        decode) and keeps what is new. Text ending in an incomplete UTF-8 character is not settled.
+        Ids are sliced out of token_ids by offset: no copy of the whole output per step."""
+        ids, base = seq.token_ids, seq.num_prompt
+        end = len(ids) - 1 if drop_last else len(ids)
         prefix, read, settled = seq.detok
-        before = self.tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
-        now = self.tokenizer.decode(ids[prefix:], skip_special_tokens=True)
-        if read > len(ids) or not now.startswith(before):   # settled past ids, or context changed it: redo
-            settled, now, before = "", self.tokenizer.decode(ids, skip_special_tokens=True), ""
+        decode = self._detok
+        if read - prefix == 1:   # the usual window: one settled id, whose text is a pure function of it
+            tok = ids[base + prefix]
+            before = self._token_text.get(tok)
+            if before is None:
+                before = self._token_text[tok] = decode([tok])
+        else:
+            before = decode(ids[base + prefix:base + read]) if read > prefix else ""
+        now = decode(ids[base + prefix:end])
+        if base + read > end or not now.startswith(before):   # settled past ids, or context changed it: redo
+            settled, now, before = "", decode(ids[base:end]), ""
             prefix = read = 0
         new = now[len(before):]
+        text = settled + new if new else settled
         if new and not new.endswith("\ufffd"):
-            seq.detok = [read, len(ids), settled + new]
-        return settled + new
+            seq.detok = [read, end - base, text]
+        return text

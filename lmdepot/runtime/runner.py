@@ -6,9 +6,11 @@ as is; every rank executes the identical forward on its own shard.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
+import numpy as np
 import torch
 
 from lmdepot.runtime import ops, tp
@@ -29,6 +31,11 @@ def model_bytes(model: torch.nn.Module) -> int:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
     return total
+
+
+def _tensor(values: list[int], dtype, device: torch.device) -> torch.Tensor:
+    """A python int list on the device, through numpy (a third of torch.tensor's time on lists)."""
+    return torch.from_numpy(np.array(values, dtype=dtype)).to(device)
 
 
 class ModelRunner:
@@ -148,31 +155,38 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(meta, self.cfg):
             return self.graphs.run(meta)   # decode: every row is a logit row, in batch order
         dev = self.device
-        tokens = torch.tensor(meta["tokens"], dtype=torch.int64, device=dev)
-        positions = torch.tensor(meta["positions"], dtype=torch.int64, device=dev)
+        tokens, positions = _tensor(meta["tokens"], np.int64, dev), _tensor(meta["positions"], np.int64, dev)
         set_context(self.context(meta))
         try:
             hidden = self.model(tokens, positions)
-            return self.model.logits(hidden[meta["logit_rows"]])
+            rows = meta["logit_rows"]
+            if len(rows) != len(meta["tokens"]):   # else every row is one (a decode step): no gather
+                hidden = hidden[_tensor(rows, np.int64, dev)]
+            return self.model.logits(hidden)
         finally:
             reset_context()
 
     def context(self, meta: dict) -> Context:
         """One host-to-device copy per tensor, whatever the batch size; each SeqSlice's block table is
-        a view of the step's table."""
+        a view of the step's table (all views cut by one split of the flattened rows: row i is the
+        part of length len(table_i) of the sizes [len(table_0), pad_0, len(table_1), pad_1, ...])."""
         dev = self.device
-        seqs, starts = [], [0]
-        tables = block_table_array([table for _, _, table in meta["seqs"]])
+        specs = meta["seqs"]
+        tables = block_table_array([table for _, _, table in specs])
         tables_dev = torch.from_numpy(tables).to(dev)
-        for i, (q_len, ctx_len, table) in enumerate(meta["seqs"]):
-            seqs.append(SeqSlice(starts[-1], q_len, ctx_len, tables_dev[i, :len(table)]))
-            starts.append(starts[-1] + q_len)
-        lens = [ctx_len for _, ctx_len, _ in meta["seqs"]]
-        return Context(torch.tensor(meta["slots"], dtype=torch.int64, device=dev), seqs, self.block_size,
+        width = tables.shape[1]
+        sizes = []
+        for _, _, table in specs:
+            sizes += (len(table), width - len(table))
+        views = tables_dev.view(-1).split(sizes)[::2] if specs else ()
+        q_lens = [q for q, _, _ in specs]
+        lens = [ctx_len for _, ctx_len, _ in specs]
+        starts = list(itertools.accumulate(q_lens, initial=0))
+        seqs = list(map(SeqSlice, starts, q_lens, lens, views))
+        return Context(_tensor(meta["slots"], np.int64, dev), seqs, self.block_size,
                        self.cfg.sliding_window, block_tables=tables_dev,
-                       context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-                       q_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-                       max_q_len=max((q for q, _, _ in meta["seqs"]), default=0), max_ctx_len=max(lens, default=0))
+                       context_lens=_tensor(lens, np.int32, dev), q_start_loc=_tensor(starts, np.int32, dev),
+                       max_q_len=max(q_lens, default=0), max_ctx_len=max(lens, default=0))
 
     def run(self, meta: dict, host: bool = True) -> torch.Tensor:
         """Rank 0: broadcast the step, run it. host=False leaves the logits on the device (the engine

@@ -125,10 +125,19 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def _plain(p) -> bool:
+    """Greedy with no penalty, hook or logprobs: the token is the row's argmax and nothing else is due."""
+    return ((p.temperature <= 0 or p.top_k == 1) and p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty and p.logits_processor is None and p.accept_token is None
+            and p.logprobs is None)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
     """logits: (len(seqs), vocab) float32 on any device. Returns tokens and, where asked,
     {token, logprob, top} entries, like sampling.sample."""
     raw, params = logits, [s.params for s in seqs]
+    if all(map(_plain, params)):   # the common batch (greedy, nothing else): one argmax, one copy back
+        return _to_host([logits.argmax(-1)])[0].tolist(), [None] * len(seqs)
     logits = apply_penalties(logits, seqs)
     hooked = [i for i, p in enumerate(params) if p.logits_processor is not None]
     if hooked:

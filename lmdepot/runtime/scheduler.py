@@ -83,10 +83,19 @@ class Scheduler:
     def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
         """(this step's (sequence, new tokens) pairs, sequences that can never fit and must end)."""
         budget, batch, doomed = self.token_budget, [], []
+        bm, bs = self.bm, self.bm.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            need = -(-(seq.num_computed + n) // bs) - len(seq.block_table)
+            if need <= 0 or need <= len(bm.free):   # the common case (a decode with room): no eviction
+                if need > 0:
+                    bm.grow(seq, n)
+                batch.append((seq, n))
+                budget -= n
+                i += 1
+                continue
             while self.bm.num_free < self.bm.blocks_needed(seq, n):
                 if self._evict_session():
                     continue

@@ -269,3 +269,18 @@ def test_draws_follow_the_filtered_distribution(draw):
     seeded = [Sequence([1], SamplingParams(seed=s)) for s in range(2000)]
     freq = torch.bincount(draw(rows[:2000], seeded), minlength=6).float() / 2000
     assert torch.allclose(freq, probs, atol=0.04), (freq, probs)
+
+
+def test_plain_greedy_batches_take_the_argmax_shortcut():
+    """All rows greedy with nothing else asked: one argmax, the reference's tokens, no logprobs; any one
+    knob on any row sends the batch through the full path."""
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams(temperature=0, ignore_eos=True)]
+    seqs = _seqs(params)
+    logits = torch.randn(len(seqs), 160, generator=torch.Generator().manual_seed(4))
+    assert all(map(sampler._plain, params))
+    assert sampler.sample(logits.clone(), seqs) == (sampling.sample(logits.clone(), seqs)[0], [None] * 3)
+    knobs = [dict(temperature=1.0), dict(repetition_penalty=1.1), dict(presence_penalty=0.1),
+             dict(frequency_penalty=0.1), dict(logprobs=0), dict(logits_processor=lambda ids, row: row),
+             dict(accept_token=lambda tok: None)]
+    for kw in knobs:
+        assert not sampler._plain(SamplingParams(**{"temperature": 0, **kw})), kw
