@@ -31,7 +31,7 @@ have_time() {  # stage-name description...: in STAGES and within BUDGET
   [ "$SECONDS" -lt "$BUDGET" ] || { stage "skipped (budget): $*"; return 1; }
 }
 
-EQ_ARGS=${EQ_ARGS:-}           # extra tp_equality.py options (a CPU dry run: TP_CHECK_TINY=1 EQ_ARGS="--requests 8")
+EQ_ARGS=${EQ_ARGS:-}            # AFTER_PUSH: a command run once the workspaces are pushed           # extra tp_equality.py options (a CPU dry run: TP_CHECK_TINY=1 EQ_ARGS="--requests 8")
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
 python -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())" | tee -a "$log"
 if [ -n "${WHEELS:-}" ]; then
@@ -124,6 +124,7 @@ shape_run() {  # shape layers
   stage "$shape: push tp=2 workspaces"
   lm registry push "$d/fp16-tp2" "$shape:fp16-tp2" 2>&1 | tail -1 | tee -a "$log"
   lm registry push "$d/int4-tp2" "$shape:int4-tp2" 2>&1 | tail -1 | tee -a "$log"
+  eval "${AFTER_PUSH:-}"   # e.g. wait for another job sharing the GPUs before the timed stages
   have_time equality "$shape fp16 equality" && {
     stage "$shape: tp_equality fp16 weights, bf16 compute, all-reduce by NCCL then by the one-shot path"
     python scripts/tp_equality.py --tp1 "$d/fp16-tp1" --tp2 "$d/fp16-tp2" --allreduce nccl,auto \
