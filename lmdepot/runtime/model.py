@@ -138,12 +138,12 @@ class Attention(nn.Module):
         ctx = get_context()
         if ctx.logn is not None:  # use_logn_attn: queries past the training length are sharpened
             q = q * ctx.logn[:, None, None].to(q.dtype)
-        # rope and the cache write in one op (one kernel on GPU), float or quantized cache
-        cache = (self.k_cache, self.v_cache) if self.kv_quant is None else self.kv_quant
-        q, k = ops.rope_store(q, k, v, cos, sin, self.rot_dim, cache, ctx.slot_mapping)
         if self.kv_quant is not None:
+            q, k = ops.apply_rope(q, cos, sin, self.rot_dim), ops.apply_rope(k, cos, sin, self.rot_dim)
+            ops.store_kv_quant(k, v, self.kv_quant, ctx.slot_mapping)
             o = ops.paged_attention_quant(q, k, v, self.kv_quant, ctx, self.scale)
-        else:
+        else:  # rope and the cache write in one op (one kernel on GPU)
+            q, k = ops.rope_store_kv(q, k, v, cos, sin, self.rot_dim, self.k_cache, self.v_cache, ctx.slot_mapping)
             o = ops.paged_attention(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
         out = reduce_partial(self.wo, o.reshape(o.shape[0], -1))
         return out if self.wo_bias is None else out + self.wo_bias

@@ -17,7 +17,7 @@ from lmdepot.runtime.sequence import SamplingParams
 
 # The reference of every op a kernel test may replace (float cache, then quantized cache).
 REFERENCE_OPS = {"rope_store_kv": reference.rope_store_kv, "paged_attention": reference.paged_attention,
-                 "rope_store_kv_quant": ops.unfused_rope_store_kv_quant, "store_kv_quant": kv_quant.store_kv_quant,
+                 "store_kv_quant": kv_quant.store_kv_quant,
                  "paged_attention_quant": reference.paged_attention_quant}
 
 

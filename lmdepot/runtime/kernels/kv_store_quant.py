@@ -4,8 +4,7 @@ One program per (new token, kv head): optional Hadamard rotation of the head, on
 over the whole head (0 included, so the zero point is an exact uint8 code), fp16 scale; int4 codes
 are packed two per byte (channel 2i low nibble). The torch reference is ops/kv_quant.py
 (quantize_online / store_kv_quant); the kernel computes each code the same way, up to the
-rotation's float32 summation order. store_head (one head into one slot) is shared with the fused
-rope + store kernel, rope_store_kv_quant.py.
+rotation's float32 summation order.
 """
 
 from __future__ import annotations
@@ -35,11 +34,14 @@ def _half(x_ptr, rot_ptr, offs_d, offs_i, PARITY: tl.constexpr, ROTATE: tl.const
 
 
 @triton.jit
-def store_head(row, slot, h, rot_ptr, c_ptr, s_ptr, z_ptr, c_s, c_h, p_s, p_h, D: tl.constexpr,
-                BITS: tl.constexpr, ROTATE: tl.constexpr, FLOOR: tl.constexpr):
-    """Quantizes one head (D channels at `row`) into slot `slot`, kv head h, of a per-token cache."""
+def _store_kernel(x_ptr, slot_ptr, rot_ptr, c_ptr, s_ptr, z_ptr, stride_xt, stride_xh,
+                  c_s, c_h, p_s, p_h, D: tl.constexpr, BITS: tl.constexpr, ROTATE: tl.constexpr,
+                  FLOOR: tl.constexpr):
+    t, h = tl.program_id(0), tl.program_id(1)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, D)
     offs_i = tl.arange(0, D // 2)
+    row = x_ptr + t * stride_xt + h * stride_xh
     even = _half(row, rot_ptr, offs_d, offs_i, 0, ROTATE, D)
     odd = _half(row, rot_ptr, offs_d, offs_i, 1, ROTATE, D)
     qmax = 2.0 ** BITS - 1.0
@@ -57,16 +59,6 @@ def store_head(row, slot, h, rot_ptr, c_ptr, s_ptr, z_ptr, c_s, c_h, p_s, p_h, D
         tl.store(out + 2 * offs_i + 1, q_odd)
     tl.store(s_ptr + slot * p_s + h * p_h, scale.to(tl.float16))
     tl.store(z_ptr + slot * p_s + h * p_h, zero.to(tl.uint8))
-
-
-@triton.jit
-def _store_kernel(x_ptr, slot_ptr, rot_ptr, c_ptr, s_ptr, z_ptr, stride_xt, stride_xh,
-                  c_s, c_h, p_s, p_h, D: tl.constexpr, BITS: tl.constexpr, ROTATE: tl.constexpr,
-                  FLOOR: tl.constexpr):
-    t, h = tl.program_id(0), tl.program_id(1)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    store_head(x_ptr + t * stride_xt + h * stride_xh, slot, h, rot_ptr, c_ptr, s_ptr, z_ptr, c_s, c_h, p_s, p_h,
-                D, BITS, ROTATE, FLOOR)
 
 
 def store_quant_per_token(x, slot_mapping, codes, scales, zeros, bits: int, rotate: bool) -> None:

@@ -28,20 +28,8 @@ def reference(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
 
 
 @triton.jit
-def cos_sin_halves(cos_row, sin_row, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """One token's cos and sin, each split into its two rot_dim / 2 halves: (c1, s1, c2, s2)."""
-    offs = tl.arange(0, BLOCK_HALF)
-    mask = offs < HALF
-    c1 = tl.load(cos_row + offs, mask=mask, other=0.0)
-    c2 = tl.load(cos_row + HALF + offs, mask=mask, other=0.0)
-    s1 = tl.load(sin_row + offs, mask=mask, other=0.0)
-    s2 = tl.load(sin_row + HALF + offs, mask=mask, other=0.0)
-    return c1, s1, c2, s2
-
-
-@triton.jit
-def rotate_heads(ptr, stride_h, heads, c1, s1, c2, s2, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr):
+def _rotate(ptr, stride_h, heads, c1, s1, c2, s2, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+            BLOCK_HALF: tl.constexpr):
     """Rotates the first 2 * HALF channels of `heads` rows in place; returns both rotated halves."""
     offs_h = tl.arange(0, BLOCK_H)
     offs = tl.arange(0, BLOCK_HALF)
@@ -66,9 +54,12 @@ def _kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     mask_c = offs < HALF
-    c1, s1, c2, s2 = cos_sin_halves(cos_ptr + t * stride_ct, sin_ptr + t * stride_st, HALF, BLOCK_HALF)
-    rotate_heads(q_ptr + t * stride_qt, stride_qh, HQ, c1, s1, c2, s2, HALF, BLOCK_HQ, BLOCK_HALF)
-    k1, k2 = rotate_heads(k_ptr + t * stride_kt, stride_kh, HKV, c1, s1, c2, s2, HALF, BLOCK_HKV, BLOCK_HALF)
+    c1 = tl.load(cos_ptr + t * stride_ct + offs, mask=mask_c, other=0.0)
+    c2 = tl.load(cos_ptr + t * stride_ct + HALF + offs, mask=mask_c, other=0.0)
+    s1 = tl.load(sin_ptr + t * stride_st + offs, mask=mask_c, other=0.0)
+    s2 = tl.load(sin_ptr + t * stride_st + HALF + offs, mask=mask_c, other=0.0)
+    _rotate(q_ptr + t * stride_qt, stride_qh, HQ, c1, s1, c2, s2, HALF, BLOCK_HQ, BLOCK_HALF)
+    k1, k2 = _rotate(k_ptr + t * stride_kt, stride_kh, HKV, c1, s1, c2, s2, HALF, BLOCK_HKV, BLOCK_HALF)
 
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:

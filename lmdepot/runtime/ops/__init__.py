@@ -20,17 +20,6 @@ _TABLE: dict[str, Callable] = {
 _TABLE["store_kv_quant"] = kv_quant.store_kv_quant
 
 
-def unfused_rope_store_kv_quant(q, k, v, cos, sin, rot_dim, cache, slot_mapping):
-    """The reference of rope_store_kv_quant: the apply_rope op on q and k, then the store_kv_quant op
-    (both looked up in the table, so whatever is registered for them runs)."""
-    q, k = apply_rope(q, cos, sin, rot_dim), apply_rope(k, cos, sin, rot_dim)
-    store_kv_quant(k, v, cache, slot_mapping)
-    return q, k
-
-
-_TABLE["rope_store_kv_quant"] = unfused_rope_store_kv_quant
-
-
 def register(name: str, fn: Callable) -> None:
     if name not in _TABLE:
         raise KeyError(f"unknown op {name}")
@@ -95,20 +84,6 @@ def rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
     """apply_rope on q and k, then store_kv; returns the rotated (q, k). q and k may be rotated in
     place (they are the qkv projection's fresh output), so use the returned tensors."""
     return _TABLE["rope_store_kv"](q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping)
-
-
-def rope_store_kv_quant(q, k, v, cos, sin, rot_dim, cache, slot_mapping):
-    """rope_store_kv into a QuantKVCache: apply_rope on q and k, then store_kv_quant (one kernel on
-    GPU, two with channel keys); returns the rotated (q, k), possibly rotated in place."""
-    return _TABLE["rope_store_kv_quant"](q, k, v, cos, sin, rot_dim, cache, slot_mapping)
-
-
-def rope_store(q, k, v, cos, sin, rot_dim, cache, slot_mapping):
-    """A layer's attention prologue, whatever its KV cache: rotate q and k, store k and v into
-    `cache`, a (k_cache, v_cache) pair of float tensors or a QuantKVCache. Returns the rotated (q, k)."""
-    if isinstance(cache, tuple):
-        return rope_store_kv(q, k, v, cos, sin, rot_dim, cache[0], cache[1], slot_mapping)
-    return rope_store_kv_quant(q, k, v, cos, sin, rot_dim, cache, slot_mapping)
 
 
 def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):

@@ -1,9 +1,9 @@
 """Triton kernels behind the op table, installed when the runtime runs on a CUDA device.
 
 The op table is process-wide, so each op checks where its tensors live and hands CPU tensors to
-the reference: a CPU engine beside a GPU one keeps working. Ops without a kernel here (the separate
-apply_rope and store_kv, which the model no longer calls; dense linears via cuBLAS) keep their
-torch reference, which runs on the GPU as is.
+the reference: a CPU engine beside a GPU one keeps working. Ops without a kernel here (separate
+rope and store_kv, used by the quantized cache; dense linears via cuBLAS) keep their torch
+reference, which runs on the GPU as is.
 """
 
 from __future__ import annotations
@@ -154,45 +154,13 @@ def _kv_kernels_fit(cache, head_dim: int) -> bool:
             and not head_dim & (head_dim - 1))
 
 
-def _store_kernels_fit(cache, k, ctx) -> bool:
-    """The store kernels cover this cache (the channel keys also need the step's device tensors)."""
-    return _kv_kernels_fit(cache, k.shape[-1]) and not (cache.key_channel and ctx.block_tables is None)
-
-
-def rope_store_kv_quant(q, k, v, cos, sin, rot_dim, cache, slot_mapping):
-    if not q.is_cuda:
-        return ops.unfused_rope_store_kv_quant(q, k, v, cos, sin, rot_dim, cache, slot_mapping)
-    return rope_store_kv_quant_kernel(q, k, v, cos, sin, rot_dim, cache, slot_mapping)
-
-
-def rope_store_kv_quant_kernel(q, k, v, cos, sin, rot_dim, cache, slot_mapping):
-    """The fused rope + quantized store (kernels/rope_store_kv_quant.py) where the store kernels fit,
-    else the unfused ops (apply_rope, then store_kv_quant, which picks kernel or reference itself)."""
-    from lmdepot.runtime.context import get_context
-
-    ctx = get_context()
-    if not _store_kernels_fit(cache, k, ctx) or any(x.stride(-1) != 1 for x in (q, k, v, cos, sin)):
-        return ops.unfused_rope_store_kv_quant(q, k, v, cos, sin, rot_dim, cache, slot_mapping)
-    from lmdepot.runtime.kernels.rope_store_kv_quant import rope_store_kv_quant as kernel
-
-    return kernel(q, k, v, cos, sin, rot_dim, cache, slot_mapping, ctx.block_tables, ctx.context_lens,
-                  ctx.q_start_loc, ctx.max_q_len)
-
-
 def store_kv_quant(k, v, cache, slot_mapping):
-    if not k.is_cuda:
-        from lmdepot.runtime.ops import kv_quant
-
-        return kv_quant.store_kv_quant(k, v, cache, slot_mapping)
-    return store_kv_quant_kernel(k, v, cache, slot_mapping)
-
-
-def store_kv_quant_kernel(k, v, cache, slot_mapping):
     from lmdepot.runtime.context import get_context
     from lmdepot.runtime.ops import kv_quant
 
     ctx = get_context()
-    if not _store_kernels_fit(cache, k, ctx):
+    if not k.is_cuda or not _kv_kernels_fit(cache, k.shape[-1]) or \
+            (cache.key_channel and ctx.block_tables is None):
         return kv_quant.store_kv_quant(k, v, cache, slot_mapping)
     from lmdepot.runtime.kernels.kv_store_channel import store_keys_channel
     from lmdepot.runtime.kernels.kv_store_quant import store_quant_per_token
@@ -263,8 +231,7 @@ def _prefill_quant(q, k, v, cache, ctx, scale):
 
 
 def _install_kv_quant() -> None:
-    for name, fn in (("rope_store_kv_quant", rope_store_kv_quant), ("store_kv_quant", store_kv_quant),
-                     ("paged_attention_quant", paged_attention_quant)):
+    for name, fn in (("store_kv_quant", store_kv_quant), ("paged_attention_quant", paged_attention_quant)):
         ops.register(name, fn)
 
 
