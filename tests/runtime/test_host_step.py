@@ -33,7 +33,7 @@ def _random_ids(tok, n, seed):
     return [[rng.randrange(len(tok)) for _ in range(rng.randrange(0, 7))] for _ in range(n)]
 
 
-def test_text_decoder_equals_tokenizer_decode(smol_llm, tmp_path):
+def test_text_decoder_equals_tokenizer_decode_on_smol(smol_llm, tmp_path):
     """The backend shortcut decodes exactly as tokenizer.decode(skip_special_tokens=True) (byte-level BPE,
     special tokens, split UTF-8), and a tokenizer whose decode cleans up spaces keeps its own decode."""
     import functools
