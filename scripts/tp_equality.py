@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tp1", required=True, help="workspace (dir or NAME:TAG) converted with --tp 1")
     ap.add_argument("--tp2", required=True, help="the same checkpoint converted with --tp 2")
+    ap.add_argument("--ranks", type=int, default=2,
+                    help="tensor-parallel size of --tp2 (e.g. 3 for SmolLM2's 9 heads on the CPU)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
     for mode in args.allreduce.split(","):
         _free()
         os.environ["LMDEPOT_ALLREDUCE"] = mode   # read by rank 0 here and inherited by the spawned rank
-        b = measure(args.tp2, 2, args)
+        b = measure(args.tp2, args.ranks, args)
         cmp = compare(a, b)
         report["tp2"][mode] = {**{k: v for k, v in b.items() if k not in ("logits", "tokens")}, **cmp}
         ok = ok and cmp["pass_logits"] and cmp["pass_tokens"]

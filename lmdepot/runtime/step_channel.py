@@ -18,7 +18,7 @@ import os
 import pickle
 import platform
 import time
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -73,10 +73,9 @@ class StepChannel:
 
     @classmethod
     def attach(cls, name: str, readers: int, reader: int) -> "StepChannel":
-        shm = shared_memory.SharedMemory(name=name)
-        # the writer owns the segment; without this, the reader's exit would unlink it (Python < 3.13)
-        resource_tracker.unregister(shm._name, "shared_memory")
-        return cls(shm, readers, reader)
+        # Spawned readers share the writer's resource tracker, so attaching registers the name the
+        # writer registered already, and the writer's unlink unregisters it once for both.
+        return cls(shared_memory.SharedMemory(name=name), readers, reader)
 
     @property
     def name(self) -> str:
