@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmdepot.formats.int4 import quantize_int4_rtn
+from lmdepot.formats.int4 import dequantize_int4, quantize_int4_rtn
 from lmdepot.runtime.kernels.scratch import _SEMAPHORES
 from lmdepot.runtime.kernels.w4a16 import reference, w4a16_linear
 from tests.kernels.conftest import DEVICE, DTYPES, poisoned
@@ -35,7 +35,7 @@ def test_gemv_split_k_variants_agree(split_k):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
-@pytest.mark.parametrize("M", [1, 16, 256])
+@pytest.mark.parametrize("M", [1, 16, 256, 1024])
 def test_real_size_llama7b_mlp(M):
     K, N = 4096, 11008
     q = {k: v.to(DEVICE) for k, v in quantize_int4_rtn(torch.randn(K, N) * 0.02, 128).items()}
@@ -53,3 +53,30 @@ def test_gemm_split_k_variants_agree(M, split_k):
     y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config={"split_k": split_k, "block_n": 32})
     torch.testing.assert_close(y.float(), reference(x, q["qweight"], q["scales"], q["zeros"]).float(),
                                rtol=2e-2, atol=2e-2 * K ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K, N, group", [(256, 96, 128), (200, 48, 32), (192, 80, 64)])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_prefill_path_dequantizes_then_multiplies(dtype, K, N, group, out_dtype, monkeypatch):
+    """From DEQUANT_MIN_M rows on: the weight dequantized into a (poisoned) scratch matrix, then a
+    plain matmul; a float32 `out` receives the unrounded sums (tensor-parallel partials)."""
+    from lmdepot.runtime.kernels import scratch, w4a16
+
+    monkeypatch.setattr(scratch, "POISON", True)
+    q = {k: v.to(DEVICE) for k, v in quantize_int4_rtn(torch.randn(K, N), group).items()}
+    w = w4a16.dequantize(q["qweight"], q["scales"], q["zeros"], K, dtype)
+    want_w = dequantize_int4(q["qweight"].cpu(), q["scales"].cpu(), q["zeros"].cpu(), K, torch.float32)
+    assert w.shape == (K, N) and not w.isnan().any()
+    torch.testing.assert_close(w.float().cpu(), want_w, rtol=1e-3 if dtype != torch.float32 else 1e-6, atol=1e-3)
+    M = w4a16.DEQUANT_MIN_M + 3
+    assert w4a16.heuristic_config(M, N, K, group)["dequant"]
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    out = None if out_dtype is None else poisoned((M, N), out_dtype)
+    y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], out=out)
+    assert y.dtype == (out_dtype or dtype) and not y.isnan().any()
+    ref = reference(x, q["qweight"], q["scales"], q["zeros"]).float()
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * K ** 0.5)
+    tiled = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config={"dequant": False})
+    torch.testing.assert_close(tiled.float(), ref, rtol=tol, atol=tol * K ** 0.5)

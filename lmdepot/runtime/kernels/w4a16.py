@@ -4,7 +4,10 @@ The plain layout (int32 words packing 8 consecutive input rows, scales/zeros per
 rows) is already coalesced along the output dim, so the kernels read it as stored:
 - `gemv`: small M. Split-K over input rows so that even one output tile row fills the GPU; each
   program writes a fp32 partial sum, reduced afterwards.
-- `gemm`: large M. Tiles of x and of dequantized W meet in `tl.dot`.
+- `gemm`: mid-size M. Tiles of x and of dequantized W meet in `tl.dot`.
+- from DEQUANT_MIN_M rows on (prefill), W is dequantized once into a scratch fp16/bf16 matrix and
+  cuBLAS multiplies: the dequantization costs one pass over the weights (~25 us for 4096x11008),
+  while the tl.dot path measured 2.5x cuBLAS's time at M=256 (docs/benchmarks.md).
 A K tile never straddles a quantization group (BLOCK_K divides group_size), so each tile needs one
 row of scales and zeros. Padded input rows (in_features not a multiple of group_size) dequantize to
 zero and the matching x columns are masked to zero.
@@ -119,7 +122,43 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PADDED, stride_x
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    pid_k, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k0 = pid_k * BLOCK_K
+    w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K, BLOCK_N)
+    rows = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + rows[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=(rows[:, None] < K) & mask_n[None, :])
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, K: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The (K, N) matrix of the int4 weight (padded rows dropped), in a scratch buffer."""
+    k_padded, N = qweight.shape[0] * 8, qweight.shape[1]
+    group = k_padded // scales.shape[0]
+    block_k, block_n = min(64, group), 128
+    w = scratch((K, N), qweight.device, dtype)
+    _dequant_kernel[(triton.cdiv(K, block_k), triton.cdiv(N, block_n))](
+        qweight, scales, zeros, w, N, K, GROUP=group, BLOCK_K=block_k, BLOCK_N=block_n)
+    return w
+
+
+def _matmul(x2: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return x2 @ w
+    if out.dtype == x2.dtype:
+        return torch.mm(x2, w, out=out)
+    if x2.is_cuda:   # float32 sums (tensor-parallel partials): cuBLAS's accumulator, unrounded
+        return out.copy_(torch.mm(x2, w, out_dtype=out.dtype))
+    return out.copy_(x2.to(out.dtype) @ w.to(out.dtype))
+
+
 GEMV_MAX_M = 4
+DEQUANT_MIN_M = 128
 
 
 def _k_split(k_padded: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -152,6 +191,9 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
             SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), num_warps=warps,
             num_stages=cfg.get("num_stages", 3))
         return y.view(*lead, N)
+    if cfg.get("dequant"):
+        y = _matmul(x2, dequantize(qweight, scales, zeros, K, x.dtype), None if out is None else out.view(M, N))
+        return y.view(*lead, N)
     block_m = cfg["block_m"]
     partial = scratch((splits, M, N), x.device, torch.float32) if splits > 1 else (
         out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype))
@@ -174,6 +216,9 @@ def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
         tiles_k = K // min(128, group)
         return {"block_m": 1, "block_n": 64, "block_k": 128, "num_warps": 1, "num_stages": 3,
                 "split_k": max(1, min(tiles_k // 2, 32))}
+    if M >= DEQUANT_MIN_M:
+        return {"dequant": True, "block_m": 64, "block_k": 64, "block_n": 128, "num_warps": 4, "num_stages": 3,
+                "split_k": 1}
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     programs = triton.cdiv(N, 128) * triton.cdiv(M, block_m)
     split_k = max(1, min(triton.cdiv(1056, programs), 16)) if M <= 64 else max(1, min(triton.cdiv(264, programs), 8))
