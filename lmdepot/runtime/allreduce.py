@@ -38,7 +38,7 @@ class AllReduce:
                   file=sys.stderr)
             self.mode = "auto"
         size = os.environ.get("LMDEPOT_ALLREDUCE_MAX_BYTES", "")
-        self.max_bytes = int(size) if size.isdigit() else 1 << 20
+        self.max_bytes = int(size) if size.isdigit() else 64 << 10
         self.buffer: torch.Tensor | None = None
         self.group_name: str | None = None
         self.tried = False
