@@ -1,11 +1,13 @@
 """Where a decode step's time goes: GPU kernel time per step by kernel, against the step's wall time.
 
-    python scripts/profile_decode.py WORKSPACE [--batch 1,16] [--steps 20] [--eager]
+    python scripts/profile_decode.py WORKSPACE [--batch 1,16] [--steps 20] [--eager] [--sync]
 
 Runs `batch` sequences (prompt 128 tokens) into steady decode, then records `steps` decode steps
 with torch.profiler (CUDA activity; kernels inside CUDA graph replays are recorded too) and prints,
 per step: wall time, summed kernel time, the gap between them (host work and idle GPU), and the
-kernels by total time. Device run; on the CPU it prints the wall time only.
+kernels by total time. Device run; on the CPU it prints the wall time only. By default decode
+steps run asynchronously (EngineConfig.async_steps: step n+1 is launched before step n's tokens are
+read back, so the host work hides behind the GPU); --sync turns that off to compare.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ def profile(llm: LLM, batch: int, steps: int) -> None:
         engine.step()
     _sync()
     activities = [torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU]
+    ahead = engine.steps_ahead
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
         _sync()
         wall = (time.perf_counter() - t0) / steps
+    ahead = engine.steps_ahead - ahead
     while engine.has_unfinished():
         engine.step()
     rows = []
@@ -50,7 +54,7 @@ def profile(llm: LLM, batch: int, steps: int) -> None:
     rows.sort(reverse=True)
     gpu = sum(r[0] for r in rows) / 1e3
     print(f"batch {batch}: wall {wall * 1e3:.3f} ms/step, kernels {gpu:.3f} ms/step, "
-          f"gap {wall * 1e3 - gpu:.3f} ms/step")
+          f"gap {wall * 1e3 - gpu:.3f} ms/step; {ahead}/{steps} steps launched ahead (async)")
     for us, n, name in rows[:30]:
         print(f"  {us:9.1f} us  x{n:5.1f}  {name[:110]}")
 
@@ -61,10 +65,11 @@ def main():
     ap.add_argument("--batch", default="1,16")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--sync", action="store_true", help="no asynchronous decode steps (async_steps=False)")
     ap.add_argument("--kv", default=None, help="quant_policy of the KV cache: 8 or 4 (default fp16)")
     args = ap.parse_args()
     kw = {"quant_policy": int(args.kv)} if args.kv else {}
-    llm = LLM(args.workspace, eager=args.eager, verify=False, **kw)
+    llm = LLM(args.workspace, eager=args.eager, async_steps=not args.sync, verify=False, **kw)
     try:
         for b in (int(x) for x in args.batch.split(",")):
             profile(llm, b, args.steps)

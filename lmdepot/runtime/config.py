@@ -32,6 +32,7 @@ class EngineConfig:
     seed: int | None = None
     quiet: bool = False
     eager: bool = False                  # CUDA: no CUDA graphs for decode steps (debugging, profiling)
+    async_steps: bool = True             # graph decode steps: launch step n+1 before step n's tokens reach the host
 
     def __post_init__(self):
         if self.device == "auto":

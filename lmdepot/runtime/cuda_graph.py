@@ -154,8 +154,10 @@ class DecodeGraphs:
         self.graphs[b] = graph
 
     # --- one step ------------------------------------------------------------------------------------
-    def run(self, meta: dict) -> torch.Tensor:
-        """The step's (n, vocab) float32 logits on the device, rows in batch order; no host sync."""
+    def run(self, meta: dict, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's (n, vocab) float32 logits on the device, rows in batch order; no host sync.
+        `tokens`: the (n,) input ids as a device tensor (the previous step's sampled tokens, which the
+        host has not seen yet); they replace meta["tokens"] by a device-to-device copy."""
         n = len(meta["seqs"])
         b = self.bucket(n)
         pad = b - n
@@ -174,6 +176,8 @@ class DecodeGraphs:
         self.slots[:b].copy_(rows[2], non_blocking=True)
         self.context_lens[:b].copy_(rows[3], non_blocking=True)
         self.block_tables[:b].copy_(tables, non_blocking=True)
+        if tokens is not None:   # queued after the copy above, which wrote placeholders for these rows
+            self.tokens[:n].copy_(tokens, non_blocking=True)
         self.replays += 1
         self.used.add(b)
         if self.capture:

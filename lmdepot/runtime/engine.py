@@ -17,9 +17,9 @@ from lmdepot.runtime.config import EngineConfig
 from lmdepot.runtime.errors import CacheFullError, RequestError, RuntimeLoadError
 from lmdepot.runtime.loader import read_config, resolve_workspace
 from lmdepot.runtime.runner import ModelRunner
-from lmdepot.runtime.sampler import sample
+from lmdepot.runtime.sampler import HostCopy, device_only, sample, sample_on_device
 from lmdepot.runtime.scheduler import Scheduler
-from lmdepot.runtime.sequence import SamplingParams, Sequence
+from lmdepot.runtime.sequence import SamplingParams, Sequence, Status
 
 
 @dataclass
@@ -30,6 +30,16 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None
     logprob: dict | None = None
+
+
+class InFlight:
+    """A decode step launched on the device whose sampled tokens the host has not read yet."""
+
+    __slots__ = ("seqs", "tokens", "copy")
+
+    def __init__(self, seqs: list[Sequence], tokens):
+        self.seqs, self.tokens = seqs, tokens   # tokens: (n,) on the device, the next step's input ids
+        self.copy = HostCopy(tokens)            # queued now, waited for after the next step is launched
 
 
 def load_tokenizer(workspace: Path):
@@ -108,6 +118,8 @@ class Engine:
             self.close()  # workers would otherwise wait for a step that never comes
             raise
         self.seqs: dict[int, Sequence] = {}
+        self._inflight: InFlight | None = None   # asynchronous decode steps (docs/runtime.md)
+        self.steps_ahead = 0                        # decode steps launched before the previous one's readback
 
     # --- tensor-parallel workers ----------------------------------------------------------------
     def _spawn_workers(self, source: str) -> None:
@@ -210,6 +222,8 @@ class Engine:
         return meta, sampled
 
     def step(self) -> list[StepOutput]:
+        if self._inflight is not None:
+            return self._overlap()
         batch, doomed = self.scheduler.schedule()
         outputs = []
         for seq in doomed:
@@ -227,11 +241,86 @@ class Engine:
             seq.num_computed += n
             if seq.num_computed // bs > len(seq.block_hashes):   # a block filled: publish its hash
                 commit(seq)
+        if sampled and self._overlappable(meta, sampled):
+            self._inflight = InFlight(sampled, sample_on_device(logits, sampled))
+            return outputs + self._overlap()
         if sampled:
             tokens, logprobs = sample(logits, sampled)
             for seq, tok, lp in zip(sampled, tokens, logprobs):
                 outputs.append(self._append(seq, tok, lp))
         return outputs
+
+    # --- asynchronous decode steps -------------------------------------------------------------------
+    def _overlappable(self, meta: dict, sampled: list[Sequence]) -> bool:
+        """A pure decode step on the static-buffer (CUDA graph) path whose rows sample on the device
+        alone: the next step may be launched before its tokens are read back."""
+        return (self.ecfg.async_steps and self.runner.can_run_ahead() and len(sampled) == len(meta["tokens"])
+                and self.runner.graphs.fits(meta, self.cfg) and all(device_only(s.params) for s in sampled))
+
+    def _overlap(self) -> list[StepOutput]:
+        """Launch the step after the in-flight one (when the batch goes on unchanged), then read back
+        and process the in-flight step's tokens while the device computes the next."""
+        cur, self._inflight = self._inflight, None
+        nxt = self._launch_ahead(cur)
+        outputs = []
+        for seq, tok in zip(cur.seqs, cur.copy.wait()):
+            if seq.status is Status.RUNNING:   # finished or aborted meanwhile: its lookahead token is dropped
+                outputs.append(self._append(seq, tok, None))
+        if nxt is not None:
+            bs, alive = self.bm.block_size, False
+            for seq in nxt.seqs:
+                if seq.status is Status.RUNNING:   # the lookahead step computed its token cur's KV
+                    seq.num_computed += 1
+                    if seq.num_computed // bs > len(seq.block_hashes):
+                        self.bm.commit(seq)   # now that cur's token is in token_ids
+                    alive = True
+                elif seq.session_id is not None:
+                    self._trim_session(seq.session_id)
+            self._inflight = nxt if alive else None
+        return outputs
+
+    def _launch_ahead(self, cur: InFlight) -> InFlight | None:
+        """The next decode step of the same batch, every sequence assumed to go on; its input ids are
+        cur's sampled tokens, copied on the device. None (the synchronous path) when the batch will
+        change: a request waits, a sequence left, one surely ends with cur's token (max_tokens,
+        session_len), blocks are short (preemption is the scheduler's), or the step leaves the graph path."""
+        seqs, sch, bm = cur.seqs, self.scheduler, self.bm
+        if sch.waiting or len(sch.running) != len(seqs) or any(a is not b for a, b in zip(sch.running, seqs)):
+            return None
+        need = 0
+        for seq in seqs:
+            n = seq.num_computed   # == len(token_ids): cur's token goes to index n, the lookahead computes it
+            if n + 1 - seq.num_prompt >= seq.params.max_tokens or n + 1 >= self.session_len:
+                return None
+            need += bm.blocks_needed(seq, 1)
+        if need > bm.num_free:
+            return None
+        bs = bm.block_size
+        positions, slots, specs = [], [], []
+        for seq in seqs:
+            if need:
+                bm.grow(seq, 1)   # the block the lookahead's KV goes to, when it crosses a boundary
+            pos, table = seq.num_computed, seq.block_table
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            specs.append((1, pos + 1, table[:pos // bs + 1]))
+        meta = {"tokens": [0] * len(seqs), "positions": positions, "slots": slots, "seqs": specs,
+                "logit_rows": list(range(len(seqs)))}
+        if not self.runner.graphs.fits(meta, self.cfg):   # e.g. past a sliding window (grown blocks stay: due anyway)
+            return None
+        logits = self.runner.run_decode(meta, cur.tokens)
+        self.steps_ahead += 1
+        return InFlight(list(seqs), sample_on_device(logits, seqs))
+
+    def _trim_session(self, session_id) -> None:
+        """A session that ended under a lookahead step keeps the blocks the synchronous path would:
+        the lookahead's extra block (its KV is not counted) goes back."""
+        s = self.scheduler.sessions.get(session_id)
+        if s is not None:
+            keep = self.bm.blocks_for(s.num_computed)
+            if len(s.block_table) > keep:
+                self.bm.release(s.block_table[keep:])
+                del s.block_table[keep:]
 
     def _append(self, seq: Sequence, tok: int, lp: dict | None) -> StepOutput:
         ids = seq.token_ids

@@ -188,6 +188,16 @@ class ModelRunner:
                        context_lens=_tensor(lens, np.int32, dev), q_start_loc=_tensor(starts, np.int32, dev),
                        max_q_len=max(q_lens, default=0), max_ctx_len=max(lens, default=0))
 
+    def can_run_ahead(self) -> bool:
+        """Whether decode steps can take their input ids from a device tensor (`run(..., tokens=)`):
+        the static-buffer decode path on one rank (other ranks would need the ids broadcast)."""
+        return self.graphs is not None and tp.world_size() == 1
+
+    def run_decode(self, meta: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """A decode step whose input ids are `tokens` (device, (n,)), not meta["tokens"]: the caller
+        checked can_run_ahead() and graphs.fits(meta). Logits stay on the device; nothing syncs."""
+        return self.graphs.run(meta, tokens)
+
     def run(self, meta: dict, host: bool = True) -> torch.Tensor:
         """Rank 0: broadcast the step, run it. host=False leaves the logits on the device (the engine
         samples there); host=True copies them to the CPU (perplexity, tests)."""

@@ -132,6 +132,53 @@ def _plain(p) -> bool:
             and p.logprobs is None)
 
 
+def _pick(logits: torch.Tensor, seqs: list[Sequence], params) -> torch.Tensor:
+    """(n,) int64 tokens on the logits' device: argmax, or a draw for the non-greedy rows."""
+    tokens = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        sub = [params[i] for i in sampled]
+        idx = _tensor(sampled, torch.int64, logits.device)
+        probs = filter_logits(logits[idx], [p.temperature for p in sub], [p.top_k for p in sub],
+                              [p.top_p for p in sub], [p.min_p for p in sub]).softmax(-1)
+        tokens = tokens.index_copy(0, idx, draw(probs, [seqs[i] for i in sampled]))
+    return tokens
+
+
+def device_only(p) -> bool:
+    """A row whose token needs no host state of the step: no penalty (they count the host's token
+    history), no python hook, no logprobs. Such rows can be sampled before the previous step's tokens
+    reached the host (the engine's asynchronous decode steps)."""
+    return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and p.logits_processor is None and p.accept_token is None and p.logprobs is None)
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The tokens of rows that are all `device_only`, left on the device (no sync): the same tokens
+    `sample` returns for them (same argmax, same draws from the same generators)."""
+    return _pick(logits, seqs, [s.params for s in seqs])
+
+
+class HostCopy:
+    """A device tensor's copy on the host, queued behind the work that produces it; `wait()` blocks
+    until that copy is done, not until the whole stream is idle (later steps may already be queued)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(t.device))
+        else:
+            self.host = t
+
+    def wait(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
     """logits: (len(seqs), vocab) float32 on any device. Returns tokens and, where asked,
     {token, logprob, top} entries, like sampling.sample."""
@@ -145,14 +192,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         for i in hooked:   # host path: the callback sees a CPU row, as with the reference
             row = params[i].logits_processor(seqs[i].output_ids, logits[i].cpu())
             logits[i] = row.to(logits.device)
-    tokens = logits.argmax(-1)
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled:
-        sub = [params[i] for i in sampled]
-        idx = _tensor(sampled, torch.int64, logits.device)
-        probs = filter_logits(logits[idx], [p.temperature for p in sub], [p.top_k for p in sub],
-                              [p.top_p for p in sub], [p.min_p for p in sub]).softmax(-1)
-        tokens = tokens.index_copy(0, idx, draw(probs, [seqs[i] for i in sampled]))
+    tokens = _pick(logits, seqs, params)
     asked = [i for i, p in enumerate(params) if p.logprobs is not None]
     out = [tokens]
     if asked:

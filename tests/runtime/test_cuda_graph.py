@@ -168,7 +168,7 @@ def test_padded_quant_path_through_the_triton_kernels(tiny, monkeypatch, policy,
     _capture_time_context(monkeypatch)
     _, ws = tiny("llama")
     kw = dict(dtype="fp32", num_kv_blocks=24, cache_block_seq_len=16, max_batch_size=4, session_len=64, quiet=True,
-              quant_policy=policy, kv_scheme=scheme)
+              quant_policy=policy, kv_scheme=scheme, async_steps=False)   # every step through runner.execute
     prompts = _prompts()[:3]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 6, 4)]
     tokens, logits = {}, {}

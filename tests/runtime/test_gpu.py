@@ -125,6 +125,35 @@ def test_cuda_graph_and_eager_engines_generate_the_same_greedy_tokens(gqa_model)
                 assert float(top2[0] - top2[1]) < 0.05, (prompt, a, b)
 
 
+def test_async_decode_steps_give_the_sync_tokens_on_the_gpu(gqa_model):
+    """async_steps on/off (engine.py: step n+1 launched before step n's tokens are read back, its
+    input ids copied on the device). Batches whose sequences all end together replay the same graphs
+    on the same inputs either way: equal tokens, greedy and seeded. Batches that shrink step by step
+    run a lookahead step at the old bucket, so fp16 may flip a near-tie only."""
+    from runtime_helpers import prefill_logits
+
+    _, ws = gqa_model
+    prompts, mixed = _mixed_prompts()
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    seeded = [SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=i, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = {}
+    for on in (False, True):
+        with LLM(ws, async_steps=on, **GRAPH_LLM) as llm:
+            runs = [[o.token_ids for o in llm.generate(prompts, p)] for p in (greedy, seeded, mixed)]
+            eng = llm.engine
+            assert (eng.steps_ahead > 20) == on and eng.bm.num_free == eng.bm.num_blocks and eng._inflight is None
+            outs[on] = runs
+    assert outs[True][0] == outs[False][0] and outs[True][1] == outs[False][1]
+    with LLM(ws, eager=True, **GRAPH_LLM) as llm:
+        for prompt, a, b in zip(prompts, outs[False][2], outs[True][2]):
+            assert len(a) == len(b)
+            if a != b:
+                k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                top2 = prefill_logits(llm.engine, prompt + a[:k])[-1].topk(2).values
+                assert float(top2[0] - top2[1]) < 0.05, (prompt, a, b)
+
+
 def test_engine_close_releases_the_graphs_and_their_pool(gqa_model):
     _, ws = gqa_model
     llm = LLM(ws, **{**GRAPH_LLM, "max_batch_size": 64})
