@@ -152,6 +152,9 @@ class ModelRunner:
 
     def execute(self, meta: dict) -> torch.Tensor:
         """(len(logit_rows), vocab) float32 logits on this rank's device; every rank runs it."""
+        if meta.get("device_tokens"):   # ranks 1..N-1 of a step launched ahead: the ids come from rank 0
+            ids = torch.empty(len(meta["seqs"]), dtype=torch.int64, device=self.device)
+            return self.graphs.run(meta, tp.broadcast_tensor(ids))
         if self.graphs is not None and self.graphs.fits(meta, self.cfg):
             return self.graphs.run(meta)   # decode: every row is a logit row, in batch order
         dev = self.device
@@ -189,13 +192,16 @@ class ModelRunner:
                        max_q_len=max(q_lens, default=0), max_ctx_len=max(lens, default=0))
 
     def can_run_ahead(self) -> bool:
-        """Whether decode steps can take their input ids from a device tensor (`run(..., tokens=)`):
-        the static-buffer decode path on one rank (other ranks would need the ids broadcast)."""
-        return self.graphs is not None and tp.world_size() == 1
+        """Whether decode steps can take their input ids from a device tensor (`run_decode`): the
+        static-buffer decode path (with several ranks, rank 0 broadcasts the ids on the device)."""
+        return self.graphs is not None
 
     def run_decode(self, meta: dict, tokens: torch.Tensor) -> torch.Tensor:
         """A decode step whose input ids are `tokens` (device, (n,)), not meta["tokens"]: the caller
         checked can_run_ahead() and graphs.fits(meta). Logits stay on the device; nothing syncs."""
+        if tp.world_size() > 1:
+            tp.send_step({**meta, "device_tokens": True})
+            tokens = tp.broadcast_tensor(tokens.to(torch.int64).contiguous())
         return self.graphs.run(meta, tokens)
 
     def run(self, meta: dict, host: bool = True) -> torch.Tensor:

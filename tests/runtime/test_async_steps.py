@@ -136,3 +136,18 @@ def test_async_steps_keep_session_blocks_as_sync(ws):
     assert b.token_ids == probe[:k + 1]
     assert runs[0][2] == (-(-(start + k) // 16), start + k, -(-(start + k) // 16))
     assert runs[0][:-1] == runs[1][:-1] and runs[1][-1]
+
+
+def test_async_steps_with_tensor_parallel(tiny, monkeypatch):
+    """tp=2 over gloo: for a step launched ahead, rank 0 broadcasts the sampled ids on the device and
+    rank 1 runs the same step from them; the tokens equal the synchronous tp=2 run's."""
+    monkeypatch.setenv("LMDEPOT_GRAPHS_ON_CPU", "1")
+    _, ws2 = tiny("qwen2", tp=2)
+    prompts = _prompts(3)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 11, 9)]
+    got = {}
+    for on in (False, True):
+        with LLM(ws2, tp=2, async_steps=on, **KW) as llm:
+            got[on] = ([o.token_ids for o in llm.generate(prompts, params)], llm.engine.steps_ahead)
+    assert got[True][0] == got[False][0]
+    assert got[False][1] == 0 and got[True][1] >= 4
