@@ -35,6 +35,18 @@ def prompts(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, min(vocab, 30000), (k,), generator=g).tolist() for k in lens]
 
 
+def text_prompts(tokenizer, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    """n windows of lo..hi tokens of natural text (the held-out part of Python's pydoc topics): a
+    trained model's confident predictions there, unlike on random ids, survive bf16 rounding."""
+    from lmdepot.convert.calib_data import _pydoc_parts
+
+    ids = tokenizer.encode(_pydoc_parts()[1], add_special_tokens=False)
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    starts = torch.randint(0, len(ids) - hi, (n,), generator=g).tolist()
+    return [ids[s:s + k] for s, k in zip(starts, lens)]
+
+
 def first_step_logits(engine, ids: list[int]) -> torch.Tensor:
     """Logits of the last prompt position from one prefill on an idle engine (its first blocks)."""
     n, bs = len(ids), engine.bm.block_size
@@ -92,7 +104,8 @@ def measure(ws: str, tp: int, args) -> dict:
     llm = LLM(ws, tp=tp, dtype=args.dtype, max_batch_size=args.max_batch_size, verify=False)
     load_s = time.perf_counter() - t0
     try:
-        ps = prompts(args.prompts, llm.engine.cfg.vocab_size, 16, 128, 3)
+        ps = text_prompts(llm.engine.tokenizer, args.prompts, 16, 128, 3) if args.text else \
+            prompts(args.prompts, llm.engine.cfg.vocab_size, 16, 128, 3)
         logits = torch.stack([first_step_logits(llm.engine, p) for p in ps])
         outs = llm.generate(ps, SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True))
         res = {"tp": tp, "load_s": load_s, "logits": logits, "tokens": [o.token_ids for o in outs]}
@@ -135,6 +148,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tp1", required=True, help="workspace (dir or NAME:TAG) converted with --tp 1")
     ap.add_argument("--tp2", required=True, help="the same checkpoint converted with --tp 2")
+    ap.add_argument("--text", action="store_true",
+                    help="prompts from natural text (pydoc topics) instead of random token ids (trained models)")
     ap.add_argument("--ranks", type=int, default=2,
                     help="tensor-parallel size of --tp2 (e.g. 3 for SmolLM2's 9 heads on the CPU)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
