@@ -61,7 +61,8 @@ if has model; then
 fi
 if has profile; then
   step profile
-  { timeout "$t" python scripts/profile_decode.py "$m/fp16" --batch ${PROFILE_BATCH:-1,16}
+  { timeout "$t" python scripts/profile_decode.py "$m/fp16" --batch ${PROFILE_BATCH:-1,16} --steps 100
+    timeout "$t" python scripts/profile_decode.py "$m/fp16" --batch 1 --steps 100 --sync   # without async steps
     timeout "$t" python scripts/profile_decode.py "$m/int4" --batch 1; } 2>&1 | grep -v "^\[lmdepot\]\|USDT" \
     | tee "$out/profile_decode.txt"
 fi

@@ -5,7 +5,7 @@
 WS may be a directory or a registry ref. Correctness (the issue's bar): the first decoding step's
 logits over 16 prompts, relative error ||l2 - l1|| / ||l1|| <= 1e-2, and >= 95% of the 32-token
 greedy continuations identical. Speed: decode latency per step at batch 1 (prompt 128, 128 new
-tokens) and the output tokens/s of 256 requests (prompts of 32..512 tokens, 128 new tokens each).
+tokens) and the output tokens/s of 256 requests (prompts of 64..512 tokens, 256 new tokens each).
 Needs one GPU for tp=1 and two for tp=2; on the CPU (tiny workspaces) it runs the same code.
 """
 
@@ -86,8 +86,9 @@ def decode_latency(llm, prompt_len: int = 128, new: int = 128) -> tuple[float, f
     return (time.perf_counter() - first) / (new - 1), sent[0] / (new - 1)
 
 
-def throughput(llm, requests: int, new: int = 128) -> dict:
-    reqs = prompts(requests, llm.engine.cfg.vocab_size, 32, 512, 11)
+def throughput(llm, requests: int, new: int = 256) -> dict:
+    """The GPU issue's workload: prompts of 64..512 tokens, 256 new tokens each, ignore_eos."""
+    reqs = prompts(requests, llm.engine.cfg.vocab_size, 64, 512, 11)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     _sync()
     start = time.perf_counter()
