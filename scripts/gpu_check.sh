@@ -4,7 +4,8 @@
 # Env vars choose what runs (defaults in brackets):
 #   STEPS        comma list of tests,kernels,tune,model,profile,generation,eager,throughput,serving,coldstart,qprefill
 #                [tests,kernels,model,generation,throughput,serving,coldstart]
-#                tune: scripts/tune_w8a8.py; profile: scripts/profile_decode.py on the fp16 and int4 workspaces
+#                tune: scripts/tune_w8a8.py; profile: scripts/profile_decode.py on the fp16 and int4 workspaces;
+#                kvlong: the long-context workload with fp16, int8 and int4 KV (the issue's >= 1.25x / 1.35x)
 #                (kernel time per decode step); qprefill: scripts/bench_prefill_quant.py
 #   SHAPE        random-weight model shape (lmdepot bench model --help) [llama2-7b]
 #   LAYERS       depth cut, or "all" for the full model [8]
@@ -12,7 +13,7 @@
 #   STEP_TIMEOUT seconds per step before it is killed, so one hang cannot eat the lease [300]
 #   MODEL_TIMEOUT the same for building the model and its workspaces [540]
 #   WORK         where the model and workspaces are built [/tmp/lmdepot-gpu-check]
-#   BENCH_GENERATION_ARGS, BENCH_THROUGHPUT_ARGS, BENCH_SERVING_ARGS, BENCH_COLDSTART_ARGS: extra args
+#   BENCH_GENERATION_ARGS, BENCH_THROUGHPUT_ARGS, BENCH_SERVING_ARGS, BENCH_COLDSTART_ARGS, BENCH_KVLONG_ARGS
 # Results go to $OUT (or .): bench_*.txt (the printed tables) and bench_*.json.
 # e.g. STEPS=model,coldstart LAYERS=all bash scripts/gpu_check.sh   (the 7B int4 cold-start target)
 #      STEPS=model,generation,throughput TP=2 bash scripts/gpu_check.sh   (on 2 GPUs)
@@ -54,7 +55,7 @@ fi
 if has model; then
   step "model $shape layers=$layers tp=$tp"
   # the fp16 workspace only when a bench uses it (a full 7B conversion is minutes)
-  fp16=--no-fp16; { has generation || has throughput || has serving || has profile; } && fp16=--fp16
+  fp16=--no-fp16; { has generation || has throughput || has serving || has profile || has kvlong; } && fp16=--fp16
   rm -rf "$m"
   timeout "${MODEL_TIMEOUT:-540}" python -m lmdepot.cli bench model "$shape" --dst "$m" "${layer_args[@]}" --tp "$tp" \
     --int4 $fp16 | tee "$out/bench_model.txt"
@@ -80,6 +81,13 @@ if has throughput; then
   step throughput
   timeout "$t" python -m lmdepot.cli bench throughput --model "$m/fp16" --hf "$m/hf" --json "$out/bench_throughput.json" \
     ${BENCH_THROUGHPUT_ARGS:--n 256 --prompt 64-512 --output 256 --peer hf} | tee "$out/bench_throughput.txt"
+fi
+if has kvlong; then   # capacity-bound: 128 prompts of 2-4k tokens exceed a 7B's fp16 KV cache on one H200
+  step "long context, KV fp16 / int8 / int4"
+  for qp in 0 8 4; do
+    timeout "$t" python -m lmdepot.cli bench throughput --model "$m/fp16" --quant-policy $qp \
+      --json "$out/bench_kvlong_$qp.json" ${BENCH_KVLONG_ARGS:--n 128 --prompt 2048-4096 --output 128} | tail -4
+  done | tee "$out/bench_kvlong.txt"
 fi
 if has serving; then
   step serving
