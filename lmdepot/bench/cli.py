@@ -31,6 +31,11 @@ def _eager_option(fn):
     return click.option("--eager", is_flag=True, help="Run the engine without CUDA graphs.")(fn)
 
 
+def _cache_option(fn):
+    return click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
+                        help="Fraction of free memory given to KV blocks.")(fn)
+
+
 def _hf_option(fn):
     return click.option("--hf", default=None, type=click.Path(file_okay=False),
                         help="The HF checkpoint for --peer hf when --model is a workspace.")(fn)
@@ -93,8 +98,7 @@ def kernels(as_json, only):
               help="Also run HF transformers' eager generate (batch = concurrency) on the same model.")
 @_hf_option
 @_eager_option
-@click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
-              help="Fraction of free memory given to KV blocks.")
+@_cache_option
 def generation(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, concurrency, cases, peer,
                hf, eager, cache_max_entry_count):
     """First-token and per-token latency (p50/p90/p99), output tok/s and peak memory over a grid."""
@@ -115,8 +119,7 @@ def generation(model, shape, layers, int4, tp, device, json_path, quant_policy, 
               help="Also run HF transformers' continuous batching (generate_batch) on the same requests.")
 @_hf_option
 @_eager_option
-@click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
-              help="Fraction of free memory given to KV blocks.")
+@_cache_option
 def throughput(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
                output_len, seed, dataset, max_batch_size, peer, hf, eager, cache_max_entry_count):
     """Offline request throughput (output tok/s, req/s) of N requests, optionally vs HF generate_batch."""

@@ -23,16 +23,23 @@ def _count(monkeypatch, mod, name, calls, key):
     monkeypatch.setattr(mod, name, wrapper)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the GPU-ops test below runs instead")
-@pytest.mark.parametrize("quant_policy, scheme", [(8, None), (4, None), (4, "rotate")])
-def test_engine_with_quant_kernels_follows_reference(tmp_path, monkeypatch, quant_policy, scheme):
-    # head_dim 32, GQA 2; int4's default scheme is per-channel keys (the sink row, block requantizing)
-    hf = make_tiny_checkpoint(tmp_path / "hf", "llama", hidden_size=128, num_attention_heads=4,
+def _workspace_and_counted_kernels(tmp_path, monkeypatch, hidden_size: int) -> dict:
+    """A tiny GQA-2 llama workspace at tmp_path/ws; the returned dict counts the quantized prefill and
+    decode kernel launches."""
+    hf = make_tiny_checkpoint(tmp_path / "hf", "llama", hidden_size=hidden_size, num_attention_heads=4,
                               num_key_value_heads=2)
     convert_model(str(hf), tmp_path / "ws", ConvertOptions())
     calls = {"prefill": 0, "decode": 0}
     _count(monkeypatch, prefill_mod, "prefill_attention_quant", calls, "prefill")
     _count(monkeypatch, decode_mod, "paged_decode_attention_quant", calls, "decode")
+    return calls
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the GPU-ops test below runs instead")
+@pytest.mark.parametrize("quant_policy, scheme", [(8, None), (4, None), (4, "rotate")])
+def test_engine_with_quant_kernels_follows_reference(tmp_path, monkeypatch, quant_policy, scheme):
+    # head_dim 32, GQA 2; int4's default scheme is per-channel keys (the sink row, block requantizing)
+    calls = _workspace_and_counted_kernels(tmp_path, monkeypatch, hidden_size=128)
     steps, hits = check_kernels_follow_reference(
         tmp_path / "ws", "cpu", {"paged_attention_quant": triton_ops.paged_attention_quant_kernel}, VOCAB,
         engine_kw=dict(quant_policy=quant_policy, kv_scheme=scheme))
@@ -46,12 +53,7 @@ def test_engine_with_quant_kernels_follows_reference(tmp_path, monkeypatch, quan
 def test_engine_on_gpu_with_quant_kernels_follows_reference(tmp_path, monkeypatch, quant_policy, scheme):
     """The installed GPU ops (store kernels, decode-quant and prefill-quant attention) in a real engine,
     fp16, head_dim 64, against the reference ops; the prefill kernel really ran (no fallback)."""
-    hf = make_tiny_checkpoint(tmp_path / "hf", "llama", hidden_size=256, num_attention_heads=4,
-                              num_key_value_heads=2)
-    convert_model(str(hf), tmp_path / "ws", ConvertOptions())
-    calls = {"prefill": 0, "decode": 0}
-    _count(monkeypatch, prefill_mod, "prefill_attention_quant", calls, "prefill")
-    _count(monkeypatch, decode_mod, "paged_decode_attention_quant", calls, "decode")
+    calls = _workspace_and_counted_kernels(tmp_path, monkeypatch, hidden_size=256)
     steps, hits = check_kernels_follow_reference(
         tmp_path / "ws", "cuda", {"store_kv_quant": triton_ops.store_kv_quant,
                                   "paged_attention_quant": triton_ops.paged_attention_quant}, VOCAB,

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from lmdepot.formats.int4 import dequantize_int4
 from lmdepot.runtime.kernels.scratch import scratch, semaphores
+from lmdepot.runtime.ops.reference import linear
 
 
 def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -148,13 +149,9 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 
 def _matmul(x2: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    if out is None:
-        return x2 @ w
-    if out.dtype == x2.dtype:
-        return torch.mm(x2, w, out=out)
-    if x2.is_cuda:   # float32 sums (tensor-parallel partials): cuBLAS's accumulator, unrounded
-        return out.copy_(torch.mm(x2, w, out_dtype=out.dtype))
-    return out.copy_(x2.to(out.dtype) @ w.to(out.dtype))
+    """x2 @ w by the dense linear op (a float32 `out` gets the unrounded sums, as there)."""
+    y = linear(x2, w.t(), None, None if out is None else out.dtype)
+    return y if out is None else out.copy_(y)
 
 
 GEMV_MAX_M = 4
