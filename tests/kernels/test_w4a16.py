@@ -22,13 +22,16 @@ def test_matches_reference(dtype, M, K, N, group):
     torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * K ** 0.5)
 
 
+@pytest.mark.parametrize("unit_codes", [True, False])
 @pytest.mark.parametrize("split_k", [1, 2, 5])
-def test_gemv_split_k_variants_agree(split_k):
+def test_gemv_split_k_variants_agree(split_k, unit_codes):
+    """Both nibble decodings (codes in the mantissa of 2^23, or of 1.0 as 1 + q/16), every split count."""
     K, N = 512, 64
     q = {k: v.to(DEVICE) for k, v in quantize_int4_rtn(torch.randn(K, N), 64).items()}
     x = torch.randn(2, 1, K, device=DEVICE, dtype=torch.float32)
     for _ in range(2):  # the second launch finds the split semaphores reset by the first
-        y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config={"split_k": split_k})
+        y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config={"split_k": split_k,
+                                                                           "unit_codes": unit_codes})
         assert y.shape == (2, 1, N)
         torch.testing.assert_close(y, reference(x, q["qweight"], q["scales"], q["zeros"]), rtol=1e-4, atol=1e-3)
     assert not _SEMAPHORES[x.device].any()

@@ -47,6 +47,22 @@ def _nibble(packed, j):
     return (((packed >> (4 * j)) & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True) - 8388608.0
 
 
+ONE_BITS = tl.constexpr(0x3F800000)    # float32 1.0
+CODE_BITS = tl.constexpr(0x00780000)   # the top 4 of float32's 23 mantissa bits
+
+
+@triton.jit
+def _nibble_unit(packed, j: tl.constexpr):
+    """1 + code_j / 16 of each packed int32, as float32: the code moved into the top mantissa bits of
+    1.0 costs a shift and one and-or (a single LOP3), with no float subtraction; the caller recovers
+    sum(x * code) as 16 * (sum(x * unit) - sum(x))."""
+    if 4 * j <= 19:
+        moved = packed << (19 - 4 * j)
+    else:
+        moved = packed >> (4 * j - 19)
+    return ((moved & CODE_BITS) | ONE_BITS).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_N: tl.constexpr):
@@ -64,7 +80,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constex
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_PADDED, stride_xm, stride_ym,
                  GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PER_SPLIT,
-                 SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+                 SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, UNIT_CODES: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -81,12 +97,19 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K
         for j in tl.static_range(8):
             kk = k0 + offs_r * 8 + j
             xj = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-            xq += xj[:, None] * _nibble(packed, j)
+            if UNIT_CODES:
+                xq += xj[:, None] * _nibble_unit(packed, j)
+            else:
+                xq += xj[:, None] * _nibble(packed, j)
             xsum += xj
         g = k0 // GROUP
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += s * (tl.sum(xq, axis=0) - z * tl.sum(xsum, axis=0))
+        sx = tl.sum(xsum, axis=0)
+        if UNIT_CODES:   # sum x*q = 16 * (sum x*(1 + q/16) - sum x)
+            acc += s * (16.0 * tl.sum(xq, axis=0) - (16.0 + z) * sx)
+        else:
+            acc += s * (tl.sum(xq, axis=0) - z * sx)
     if SPLITS == 1:
         tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
     else:
@@ -185,7 +208,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         _gemv_kernel[(tiles_n, splits, M)](
             x2, qweight, scales, zeros, partial, y, semaphores(x.device, M * tiles_n), M, N, K, k_padded,
             x2.stride(0), y.stride(0), GROUP=group, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_SPLIT=per_split,
-            SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), num_warps=warps,
+            SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), UNIT_CODES=cfg.get("unit_codes", True),
+            num_warps=warps,
             num_stages=cfg.get("num_stages", 3))
         return y.view(*lead, N)
     if cfg.get("dequant"):
@@ -212,7 +236,7 @@ def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
     if M <= GEMV_MAX_M:
         tiles_k = K // min(128, group)
         return {"block_m": 1, "block_n": 64, "block_k": 128, "num_warps": 1, "num_stages": 3,
-                "split_k": max(1, min(tiles_k // 2, 32))}
+                "split_k": max(1, min(tiles_k // 2, 32)), "unit_codes": True}
     if M >= DEQUANT_MIN_M:
         return {"dequant": True, "block_m": 64, "block_k": 64, "block_n": 128, "num_warps": 4, "num_stages": 3,
                 "split_k": 1}
