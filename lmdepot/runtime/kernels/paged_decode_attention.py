@@ -156,7 +156,7 @@ def split_buffers(q: torch.Tensor, hkv: int, num_splits: int, out: torch.Tensor 
     with the quantized-cache kernel. One split needs no partials nor counters. The default plan
     splits only below 264 (sequence, kv head) pairs, so the shared counter array never grows there."""
     B, Hq, D = q.shape
-    y = out if out is not None else torch.empty_like(q)
+    y = out if out is not None else scratch(q.shape, q.device, q.dtype)   # NaN under the tests' POISON
     assert y.shape == q.shape and y.stride(2) == 1, "out: (B, Hq, D) with unit stride along D"
     rows = B * Hq * num_splits if num_splits > 1 else 1
     return (scratch((rows, D), q.device, torch.float32), scratch((rows,), q.device, torch.float32), y,
