@@ -1,8 +1,8 @@
 """Decode attention over a quantized paged KV cache (online int8 / int4, see runtime/ops/kv_quant.py).
 
 Same split-K structure as paged_decode_attention.py (one program per (sequence, kv head, split),
-GQA heads grouped, the same split plan and in-launch merge epilogue `finish_split`); each page's codes are dequantized in
-registers right after the load, so the cache is read at its quantized size:
+GQA heads grouped, the same split plan and in-launch merge epilogue `finish_split`); each page's
+codes are dequantized in registers right after the load, so the cache is read at its quantized size:
 - per-token quantizers (K unless `key_channel`, V always): x^ = (code - zero) * scale with
   scale/zero per token, kv head and group of GROUP channels;
 - per-channel keys (`key_channel`): x^ = code * scale + min with scale/min per block, kv head and
