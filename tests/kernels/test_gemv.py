@@ -43,18 +43,19 @@ def test_matches_float64_reference(dtype, M, use_dot, bias):
     assert not _SEMAPHORES[x.device].any()
 
 
+@pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("K", [256, 250])
 @pytest.mark.parametrize("split_k", [1, 2, 3, 7, 100])
-def test_split_counts_agree(K, split_k):
+def test_split_counts_agree(M, K, split_k):
     """Even and ragged splits (8 tiles in 3 splits: 3, 3, 2; split_k=7: 4 splits of 2; more splits
     than tiles: one tile each); every launch leaves the semaphores at zero for the next one."""
     per_split, splits = k_split(K, SMALL["block_k"], split_k)
     assert per_split % SMALL["block_k"] == 0 and (splits - 1) * per_split < K <= splits * per_split
-    x, w, b, want = _case(3, 45, K, DTYPES[0], bias=True, seed=split_k)
+    x, w, b, want = _case(M, 45, K, DTYPES[0], bias=True, seed=split_k)
     for _ in range(2):
-        y = gemv(x.view(3, 1, K), w, b, config=SMALL | {"split_k": split_k}, out=poisoned((3, 1, 45), DTYPES[0]))
-        assert y.shape == (3, 1, 45)
-        _check(y.view(3, 45), want, DTYPES[0])
+        y = gemv(x.view(M, 1, K), w, b, config=SMALL | {"split_k": split_k}, out=poisoned((M, 1, 45), DTYPES[0]))
+        assert y.shape == (M, 1, 45)
+        _check(y.view(M, 45), want, DTYPES[0])
         assert not _SEMAPHORES[x.device].any()
 
 
@@ -63,7 +64,7 @@ def test_split_counts_agree(K, split_k):
 def test_float32_out_keeps_unrounded_sums(use_dot, split_k):
     """out_dtype=float32 (tensor-parallel partials): fp16 products are exact in fp32, so the result is
     the float64 sum up to fp32 summation error, far below one fp16 rounding."""
-    x, w, b, want = _case(2, 40, 200, torch.float16, bias=True)
+    x, w, b, want = _case(2, 40, 256, torch.float16, bias=True)
     y = gemv(x, w, b, out_dtype=torch.float32, config=SMALL | {"use_dot": use_dot, "split_k": split_k})
     assert y.dtype == torch.float32
     _check(y, want, torch.float32)

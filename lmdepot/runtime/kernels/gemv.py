@@ -7,8 +7,8 @@ a program owns BLOCK_N output rows and streams each row's K elements as long con
 
 - All M rows are handled in one program, so W is read once whatever M is.
 - Two inner loops, picked per config by `use_dot` (scripts/tune_gemv.py measures both):
-  FMA: a (BLOCK_M, BLOCK_N, BLOCK_K) fp32 accumulator of elementwise products, summed over K once at
-  the end (no cross-lane reduction per step); DOT: W tile times the transposed x tile on the tensor
+  FMA: a (BLOCK_M, BLOCK_N, BLOCK_K) fp32 accumulator of elementwise products (2D for one row),
+  summed over K once at the end (no cross-lane reduction per step); DOT: W tile times the transposed x tile on the tensor
   cores, x padded to 16 rows (tl.dot's minimum), which stages W through shared memory with
   `num_stages` loads in flight.
 - Split-K for shapes with few output tiles (o, down): the splits meet in the kernel as in
@@ -35,6 +35,25 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype or x.dtype)
+
+
+@triton.jit
+def _fma_loop_m1(x_ptr, w_ptrs, k_begin, k_end, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """One row (bs1 decode): a 2D accumulator in the weight tile's own layout, no broadcast over M."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            x = tl.load(x_ptr + kk)
+        else:
+            w = tl.load(w_ptrs, mask=kk[None, :] < K, other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+        acc += x.to(tl.float32)[None, :] * w.to(tl.float32)
+        w_ptrs += BLOCK_K
+    return tl.sum(acc, axis=1)[None, :]
 
 
 @triton.jit
@@ -91,6 +110,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, stride
     if USE_DOT:
         acc = _dot_loop(x_ptr, w_ptrs, offs_m, mask_m, k_begin, k_end, K, stride_xm, BLOCK_M, BLOCK_N, BLOCK_K,
                         EVEN_K)
+    elif BLOCK_M == 1:
+        acc = _fma_loop_m1(x_ptr, w_ptrs, k_begin, k_end, K, BLOCK_N, BLOCK_K, EVEN_K)
     else:
         acc = _fma_loop(x_ptr, w_ptrs, offs_m, mask_m, k_begin, k_end, K, stride_xm, BLOCK_M, BLOCK_N, BLOCK_K,
                         EVEN_K)
