@@ -75,7 +75,7 @@ def bench():
 @bench.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--only", default="w4a16,w8a8,attention", show_default=True,
-              help="Comma-separated sections to run: w4a16, w8a8, attention.")
+              help="Comma-separated sections to run: w4a16, w8a8, attention, gemv (dense decode GEMV).")
 def kernels(as_json, only):
     """W4A16 and W8A8 GEMMs vs cuBLAS bf16 and torch int4/int8; paged decode attention vs bytes read."""
     from lmdepot.bench.kernels import SECTIONS, run

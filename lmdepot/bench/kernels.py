@@ -138,6 +138,27 @@ def bench_w8a8(device: str, bw: float, shapes=((4096, 11008), (11008, 4096)), ms
     return rows
 
 
+LLAMA7B_DENSE = ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 32000))   # (K, N)
+
+
+def bench_gemv(device: str, bw: float, shapes=LLAMA7B_DENSE, ms=(1, 4)) -> list[Row]:
+    """Dense bf16 decode GEMV (kernels/gemv.py, heuristic config; opt-in via LMDEPOT_DENSE_GEMV=1) vs
+    cuBLAS F.linear on the runtime's (N, K) weight: Llama-2-7B's qkv, o, gate/up, down, lm_head."""
+    from lmdepot.runtime.kernels.gemv import gemv
+
+    rows = []
+    for K, N in shapes:
+        w = (torch.randn(N, K, device=device) * 0.02).to(torch.bfloat16)
+        for M in ms:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            case, nbytes = f"{K}x{N} M={M}", (N * K + M * (K + N)) * 2
+            t_ref = _time_us(lambda: torch.nn.functional.linear(x, w))
+            rows.append(Row(case, "cublas bf16 F.linear", t_ref, nbytes, _pct(nbytes, bw, t_ref)))
+            t = _time_us(lambda: gemv(x, w))
+            rows.append(Row(case, "lmdepot gemv", t, nbytes, _pct(nbytes, bw, t), f"{t_ref / t:.2f}x cublas"))
+    return rows
+
+
 def bench_decode_attention(device: str, bw: float, cases=((1, 4096), (16, 2048), (64, 1024))) -> list[Row]:
     from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention
 
@@ -222,7 +243,7 @@ def _pct(nbytes: int, bw: float, us: float) -> float:
     return 100.0 * (nbytes / bw) / (us * 1e-6)
 
 
-SECTIONS = ("w4a16", "w8a8", "attention")
+SECTIONS = ("w4a16", "w8a8", "attention", "gemv")
 
 
 def run(device: str = "cuda", as_json: bool = False, only: tuple[str, ...] = SECTIONS) -> str:
@@ -233,7 +254,7 @@ def run(device: str = "cuda", as_json: bool = False, only: tuple[str, ...] = SEC
     bw = copy_bandwidth(device)
     rows = []
     for name, fn in (("w4a16", bench_gemm), ("w8a8", bench_w8a8), ("attention", bench_decode_attention),
-                     ("attention", bench_prefill_attention)):
+                     ("attention", bench_prefill_attention), ("gemv", bench_gemv)):
         if name in only:
             rows += fn(device, bw)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else device,

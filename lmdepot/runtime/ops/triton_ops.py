@@ -2,13 +2,14 @@
 
 The op table is process-wide, so each op checks where its tensors live and hands CPU tensors to
 the reference: a CPU engine beside a GPU one keeps working. Ops without a kernel here (separate
-rope and store_kv, used by the quantized cache; dense linears via cuBLAS) keep their torch
-reference, which runs on the GPU as is.
+rope and store_kv, used by the quantized cache; dense linears via cuBLAS, unless LMDEPOT_DENSE_GEMV=1)
+keep their torch reference, which runs on the GPU as is.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -52,6 +53,29 @@ def linear_int4(x, qweight, scales, zeros, in_features, bias, out_dtype=None):
         y = torch.empty(*x.shape[:-1], qweight.shape[1], device=x.device, dtype=out_dtype)
     out = w4a16_linear(x, qweight, scales, zeros, out=y)
     return out if bias is None else out + bias.to(out.dtype)
+
+
+# Dense linears stay on cuBLAS unless LMDEPOT_DENSE_GEMV=1 (read once, at import): the split-K GEMV
+# kernel for decode-sized inputs is not measured yet against cuBLAS in the engine (docs/benchmarks.md).
+DENSE_GEMV = os.environ.get("LMDEPOT_DENSE_GEMV") == "1"
+
+
+def linear(x, weight, bias=None, out_dtype=None):
+    if not x.is_cuda:
+        return reference.linear(x, weight, bias, out_dtype)
+    return linear_gemv(x, weight, bias, out_dtype)
+
+
+def linear_gemv(x, weight, bias=None, out_dtype=None):
+    """1 to 4 contiguous fp16/bf16 rows against a same-dtype K-contiguous weight: the GEMV kernel;
+    anything else: the reference (cuBLAS on the GPU)."""
+    from lmdepot.runtime.kernels.gemv import MAX_M, gemv
+
+    rows = x.numel() // max(1, x.shape[-1])
+    if 0 < rows <= MAX_M and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype \
+            and x.is_contiguous() and weight.stride(-1) == 1 and (bias is None or bias.stride(-1) == 1):
+        return gemv(x, weight, bias, out_dtype)
+    return reference.linear(x, weight, bias, out_dtype)
 
 
 # --- attention: fused rope + KV write, paged prefill/extend and decode attention -------------------
@@ -242,6 +266,8 @@ def install() -> None:
     for name, fn in (("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm), ("silu_mul", silu_mul),
                      ("linear_int4", linear_int4)):
         ops.register(name, fn)
+    if DENSE_GEMV:
+        ops.register("linear", linear)
     _install_attention()
     _install_w8a8()
     _install_kv_quant()
