@@ -99,9 +99,11 @@ class AllReduce:
         # Why a peer never overwrites a slot we still read: consecutive fused calls alternate between
         # two slots, and a peer's call k+2 (same slot as call k) only starts after its call k+1, which
         # cannot finish before this rank has flagged call k+1, which it does only after its call k
-        # (same stream) finished reading. The alternation restarts at 0 after every full collective
-        # (__call__), which itself waits for every rank: every forward begins with one (the embedding
-        # sum), so the slot sequence is the same in eager runs and in CUDA-graph replays.
+        # (same stream) finished reading. A full collective (__call__) cannot finish on any rank before
+        # every rank finished what it queued before it, so the alternation may restart at slot 0 after
+        # one. Every forward begins with one (the embedding sum) and the fused calls within a forward
+        # run in the order Python issued them (a CUDA graph replays its captured sequence), so eager
+        # steps and graph replays of any bucket can follow each other in any order.
         slot = self.next_slot
         self.next_slot ^= 1
         return all_reduce_rms_norm(x, self.slot_ptrs[slot], self.pad_ptrs, self.rank, residual, weight, eps)
@@ -152,8 +154,9 @@ class AllReduce:
         self.slot_ptrs = [torch.tensor([b + s * self.slot_bytes for b in bases], dtype=torch.int64, device=device)
                           for s in range(2)]
         self.pad_cells = symm.get_signal_pad_size() // 4
-        hdl.get_signal_pad(self.rank, [self.pad_cells], dtype=torch.int32).zero_()
-        self.pad_ptrs = torch.tensor(list(hdl.signal_pad_ptrs), dtype=torch.int64, device=device)
+        pads = [hdl.get_signal_pad(r, [self.pad_cells], dtype=torch.int32) for r in range(world)]
+        pads[self.rank].zero_()
+        self.pad_ptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64, device=device)
         self.fused_buffer = buffer
 
 
