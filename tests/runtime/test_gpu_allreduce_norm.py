@@ -72,18 +72,20 @@ def eager(rank, world):
     seed = 0
     for dtype in (torch.bfloat16, torch.float16):
         for B, H in ((1, 4096), (3, 200), (16, 4096), (64, 4096), (7, 5120)):
-            got, want = [], []
-            for i in range(12):   # back to back, no host sync: a rank that runs ahead must not clobber a slot
-                seed += 1
-                parts, res, w = inputs(seed, world, B, H, dtype)
+            calls = [inputs(seed + i, world, B, H, dtype) for i in range(12)]
+            seed += 12
+            mine = [parts[rank].clone() for parts, _, _ in calls]
+            ones = torch.ones(8, device="cuda")
+            torch.cuda.synchronize()
+            got = []
+            for i, (_, res, w) in enumerate(calls):   # queued back to back, no host sync in between
                 if i % world == rank:
-                    torch.cuda._sleep(200_000)   # this rank late for call i
+                    torch.cuda._sleep(200_000)   # this rank late for call i: the others run ahead
                 if i == 6:
-                    tp.all_reduce(torch.ones(8, device="cuda"))   # a full collective in between
-                got.append(tp.all_reduce_add_rms_norm(parts[rank].clone(), res, w, EPS))
-                want.append(expected(parts, res, w))
-            for i, (g, e) in enumerate(zip(got, want)):
-                check(g, e, f"eager {dtype} B={B} H={H} call {i}")
+                    tp.all_reduce(ones)   # a full collective in between
+                got.append(tp.all_reduce_add_rms_norm(mine[i], res, w, EPS))
+            for i, (g, (parts, res, w)) in enumerate(zip(got, calls)):
+                check(g, expected(parts, res, w), f"eager {dtype} B={B} H={H} call {i}")
                 same_on_every_rank(g[0], f"eager {dtype} B={B} H={H} call {i}")
     assert tp._sum.fused_buffer is not None
     # too many rows for a slot: the fallback (all-reduce, then add_rms_norm), same results
