@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_fused_all_reduce_norm_on_two_gpus():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LMDEPOT_ALLREDUCE": "fused", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NCCL_NVLS_ENABLE": "0"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok:") == 2, proc.stdout
 
@@ -142,8 +142,14 @@ def graph(rank, world):
 
 
 def worker(rank, world, port):
+    import threading
+
     import torch.distributed as dist
 
+    # a kernel waiting for a peer's flag spins for ever: end the process (and so the kernel) instead
+    watchdog = threading.Timer(300, lambda: (print(f"rank {rank}: stuck, exiting", flush=True), os._exit(3)))
+    watchdog.daemon = True
+    watchdog.start()
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
                             device_id=torch.device("cuda", rank))
