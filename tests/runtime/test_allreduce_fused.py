@@ -63,3 +63,72 @@ def test_no_fused_setup_falls_back(fused):
     ar, launched = fused
     ar.fused_buffer = None
     assert call(ar) is None and launched == []
+
+
+# --- two real processes, the interpreter's kernel on a shared mapping -------------------------------
+def test_two_processes_on_a_shared_mapping_sum_and_leave_the_flags_clear(tmp_path):
+    """Symmetric memory stand-in: one file mapped by both ranks (each sees every rank's slots and
+    signal pad at its own addresses). The ranks run the real kernel (interpreted) through
+    AllReduce.add_rms_norm, out of step, with a gloo collective in between."""
+    import os
+    import subprocess
+    import sys
+
+    from lmdepot.runtime.tp import free_port
+
+    path = tmp_path / "symm"
+    path.write_bytes(bytes(2 * PER_RANK))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(path), port], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        results = [(p.wait(timeout=120), p.stdout.read()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rc, out in results:
+        assert rc == 0 and "ok" in out, out[-3000:]
+
+
+SLOT_BYTES, CELLS = 16 * 200 * 4, 64
+PER_RANK = 2 * SLOT_BYTES + CELLS * 4   # slot 0, slot 1, signal pad
+
+
+def _rank_main(rank: int, path: str, port: str) -> None:
+    import time
+
+    from lmdepot.runtime.kernels import rms_norm
+
+    world = 2
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    region = torch.from_file(path, shared=True, size=world * PER_RANK, dtype=torch.uint8)
+    base = region.data_ptr()
+    ar = allreduce.AllReduce()
+    ar.tried, ar.fused_buffer, ar.rank, ar.slot_bytes, ar.pad_cells = True, region, rank, SLOT_BYTES, CELLS
+    ar.slot_ptrs = [torch.tensor([base + r * PER_RANK + s * SLOT_BYTES for r in range(world)]) for s in range(2)]
+    ar.pad_ptrs = torch.tensor([base + r * PER_RANK + 2 * SLOT_BYTES for r in range(world)])
+    cases = [(1, 96, torch.float16), (3, 200, torch.float16), (16, 200, torch.float32), (2, 96, torch.float32),
+             (5, 200, torch.float16), (1, 96, torch.float32)]
+    for i, (B, H, dtype) in enumerate(cases):
+        gen = torch.Generator().manual_seed(i)   # the same on both ranks
+        parts = [torch.randn(B, H, generator=gen) * 2 for _ in range(world)]
+        res, w = torch.randn(B, H, generator=gen).to(dtype), torch.randn(H, generator=gen).to(dtype)
+        if i % world == rank:
+            time.sleep(0.3)   # this rank late: the other waits on its flags
+        if i == 3:
+            ar(torch.ones(4))   # a collective in between (gloo)
+        got = ar.add_rms_norm(parts[rank].clone(), res, w, 1e-5)
+        want = rms_norm.rms_norm(parts[0] + parts[1], res, w, 1e-5)
+        assert got is not None and all(torch.equal(a, b) for a, b in zip(got, want)), i
+    dist.barrier()   # every flag sent has been consumed: all pads zero again
+    pads = [region[r * PER_RANK + 2 * SLOT_BYTES:(r + 1) * PER_RANK] for r in range(world)]
+    assert not any(p.any() for p in pads)
+    dist.destroy_process_group()
+    print("ok", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _rank_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
