@@ -53,7 +53,8 @@ class AllReduce:
                   file=sys.stderr)
             self.mode = "auto"
         self.max_bytes = _env_bytes("LMDEPOT_ALLREDUCE_MAX_BYTES", 64 << 10)
-        self.slot_bytes = _env_bytes("LMDEPOT_ALLREDUCE_FUSED_BYTES", 1 << 20)
+        # a multiple of 256: the second slot starts as aligned as the first (the kernel's vector loads)
+        self.slot_bytes = -(-_env_bytes("LMDEPOT_ALLREDUCE_FUSED_BYTES", 1 << 20) // 256) * 256
         self.buffer: torch.Tensor | None = None
         self.group_name: str | None = None
         self.tried = False
