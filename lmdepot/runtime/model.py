@@ -50,14 +50,26 @@ class Linear(nn.Module):
         return ops.linear(x, self.weight, self.bias, out_dtype)
 
 
-def reduce_partial(linear: Linear, x) -> torch.Tensor:
+class Partial:
+    """A rank's float32 row-parallel partial whose sum over the ranks is left to the next norm, which
+    does both in one kernel (tp.all_reduce_add_rms_norm); `summed()` where a plain sum is needed."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def summed(self) -> torch.Tensor:
+        return tp.all_reduce(self.x)
+
+
+def reduce_partial(linear: Linear, x, defer: bool = True):
     """A row-parallel linear summed over the ranks. With several ranks each one's partial stays in
     float32 through the all-reduce and is rounded once, by the next add_rms_norm, as one rank's
     output would be: tp=2 then differs from tp=1 only in the float32 summation order, not by an
-    extra rounding of every partial to bf16/fp16."""
+    extra rounding of every partial to bf16/fp16. defer: return a Partial for the next norm to sum."""
     if tp.world_size() == 1:
         return linear(x)
-    return tp.all_reduce(linear(x, torch.float32))
+    partial = linear(x, torch.float32)
+    return Partial(partial) if defer else tp.all_reduce(partial)
 
 
 def _linear(t, prefix, dtype, in_features, bias=True) -> Linear:
@@ -145,7 +157,7 @@ class Attention(nn.Module):
         else:  # rope and the cache write in one op (one kernel on GPU)
             q, k = ops.rope_store_kv(q, k, v, cos, sin, self.rot_dim, self.k_cache, self.v_cache, ctx.slot_mapping)
             o = ops.paged_attention(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
-        out = reduce_partial(self.wo, o.reshape(o.shape[0], -1))
+        out = reduce_partial(self.wo, o.reshape(o.shape[0], -1), defer=self.wo_bias is None)
         return out if self.wo_bias is None else out + self.wo_bias
 
 
@@ -173,7 +185,12 @@ class DecoderLayer(nn.Module):
     def norm(self, x, residual, weight):
         """(the sublayer's input, the new residual stream x + residual): one kernel for the residual
         add and the norm. W8A8: the norm emits int8 codes + per-token scales that q/k/v and gate/up
-        read directly."""
+        read directly. x may be a Partial (tensor parallel): summed over the ranks here, fused with
+        the add and the norm where possible."""
+        if isinstance(x, Partial):
+            if not self.w8a8 and residual is not None:
+                return tp.all_reduce_add_rms_norm(x.x, residual, weight, self.eps)
+            x = x.summed()
         if self.w8a8:
             h = x if residual is None else x.to(residual.dtype) + residual
             return ops.rms_norm_quant(h, weight, self.eps), h
@@ -232,6 +249,8 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, cos, sin)
+        if isinstance(h, Partial):   # the last layer's output: no norm follows inside the model
+            h = h.summed()
         return h if residual is None else h.to(residual.dtype) + residual
 
     @torch.inference_mode()

@@ -45,14 +45,31 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _summer() -> AllReduce:
+    global _sum
+    if _sum is None:
+        _sum = AllReduce()
+    return _sum
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum x over the ranks, in place."""
-    global _sum
     if world_size() > 1:
-        if _sum is None:
-            _sum = AllReduce()
-        _sum(x)
+        _summer()(x)
     return x
+
+
+def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """ops.add_rms_norm(all_reduce(x), residual, weight, eps) for a float32 row-parallel partial x: one
+    fused kernel where allreduce.py can (CUDA, symmetric memory, small enough), else exactly those two
+    steps. Every rank must call it at the same point with the same shapes."""
+    from lmdepot.runtime import ops
+
+    if world_size() > 1:
+        fused = _summer().add_rms_norm(x, residual, weight, eps)
+        if fused is not None:
+            return fused
+    return ops.add_rms_norm(all_reduce(x), residual, weight, eps)
 
 
 def all_gather_last(x: torch.Tensor) -> torch.Tensor:
