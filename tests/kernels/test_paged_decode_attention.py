@@ -62,7 +62,7 @@ def test_split_plan_covers_the_table():
     for batch, hkv, width, want in [(1, 32, 64, None), (1, 8, 5, None), (5, 2, 9, 7), (40, 8, 64, None), (3, 1, 1, 4)]:
         splits, per = split_plan(batch, hkv, width, want)
         assert splits * per >= width and (splits - 1) * per < width and splits >= 1
-    assert split_plan(1, 32, 64) == (64, 1)     # Llama-2-7B shape at batch 1: a page per split
+    assert split_plan(1, 32, 64) == (8, 8)      # Llama-2-7B shape at batch 1: 9 wanted, 8 needed
     assert split_plan(33, 8, 64)[0] == 1        # 264 (sequence, kv head) programs: no split
 
 
