@@ -142,7 +142,7 @@ LLAMA7B_DENSE = ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (409
 
 
 def bench_gemv(device: str, bw: float, shapes=LLAMA7B_DENSE, ms=(1, 4)) -> list[Row]:
-    """Dense bf16 decode GEMV (kernels/gemv.py, heuristic config; opt-in via LMDEPOT_DENSE_GEMV=1) vs
+    """Dense bf16 decode GEMV (kernels/gemv.py, heuristic config; the engine's path for one-row linears) vs
     cuBLAS F.linear on the runtime's (N, K) weight: Llama-2-7B's qkv, o, gate/up, down, lm_head."""
     from lmdepot.runtime.kernels.gemv import gemv
 

@@ -89,15 +89,15 @@ def test_rejects_more_rows_than_max_m():
 
 
 def test_linear_op_routing(monkeypatch):
-    """LMDEPOT_DENSE_GEMV=1 registers the op; it sends 1-4 fp16/bf16 rows to the kernel and everything
-    else (more rows, fp32, non-contiguous x) to the reference."""
+    """The op is registered (LMDEPOT_DENSE_GEMV unset or 1); with LMDEPOT_DENSE_GEMV=1 it sends 1-4
+    fp16/bf16 rows to the kernel and everything else (more rows, fp32, non-contiguous x) to the reference."""
     from lmdepot.runtime import ops
     from lmdepot.runtime.ops import reference as ref_ops
     from lmdepot.runtime.ops import triton_ops
 
     monkeypatch.setattr(ops, "_TABLE", dict(ops._TABLE))
     monkeypatch.setattr(triton_ops, "_installed", False)
-    monkeypatch.setattr(triton_ops, "DENSE_GEMV", True)
+    monkeypatch.setattr(triton_ops, "DENSE_GEMV_ROWS", MAX_M)
     triton_ops.install()
     assert ops.get("linear") is triton_ops.linear
     x, w, b, _ = _case(5, 24, 64, torch.float16, bias=True)

@@ -2,7 +2,7 @@
 
 The op table is process-wide, so each op checks where its tensors live and hands CPU tensors to
 the reference: a CPU engine beside a GPU one keeps working. Ops without a kernel here (separate
-rope and store_kv, used by the quantized cache; dense linears via cuBLAS, unless LMDEPOT_DENSE_GEMV=1)
+rope and store_kv, used by the quantized cache; dense linears of more than one row, via cuBLAS)
 keep their torch reference, which runs on the GPU as is.
 """
 
@@ -55,9 +55,10 @@ def linear_int4(x, qweight, scales, zeros, in_features, bias, out_dtype=None):
     return out if bias is None else out + bias.to(out.dtype)
 
 
-# Dense linears stay on cuBLAS unless LMDEPOT_DENSE_GEMV=1 (read once, at import): the split-K GEMV
-# kernel for decode-sized inputs is not measured yet against cuBLAS in the engine (docs/benchmarks.md).
-DENSE_GEMV = os.environ.get("LMDEPOT_DENSE_GEMV") == "1"
+# Rows up to which dense linears take the GEMV kernel instead of cuBLAS (read once, at import): one row
+# by default (tuned: a batch-1 decode step of a 7B model 4.42 -> 4.11 ms on an H200, docs/benchmarks.md);
+# LMDEPOT_DENSE_GEMV=0 keeps cuBLAS everywhere, =1 also sends 2-4 rows (launch parameters not tuned).
+DENSE_GEMV_ROWS = {"0": 0, "1": 4}.get(os.environ.get("LMDEPOT_DENSE_GEMV", ""), 1)
 
 
 def linear(x, weight, bias=None, out_dtype=None):
@@ -67,12 +68,12 @@ def linear(x, weight, bias=None, out_dtype=None):
 
 
 def linear_gemv(x, weight, bias=None, out_dtype=None):
-    """1 to 4 contiguous fp16/bf16 rows against a same-dtype K-contiguous weight: the GEMV kernel;
-    anything else: the reference (cuBLAS on the GPU)."""
-    from lmdepot.runtime.kernels.gemv import MAX_M, gemv
+    """1 to DENSE_GEMV_ROWS contiguous fp16/bf16 rows against a same-dtype K-contiguous weight: the
+    GEMV kernel; anything else: the reference (cuBLAS on the GPU)."""
+    from lmdepot.runtime.kernels.gemv import gemv
 
     rows = x.numel() // max(1, x.shape[-1])
-    if 0 < rows <= MAX_M and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype \
+    if 0 < rows <= DENSE_GEMV_ROWS and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype \
             and x.is_contiguous() and weight.stride(-1) == 1 and (bias is None or bias.stride(-1) == 1):
         return gemv(x, weight, bias, out_dtype)
     return reference.linear(x, weight, bias, out_dtype)
@@ -266,7 +267,7 @@ def install() -> None:
     for name, fn in (("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm), ("silu_mul", silu_mul),
                      ("linear_int4", linear_int4)):
         ops.register(name, fn)
-    if DENSE_GEMV:
+    if DENSE_GEMV_ROWS:
         ops.register("linear", linear)
     _install_attention()
     _install_w8a8()
