@@ -162,3 +162,17 @@ def test_cuda_graph_replay():
         torch.cuda.synchronize()
         torch.testing.assert_close(y, step(), rtol=0, atol=0)
         assert not _SEMAPHORES[x.device].any()
+
+
+def test_default_routing_takes_one_row_unsplit_shapes(monkeypatch):
+    """By default one row goes to the kernel only where its launch needs no K split (the configs the
+    GPU tuning verified, e.g. 4096 outputs); a split shape, or two rows, stay on the reference."""
+    from lmdepot.runtime.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "DENSE_GEMV_ROWS", 1)
+    calls = []
+    monkeypatch.setattr("lmdepot.runtime.kernels.gemv.gemv", lambda x, w, *a, **k: calls.append(w.shape) or x)
+    for m, n, k in [(1, 4096, 32), (1, 24, 1100), (2, 4096, 32)]:
+        triton_ops.linear_gemv(torch.zeros(m, k, dtype=torch.float16), torch.zeros(n, k, dtype=torch.float16))
+    assert heuristic_config(1, 24, 1100)["split_k"] > 1 and heuristic_config(1, 4096, 32)["split_k"] == 1
+    assert calls == [(4096, 32)]

@@ -56,8 +56,9 @@ def linear_int4(x, qweight, scales, zeros, in_features, bias, out_dtype=None):
 
 
 # Rows up to which dense linears take the GEMV kernel instead of cuBLAS (read once, at import): one row
-# by default (tuned: a batch-1 decode step of a 7B model 4.42 -> 4.11 ms on an H200, docs/benchmarks.md);
-# LMDEPOT_DENSE_GEMV=0 keeps cuBLAS everywhere, =1 also sends 2-4 rows (launch parameters not tuned).
+# by default (tuned: a batch-1 decode step of a 7B model 4.42 -> 4.11 ms on an H200, docs/benchmarks.md),
+# and only shapes whose launch needs no K split (those the GPU tuning run verified; every 7B-class
+# shape at tp 1 and 2); LMDEPOT_DENSE_GEMV=0 keeps cuBLAS everywhere, =1 sends every 1-4 row input.
 DENSE_GEMV_ROWS = {"0": 0, "1": 4}.get(os.environ.get("LMDEPOT_DENSE_GEMV", ""), 1)
 
 
@@ -70,11 +71,13 @@ def linear(x, weight, bias=None, out_dtype=None):
 def linear_gemv(x, weight, bias=None, out_dtype=None):
     """1 to DENSE_GEMV_ROWS contiguous fp16/bf16 rows against a same-dtype K-contiguous weight: the
     GEMV kernel; anything else: the reference (cuBLAS on the GPU)."""
-    from lmdepot.runtime.kernels.gemv import gemv
+    from lmdepot.runtime.kernels.gemv import gemv, heuristic_config
 
     rows = x.numel() // max(1, x.shape[-1])
-    if 0 < rows <= DENSE_GEMV_ROWS and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype \
-            and x.is_contiguous() and weight.stride(-1) == 1 and (bias is None or bias.stride(-1) == 1):
+    unsplit = DENSE_GEMV_ROWS > 1 or heuristic_config(1, weight.shape[0], weight.shape[-1])["split_k"] == 1
+    if 0 < rows <= DENSE_GEMV_ROWS and unsplit and x.dtype in (torch.float16, torch.bfloat16) \
+            and weight.dtype == x.dtype and x.is_contiguous() and weight.stride(-1) == 1 \
+            and (bias is None or bias.stride(-1) == 1):
         return gemv(x, weight, bias, out_dtype)
     return reference.linear(x, weight, bias, out_dtype)
 
