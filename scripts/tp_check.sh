@@ -126,8 +126,8 @@ shape_run() {  # shape layers
   lm registry push "$d/int4-tp2" "$shape:int4-tp2" 2>&1 | tail -1 | tee -a "$log"
   eval "${AFTER_PUSH:-}"   # e.g. wait for another job sharing the GPUs before the timed stages
   have_time equality "$shape fp16 equality" && {
-    stage "$shape: tp_equality fp16 weights, bf16 compute, all-reduce by NCCL then by the one-shot path"
-    python scripts/tp_equality.py --tp1 "$d/fp16-tp1" --tp2 "$d/fp16-tp2" --allreduce nccl,auto \
+    stage "$shape: tp_equality fp16 weights, bf16 compute, all-reduce by NCCL then by the fused all-reduce + norm"
+    python scripts/tp_equality.py --tp1 "$d/fp16-tp1" --tp2 "$d/fp16-tp2" --allreduce nccl,fused \
       --json "$out/tp_equality_${shape}_fp16.json" $EQ_ARGS 2>> "$log" | grep summary | tee -a "$log"; }
   have_time serve "$shape serve" && { stage "$shape: serve api_server $shape:fp16-tp2 --tp 2"; serve_tp2 "$shape:fp16-tp2" "$port"; }
   have_time launched "$shape launched" && { stage "$shape: torchrun-style launch of $shape:int4-tp2"; launched_tp2 "$shape:int4-tp2" $((port + 1)); }

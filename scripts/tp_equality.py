@@ -160,7 +160,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=None)
     ap.add_argument("--no-speed", action="store_true", help="correctness only")
     ap.add_argument("--allreduce", default="auto",
-                    help="comma list of LMDEPOT_ALLREDUCE modes to run tp=2 with (runtime/allreduce.py), e.g. nccl,auto")
+                    help="comma list of LMDEPOT_ALLREDUCE modes to run tp=2 with (runtime/allreduce.py), e.g. "
+                         "nccl,fused; at most one mode that uses symmetric memory (auto, symm, fused) per run: "
+                         "a second one's fresh rank-1 worker disagrees with this process on PyTorch's "
+                         "symmetric-memory rendezvous count (120 s wait, then NCCL)")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     a = measure(args.tp1, 1, args)
