@@ -170,7 +170,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=out_dtype or x.dtype)
     partial = scratch((splits, M, N), x.device, torch.float32) if splits > 1 else y
     _gemv_kernel[(tiles_n, splits)](
-        x2, weight, bias if bias is not None else y, partial, y, semaphores(x.device, tiles_n), M, N, K,
+        # counters only where splits meet: an unsplit launch never grows the shared array (a CUDA graph
+        # captured earlier keeps the address of the one it saw)
+        x2, weight, bias if bias is not None else y, partial, y, semaphores(x.device, tiles_n if splits > 1 else 1),
+        M, N, K,
         x2.stride(0), weight.stride(0), y.stride(0), per_split, splits, HAS_BIAS=bias is not None,
         USE_DOT=use_dot, EVEN_K=K % block_k == 0, BLOCK_M=DOT_M if use_dot else triton.next_power_of_2(M),
         BLOCK_N=block_n, BLOCK_K=block_k, STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])

@@ -25,5 +25,7 @@ def semaphores(device: torch.device, n: int) -> torch.Tensor:
     device = torch.device(device)
     sems = _SEMAPHORES.get(device)
     if sems is None or sems.numel() < n:
-        sems = _SEMAPHORES[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        # 64 Ki counters (256 KiB) from the start: a grown array is a new address, which a CUDA graph
+        # captured before the growth would not see
+        sems = _SEMAPHORES[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
     return sems
