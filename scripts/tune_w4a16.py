@@ -25,8 +25,8 @@ def main():
         best = (base, heuristic_config(M, N, K, 128))
         by_mode = {}
         if M <= 4:
-            grid = dict(unit_codes=[True, False], block_n=[32, 64, 128], block_k=[128], num_warps=[1, 2, 4],
-                        split_k=[8, 16, 32], num_stages=[2, 3])
+            grid = dict(x_tile=[False, True], no_masks=[False, True], block_n=[64, 128], block_k=[128],
+                        num_warps=[1, 2], split_k=[16, 32], num_stages=[2, 3])
         else:
             grid = dict(block_m=[16, 32, 64] if M >= 32 else [16], block_n=[32, 64, 128, 256], block_k=[64, 128],
                         num_warps=[4, 8], split_k=[1, 4, 16], num_stages=[2, 3, 4])
@@ -42,10 +42,11 @@ def main():
                 continue
             if us < best[0]:
                 best = (us, cfg)
-            if us < by_mode.get(cfg.get("unit_codes"), (1e9,))[0]:
-                by_mode[cfg.get("unit_codes")] = (us, cfg)
-        for mode, (us, cfg) in by_mode.items():
-            print(f"  best with unit_codes={mode}: {us:.1f} us {cfg}")
+            mode = (cfg.get("x_tile"), cfg.get("no_masks"))
+            if us < by_mode.get(mode, (1e9,))[0]:
+                by_mode[mode] = (us, cfg)
+        for (x_tile, no_masks), (us, cfg) in by_mode.items():
+            print(f"  best with x_tile={x_tile} no_masks={no_masks}: {us:.1f} us {cfg}")
         print(f"{K}x{N} M={M}: heuristic {base:.1f} us, best {best[0]:.1f} us {best[1]}", flush=True)
 
 

@@ -10,28 +10,33 @@ from tests.kernels.conftest import DEVICE, DTYPES, poisoned
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 17, 40])
 @pytest.mark.parametrize("K, N, group", [(256, 96, 128), (576, 64, 128), (200, 48, 32), (192, 80, 64)])
-def test_matches_reference(dtype, M, K, N, group):
+@pytest.mark.parametrize("gemv_variant", [None, {"x_tile": True, "no_masks": True}])
+def test_matches_reference(dtype, M, K, N, group, gemv_variant):
+    """`gemv_variant`: the GEMV's x-tile loads without masks (masks stay where N or K are ragged)."""
+    if gemv_variant and M > 4:
+        pytest.skip("a GEMV launch option")
     w = torch.randn(K, N)
     q = {k: v.to(DEVICE) for k, v in quantize_int4_rtn(w, group).items()}
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
     out = poisoned((M, N), dtype)
-    y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], out=out)
+    y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], out=out, config=gemv_variant)
     ref = reference(x, q["qweight"], q["scales"], q["zeros"])
     assert y.data_ptr() == out.data_ptr() and not y.isnan().any()
     tol = 1e-3 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * K ** 0.5)
 
 
-@pytest.mark.parametrize("unit_codes", [True, False])
+@pytest.mark.parametrize("variant", [{"unit_codes": True}, {"unit_codes": False}, {"x_tile": True},
+                                     {"x_tile": True, "no_masks": True}])
 @pytest.mark.parametrize("split_k", [1, 2, 5])
-def test_gemv_split_k_variants_agree(split_k, unit_codes):
-    """Both nibble decodings (codes in the mantissa of 2^23, or of 1.0 as 1 + q/16), every split count."""
+def test_gemv_split_k_variants_agree(split_k, variant):
+    """Both nibble decodings (codes in the mantissa of 2^23, or of 1.0 as 1 + q/16), x loaded per code
+    or as one tile split in registers, with and without masks; every split count."""
     K, N = 512, 64
     q = {k: v.to(DEVICE) for k, v in quantize_int4_rtn(torch.randn(K, N), 64).items()}
     x = torch.randn(2, 1, K, device=DEVICE, dtype=torch.float32)
     for _ in range(2):  # the second launch finds the split semaphores reset by the first
-        y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config={"split_k": split_k,
-                                                                           "unit_codes": unit_codes})
+        y = w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config={"split_k": split_k} | variant)
         assert y.shape == (2, 1, N)
         torch.testing.assert_close(y, reference(x, q["qweight"], q["scales"], q["zeros"]), rtol=1e-4, atol=1e-3)
     assert not _SEMAPHORES[x.device].any()

@@ -64,6 +64,19 @@ def _nibble_unit(packed, j: tl.constexpr):
 
 
 @triton.jit
+def _columns8(t, R: tl.constexpr):
+    """The 8 columns of an (R, 8) register tile as 8 (R,) tensors: register moves, no loads."""
+    even, odd = tl.split(tl.reshape(t, (R, 4, 2)))            # columns 2i and 2i + 1
+    c04, c26 = tl.split(tl.reshape(even, (R, 2, 2)))          # columns {0, 4} and {2, 6}
+    c15, c37 = tl.split(tl.reshape(odd, (R, 2, 2)))           # columns {1, 5} and {3, 7}
+    x0, x4 = tl.split(c04)
+    x2, x6 = tl.split(c26)
+    x1, x5 = tl.split(c15)
+    x3, x7 = tl.split(c37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -80,7 +93,8 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constex
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_PADDED, stride_xm, stride_ym,
                  GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PER_SPLIT,
-                 SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, UNIT_CODES: tl.constexpr):
+                 SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, UNIT_CODES: tl.constexpr, X_TILE: tl.constexpr,
+                 NO_MASKS: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -89,14 +103,28 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K
     k_begin = pid_k * K_PER_SPLIT
     # Exact loop bounds (no branch in the body) let the compiler pipeline the weight loads.
     for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K_PADDED), BLOCK_K):
-        packed = tl.load(qw_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        w_ptrs = qw_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :]
+        if NO_MASKS:   # N a multiple of BLOCK_N, no padded input rows: no compares in the loop
+            packed = tl.load(w_ptrs)
+        else:
+            packed = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
         # One tile lies in one group: sum x*(q - z)*s = s * (sum x*q - z * sum x), so the
         # inner loop is shift, mask, convert and FMA per weight, nothing else.
         xq = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        if X_TILE:   # x's BLOCK_K values in one vector load, split into the 8 codes' columns in registers
+            kk2 = k0 + offs_r[:, None] * 8 + tl.arange(0, 8)[None, :]
+            if NO_MASKS:
+                xt = tl.load(x_ptr + m * stride_xm + kk2).to(tl.float32)
+            else:
+                xt = tl.load(x_ptr + m * stride_xm + kk2, mask=kk2 < K, other=0.0).to(tl.float32)
+            xcols = _columns8(xt, BLOCK_K // 8)
         for j in tl.static_range(8):
-            kk = k0 + offs_r * 8 + j
-            xj = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if X_TILE:
+                xj = xcols[j]
+            else:
+                kk = k0 + offs_r * 8 + j
+                xj = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
             if UNIT_CODES:
                 xq += xj[:, None] * _nibble_unit(packed, j)
             else:
@@ -209,7 +237,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
             x2, qweight, scales, zeros, partial, y, semaphores(x.device, M * tiles_n), M, N, K, k_padded,
             x2.stride(0), y.stride(0), GROUP=group, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_SPLIT=per_split,
             SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), UNIT_CODES=cfg.get("unit_codes", True),
-            num_warps=warps,
+            X_TILE=cfg.get("x_tile", False), NO_MASKS=cfg.get("no_masks", False) and K == k_padded
+            and N % block_n == 0, num_warps=warps,
             num_stages=cfg.get("num_stages", 3))
         return y.view(*lead, N)
     if cfg.get("dequant"):
