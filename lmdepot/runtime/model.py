@@ -39,14 +39,20 @@ class Linear(nn.Module):
         b = tensors.get(f"{prefix}.bias") if bias else None
         self.bias = None if b is None else b.to(dtype)
 
-    def forward(self, x, out_dtype=None) -> torch.Tensor:
-        """out_dtype=float32: the sums unrounded (a row-parallel rank's partial, see reduce_partial)."""
+    def forward(self, x, out_dtype=None, gated: bool = False) -> torch.Tensor:
+        """out_dtype=float32: the sums unrounded (a row-parallel rank's partial, see reduce_partial).
+        gated: x is a fused gate/up output and the input is silu(gate) * up (a plain weight takes it
+        in one op, which a kernel may fuse)."""
+        if gated and (self.int8 or self.int4):
+            x, gated = ops.silu_mul(x), False
         if self.int8:
             # x comes already quantized, (codes, per-token scales), from the fused norm; else quantize here.
             xq, xs = x if isinstance(x, tuple) else ops.quant_per_token(x)
             return ops.linear_w8a8(xq, xs, self.qweight, self.scales, self.bias, out_dtype or self.dtype)
         if self.int4:
             return ops.linear_int4(x, self.qweight, self.scales, self.zeros, self.in_features, self.bias, out_dtype)
+        if gated:
+            return ops.silu_mul_linear(x, self.weight, self.bias, out_dtype)
         return ops.linear(x, self.weight, self.bias, out_dtype)
 
 
@@ -61,14 +67,15 @@ class Partial:
         return tp.all_reduce(self.x)
 
 
-def reduce_partial(linear: Linear, x, defer: bool = True):
+def reduce_partial(linear: Linear, x, defer: bool = True, gated: bool = False):
     """A row-parallel linear summed over the ranks. With several ranks each one's partial stays in
     float32 through the all-reduce and is rounded once, by the next add_rms_norm, as one rank's
     output would be: tp=2 then differs from tp=1 only in the float32 summation order, not by an
-    extra rounding of every partial to bf16/fp16. defer: return a Partial for the next norm to sum."""
+    extra rounding of every partial to bf16/fp16. defer: return a Partial for the next norm to sum.
+    gated: see Linear.forward."""
     if tp.world_size() == 1:
-        return linear(x)
-    partial = linear(x, torch.float32)
+        return linear(x, gated=gated)
+    partial = linear(x, torch.float32, gated=gated)
     return Partial(partial) if defer else tp.all_reduce(partial)
 
 
@@ -169,7 +176,7 @@ class FeedForward(nn.Module):
         self.w2 = _linear(t, layout.W_DOWN, dtype, inter)
 
     def forward(self, x):
-        return reduce_partial(self.w2, ops.silu_mul(self.w13(x)))
+        return reduce_partial(self.w2, self.w13(x), gated=True)   # silu(gate) * up, inside w2 where it can
 
 
 class DecoderLayer(nn.Module):

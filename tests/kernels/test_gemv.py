@@ -176,3 +176,52 @@ def test_default_routing_takes_one_row_unsplit_shapes(monkeypatch):
         triton_ops.linear_gemv(torch.zeros(m, k, dtype=torch.float16), torch.zeros(n, k, dtype=torch.float16))
     assert heuristic_config(1, 24, 1100)["split_k"] > 1 and heuristic_config(1, 4096, 32)["split_k"] == 1
     assert calls == [(4096, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_input_is_silu_mul_of_gate_up(dtype, M, split_k, bias):
+    """gated=True: x is a fused (gate | up) output of 2K columns; the product equals the silu_mul
+    kernel's output (fp32 silu(gate) * up rounded once) times W, odd K and ragged splits included."""
+    from lmdepot.runtime.kernels import silu_mul
+
+    N, K = 37, 333
+    g = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(M, 2 * K, generator=g).to(DEVICE, dtype)
+    _, w, b, _ = _case(M, N, K, dtype, bias)
+    act = silu_mul.silu_mul(gate_up)   # the unfused path's activation (the kernel)
+    want = silu_mul.reference(gate_up).double() @ w.double().t() + (0 if b is None else b.double())
+    y = gemv(gate_up, w, b, config=SMALL | {"split_k": split_k, "use_dot": True}, out=poisoned((M, N), dtype),
+             gated=True)
+    _check(y, want, dtype)
+    # bit-identical to the unfused path: the silu_mul kernel's numbers, then the same GEMV
+    torch.testing.assert_close(y, gemv(act, w, b, config=SMALL | {"split_k": split_k}), rtol=0, atol=0)
+    assert not _SEMAPHORES[gate_up.device].any()
+
+
+def test_silu_mul_linear_op_is_the_composition():
+    """The op's reference and the Triton op's fallback (CPU tensors, or shapes the GEMV does not
+    take) are linear(silu_mul(gate_up))."""
+    from lmdepot.runtime.ops import reference as ref_ops
+    from lmdepot.runtime.ops import triton_ops
+
+    gate_up = torch.randn(6, 2 * 40, dtype=torch.float32)
+    w, b = torch.randn(24, 40), torch.randn(24)
+    want = ref_ops.linear(ref_ops.silu_mul(gate_up), w, b, torch.float32)
+    torch.testing.assert_close(ref_ops.silu_mul_linear(gate_up, w, b, torch.float32), want, rtol=0, atol=0)
+    torch.testing.assert_close(triton_ops.silu_mul_linear(gate_up, w, b, torch.float32), want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_real_size_gated_down_projection(dtype):
+    """Llama-2-7B's down projection with silu·mul in the loads: bit-identical to the silu_mul kernel
+    followed by the GEMV, at the engine's default (heuristic) launch."""
+    from lmdepot.runtime.kernels import silu_mul
+
+    gate_up = torch.randn(1, 2 * 11008, device=DEVICE, dtype=dtype)
+    w = (torch.randn(4096, 11008, device=DEVICE) * 0.02).to(dtype)
+    y = gemv(gate_up, w, gated=True)
+    torch.testing.assert_close(y, gemv(silu_mul.silu_mul(gate_up), w), rtol=0, atol=0)

@@ -40,17 +40,24 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 
 @triton.jit
-def _x_row(x_ptr, m, kk, M, K, stride_xm, EVEN_K: tl.constexpr):
-    """Row m of x at columns kk as float32 (zeros past M or K)."""
+def _x_row(x_ptr, m, kk, M, K, stride_xm, EVEN_K: tl.constexpr, GATED: tl.constexpr):
+    """Row m of x at columns kk as float32 (zeros past M or K). GATED: x is a fused gate/up row
+    (gate in columns [0, K), up in [K, 2K)) and the input is silu(gate) * up, computed and rounded
+    exactly as kernels/silu_mul.py does."""
     row_ok = (kk * 0 + m) < M   # a tensor, as masks must be (m and M may both be compile-time ints)
-    if EVEN_K:
-        return tl.load(x_ptr + m * stride_xm + kk, mask=row_ok, other=0.0).to(tl.float32)
-    return tl.load(x_ptr + m * stride_xm + kk, mask=row_ok & (kk < K), other=0.0).to(tl.float32)
+    mask = row_ok if EVEN_K else row_ok & (kk < K)
+    x = tl.load(x_ptr + m * stride_xm + kk, mask=mask, other=0.0)
+    if GATED:
+        g = x.to(tl.float32)
+        u = tl.load(x_ptr + m * stride_xm + K + kk, mask=mask, other=0.0).to(tl.float32)
+        x = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty)
+    return x.to(tl.float32)
 
 
 @triton.jit
 def _fma_loop(x_ptr, w_ptrs, offs_m, k_begin, k_end, M, K, stride_xm, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+              GATED: tl.constexpr):
     """One (BLOCK_N, BLOCK_K) fp32 accumulator per row of x (BLOCK_M <= 4), each in the weight tile's
     own layout: plain FMAs per step, one reduction over K at the end. (A single 3D accumulator made
     Triton move every weight tile through shared memory to change its layout.)"""
@@ -65,12 +72,12 @@ def _fma_loop(x_ptr, w_ptrs, offs_m, k_begin, k_end, M, K, stride_xm, BLOCK_M: t
             w = tl.load(w_ptrs, eviction_policy="evict_first").to(tl.float32)
         else:
             w = tl.load(w_ptrs, mask=kk[None, :] < K, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        acc0 += _x_row(x_ptr, 0, kk, M, K, stride_xm, EVEN_K)[None, :] * w
+        acc0 += _x_row(x_ptr, 0, kk, M, K, stride_xm, EVEN_K, GATED)[None, :] * w
         if BLOCK_M > 1:
-            acc1 += _x_row(x_ptr, 1, kk, M, K, stride_xm, EVEN_K)[None, :] * w
+            acc1 += _x_row(x_ptr, 1, kk, M, K, stride_xm, EVEN_K, GATED)[None, :] * w
         if BLOCK_M > 2:
-            acc2 += _x_row(x_ptr, 2, kk, M, K, stride_xm, EVEN_K)[None, :] * w
-            acc3 += _x_row(x_ptr, 3, kk, M, K, stride_xm, EVEN_K)[None, :] * w
+            acc2 += _x_row(x_ptr, 2, kk, M, K, stride_xm, EVEN_K, GATED)[None, :] * w
+            acc3 += _x_row(x_ptr, 3, kk, M, K, stride_xm, EVEN_K, GATED)[None, :] * w
         w_ptrs += BLOCK_K
     rows = offs_m[:, None]
     acc = tl.where(rows == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
@@ -104,7 +111,8 @@ def _dot_loop(x_ptr, w_ptrs, offs_m, mask_m, k_begin, k_end, K, stride_xm, BLOCK
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  K_PER_SPLIT, SPLITS, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                 GATED: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,7 +127,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, stride
                         EVEN_K, STAGES)
     else:
         acc = _fma_loop(x_ptr, w_ptrs, offs_m, k_begin, k_end, M, K, stride_xm, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                        STAGES)
+                        STAGES, GATED)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLITS > 1:
         tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
@@ -150,12 +158,14 @@ def k_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          out_dtype: torch.dtype | None = None, config: dict | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """x (..., K) with at most MAX_M rows, weight (N, K) K-contiguous -> (..., N) in out_dtype (x's
     dtype by default; float32 keeps the unrounded sums), or into `out` (contiguous, its own dtype).
+    gated: x is (..., 2K), a fused gate/up output, and the product is silu(gate) * up @ W^T (the
+    activation computed in the loads: one launch less per MLP; FMA loop only).
     `config` overrides heuristic_config (tuning, tests)."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
+    lead, K = x.shape[:-1], x.shape[-1] // (2 if gated else 1)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M, N = x2.shape[0], weight.shape[0]
@@ -163,7 +173,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: needs <= {MAX_M} rows and a K-contiguous (N, K) weight; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)} strides {weight.stride()}")
     cfg = heuristic_config(M, N, K) | (config or {})
-    use_dot = bool(cfg["use_dot"]) and x.dtype != torch.float32   # fp32 dots would run as tf32
+    use_dot = bool(cfg["use_dot"]) and x.dtype != torch.float32 and not gated   # fp32 dots would run as tf32
     block_n, block_k = cfg["block_n"], cfg["block_k"]
     per_split, splits = k_split(K, block_k, cfg["split_k"])
     tiles_n = triton.cdiv(N, block_n)
@@ -176,7 +186,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         M, N, K,
         x2.stride(0), weight.stride(0), y.stride(0), per_split, splits, HAS_BIAS=bias is not None,
         USE_DOT=use_dot, EVEN_K=K % block_k == 0, BLOCK_M=DOT_M if use_dot else triton.next_power_of_2(M),
-        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=cfg["num_stages"], GATED=gated, num_warps=cfg["num_warps"])
     return y.view(*lead, N)
 
 

@@ -14,7 +14,7 @@ from lmdepot.runtime.ops import kv_quant, reference
 _TABLE: dict[str, Callable] = {
     name: getattr(reference, name)
     for name in ("rms_norm", "add_rms_norm", "rope_cos_sin", "apply_rope", "linear", "linear_int4", "silu_mul",
-                 "store_kv", "rope_store_kv", "paged_attention", "paged_attention_quant",
+                 "silu_mul_linear", "store_kv", "rope_store_kv", "paged_attention", "paged_attention_quant",
                  "rms_norm_quant", "quant_per_token", "linear_w8a8")
 }
 _TABLE["store_kv_quant"] = kv_quant.store_kv_quant
@@ -74,6 +74,12 @@ def linear_w8a8(xq, x_scales, qweight, w_scales, bias, dtype):
 def silu_mul(gate_up):
     """silu(gate) * up from the fused gate/up projection output (..., 2·I) -> (..., I)."""
     return _TABLE["silu_mul"](gate_up)
+
+
+def silu_mul_linear(gate_up, weight, bias=None, out_dtype=None):
+    """linear(silu_mul(gate_up), weight, bias, out_dtype): the MLP's down projection with its
+    activation, which a kernel may compute while loading its input."""
+    return _TABLE["silu_mul_linear"](gate_up, weight, bias, out_dtype)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):

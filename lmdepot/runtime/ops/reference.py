@@ -103,6 +103,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def silu_mul_linear(gate_up, weight, bias=None, out_dtype=None):
+    return linear(silu_mul(gate_up), weight, bias, out_dtype)
+
+
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     """Caches are (blocks, block_size, kv_heads, head_dim); a slot is block * block_size + offset."""
     k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
