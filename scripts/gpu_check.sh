@@ -10,6 +10,7 @@
 #   SHAPE        random-weight model shape (lmdepot bench model --help) [llama2-7b]
 #   LAYERS       depth cut, or "all" for the full model [8]
 #   TP           tensor-parallel ranks of the built workspaces (needs that many GPUs) [1]
+#   FP16         0: the model step writes no fp16 workspace (int4 only) [1]
 #   STEP_TIMEOUT seconds per step before it is killed, so one hang cannot eat the lease [300]
 #   MODEL_TIMEOUT the same for building the model and its workspaces [540]
 #   WORK         where the model and workspaces are built [/tmp/lmdepot-gpu-check]
@@ -54,8 +55,9 @@ if has qprefill; then
 fi
 if has model; then
   step "model $shape layers=$layers tp=$tp"
-  # the fp16 workspace only when a bench uses it (a full 7B conversion is minutes)
-  fp16=--no-fp16; { has generation || has throughput || has serving || has profile || has kvlong; } && fp16=--fp16
+  # the fp16 workspace unless FP16=0 (a full 7B conversion is ~45 s; later calls on the same warm machine
+  # may use it with STEPS that do not name model)
+  fp16=--fp16; [ "${FP16:-1}" = 0 ] && fp16=--no-fp16
   rm -rf "$m"
   timeout "${MODEL_TIMEOUT:-540}" python -m lmdepot.cli bench model "$shape" --dst "$m" "${layer_args[@]}" --tp "$tp" \
     --int4 $fp16 | tee "$out/bench_model.txt"
