@@ -131,7 +131,11 @@ def test_vector_selection_and_launch_config(monkeypatch):
     assert _launch(monkeypatch, 4, 4, {"vector_mha": True})["VECTOR"] is True
     assert _launch(monkeypatch, 8, 2, {"vector_mha": True})["VECTOR"] is False
     kwargs = _launch(monkeypatch, 8, 2, {"num_warps": 8, "num_stages": 2})
-    assert (kwargs["num_warps"], kwargs["num_stages"]) == (8, 2)
+    assert (kwargs["num_warps"], kwargs["num_stages"], kwargs["STAGES"]) == (8, 2, 1)
+    # on the vector path num_stages is also the page loop's pipelining depth (default 3, Triton's)
+    kwargs = _launch(monkeypatch, 4, 4, {"vector_mha": True, "num_stages": 2})
+    assert (kwargs["num_stages"], kwargs["STAGES"]) == (2, 2)
+    assert _launch(monkeypatch, 4, 4, {"vector_mha": True})["STAGES"] == 3
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("0", False)])

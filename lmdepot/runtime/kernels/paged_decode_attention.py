@@ -40,7 +40,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scal
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                   stride_bt, NUM_SPLITS, PAGES_PER_SPLIT, Hq,
                   GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PAGE: tl.constexpr, VECTOR: tl.constexpr):
+                  PAGE: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
     offs_h = tl.arange(0, BLOCK_H)
@@ -61,12 +61,13 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scal
         m_1 = tl.full((), -1e30, dtype=tl.float32)
         l_1 = tl.zeros((), dtype=tl.float32)
         acc_1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for p in range(first, last):
+        # the kernel-wide num_stages pipelines only loads that feed a tl.dot; the loop's own num_stages
+        # pipelines these (cp.async into shared memory, STAGES - 1 pages ahead; 1: none)
+        for p in tl.range(first, last, num_stages=STAGES):
             blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
             mask_s = p * PAGE + offs_s < seq_len
             kv_mask = mask_s[:, None] & mask_d[None, :]
-            # both loads issued before the reductions: these loads are not software-pipelined
-            # (no tl.dot), so K and V in flight together is what hides the memory latency
+            # K and V loads both issued before the reductions, so they are in flight together
             k = tl.load(k_tile + blk * stride_kb, mask=kv_mask, other=0.0).to(tl.float32)
             v = tl.load(v_tile + blk * stride_vb, mask=kv_mask, other=0.0).to(tl.float32)
             s = tl.sum(q[None, :] * k, axis=1) * sm_scale
@@ -134,13 +135,15 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale
                            num_splits: int | None = None, out: torch.Tensor | None = None,
                            config: dict | None = None) -> torch.Tensor:
     """`config` (tuning, tests): `vector_mha` (bool, default VECTOR_MHA) takes the vector path where
-    Hq == Hkv; `num_warps`, `num_stages` of the split kernel (default: Triton's)."""
+    Hq == Hkv; `num_warps`, `num_stages` of the split kernel (default: Triton's; on the vector path
+    num_stages is the page loop's pipelining depth, default 3)."""
     B, Hq, D = q.shape
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     groups = Hq // Hkv
     cfg = config or {}
     vector = groups == 1 and bool(cfg.get("vector_mha", VECTOR_MHA))
     launch = {key: cfg[key] for key in ("num_warps", "num_stages") if cfg.get(key) is not None}
+    stages = launch.get("num_stages", 3) if vector else 1   # 3: Triton's default num_stages on CUDA
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     num_splits, pages_per_split = split_plan(B, Hkv, block_tables.shape[1], num_splits)
     part_o = scratch((B * Hq * num_splits, D), q.device, torch.float32)
@@ -152,7 +155,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_splits, pages_per_split, Hq,
         GROUPS=groups, BLOCK_H=1 if vector else max(16, triton.next_power_of_2(groups)), D=D, BLOCK_D=block_d,
-        PAGE=page, VECTOR=vector, **launch)
+        PAGE=page, VECTOR=vector, STAGES=stages, **launch)
     return merge_splits(part_o, part_lse, q, num_splits, out)
 
 
