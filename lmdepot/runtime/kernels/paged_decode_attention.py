@@ -48,19 +48,26 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scal
     mask_h = offs_h < GROUPS
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    offs_s = tl.arange(0, PAGE)
-    k_tile = k_ptr + offs_s[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
-    v_tile = v_ptr + offs_s[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :]
-    first = split * PAGES_PER_SPLIT
-    last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(seq_len, PAGE))
+    # vector path (VECTOR, GROUPS == 1, BLOCK_H == 1): a 16-row tl.dot would be 15/16 padding, so q is one
+    # float32 vector and both products are broadcast multiplies + reductions (CUDA cores; the kernel is
+    # bound by the K/V reads either way), with scalar m and l
     if VECTOR:
-        # One q head per kv head (GROUPS == 1, BLOCK_H == 1): a 16-row tl.dot would be 15/16 padding,
-        # so q is one float32 vector and both products are broadcast multiplies + reductions (CUDA cores;
-        # the kernel is bound by the K/V reads either way). Scalar m and l.
-        q = tl.load(q_ptr + b * stride_qb + kvh * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        q_1 = tl.load(q_ptr + b * stride_qb + kvh * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         m_1 = tl.full((), -1e30, dtype=tl.float32)
         l_1 = tl.zeros((), dtype=tl.float32)
         acc_1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+        m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
+        l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    offs_s = tl.arange(0, PAGE)
+    first = split * PAGES_PER_SPLIT
+    last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(seq_len, PAGE))
+    if VECTOR:
+        k_tile = k_ptr + offs_s[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+        v_tile = v_ptr + offs_s[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :]
         # the kernel-wide num_stages pipelines only loads that feed a tl.dot; the loop's own num_stages
         # pipelines these (cp.async into shared memory, STAGES - 1 pages ahead; 1: none)
         for p in tl.range(first, last, num_stages=STAGES):
@@ -70,7 +77,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scal
             # K and V loads both issued before the reductions, so they are in flight together
             k = tl.load(k_tile + blk * stride_kb, mask=kv_mask, other=0.0).to(tl.float32)
             v = tl.load(v_tile + blk * stride_vb, mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.sum(q[None, :] * k, axis=1) * sm_scale
+            s = tl.sum(q_1[None, :] * k, axis=1) * sm_scale
             s = tl.where(mask_s, s, float("-inf"))
             m_new = tl.maximum(m_1, tl.max(s, axis=0))
             alpha = tl.exp(m_1 - m_new)
@@ -78,27 +85,24 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scal
             l_1 = l_1 * alpha + tl.sum(prob, axis=0)
             acc_1 = acc_1 * alpha + tl.sum(prob[:, None] * v, axis=0)
             m_1 = m_new
-        # the one-row state of the grouped path, so the epilogue below serves both
+        # as the grouped path's one-row state, so the epilogue below serves both
         acc = acc_1[None, :]
         m = tl.zeros((BLOCK_H,), dtype=tl.float32) + m_1
         l = tl.zeros((BLOCK_H,), dtype=tl.float32) + l_1
     else:
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=mask_h[:, None] & mask_d[None, :], other=0.0)
-        m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
-        l = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
         for p in range(first, last):
             blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
             mask_s = p * PAGE + offs_s < seq_len
             kv_mask = mask_s[:, None] & mask_d[None, :]
-            k = tl.load(k_tile + blk * stride_kb, mask=kv_mask, other=0.0)
+            k = tl.load(k_ptr + blk * stride_kb + offs_s[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k).to(q.dtype)) * sm_scale
             s = tl.where(mask_s[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)
             prob = tl.exp(s - m_new[:, None])
-            v = tl.load(v_tile + blk * stride_vb, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + blk * stride_vb + offs_s[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
             l = l * alpha + tl.sum(prob, axis=1)
             acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))
             m = m_new
