@@ -53,3 +53,179 @@ def test_real_size_llama3_gqa(batch, seq):
     q = torch.randn(batch, hq, d, device=DEVICE, dtype=torch.float16)
     y = paged_decode_attention(q, k_cache, v_cache, tables, lens)
     torch.testing.assert_close(y, reference(q, k_cache, v_cache, tables, lens, d ** -0.5), rtol=2e-2, atol=2e-2)
+
+
+def _tol(dtype):
+    # float32 tl.dot runs as TF32 on GPUs; half types round q, K, V and the output
+    if dtype == torch.float32:
+        return 5e-3 if DEVICE == "cuda" else 1e-4
+    return 2e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page", [16, 32])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("d", [64, 48])
+def test_vector_mha_matches_reference(dtype, page, num_splits, d):
+    """Hq == Hkv through the vector path: odd lengths, splits that end up empty (len 1 over 3 splits)."""
+    hq = hkv = 3
+    lens = [1, page - 1, page + 1, 3 * page + 5, 77]
+    max_pages = max(-(-n // page) for n in lens)
+    k_cache, v_cache = _cache(40, page, hkv, d, dtype)
+    tables = torch.stack([torch.randperm(40)[:max_pages] for _ in lens]).to(torch.int32).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(len(lens), hq, d, device=DEVICE, dtype=dtype)
+    ref = reference(q, k_cache, v_cache, tables, seq_lens, d ** -0.5)
+    for config in ({"vector_mha": True}, {"vector_mha": True, "num_warps": 2, "num_stages": 1}):
+        out = poisoned(q.shape, dtype)
+        y = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, num_splits=num_splits, out=out,
+                                   config=config)
+        assert y is out
+        torch.testing.assert_close(y, ref, rtol=_tol(dtype), atol=_tol(dtype))
+
+
+class _SpyKernel:
+    """Stands in for _split_kernel: records each launch's keyword arguments, then runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _launch(monkeypatch, hq, hkv, config=None, env_vector=False):
+    import lmdepot.runtime.kernels.paged_decode_attention as pda
+
+    spy = _SpyKernel(pda._split_kernel)
+    monkeypatch.setattr(pda, "_split_kernel", spy)
+    monkeypatch.setattr(pda, "VECTOR_MHA", env_vector)
+    k_cache, v_cache = _cache(4, 16, hkv, 32, DTYPES[0])
+    tables = torch.tensor([[2, 0]], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([21], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(1, hq, 32, device=DEVICE, dtype=DTYPES[0])
+    y = pda.paged_decode_attention(q, k_cache, v_cache, tables, lens, config=config)
+    torch.testing.assert_close(y, reference(q, k_cache, v_cache, tables, lens, 32 ** -0.5), rtol=2e-2, atol=2e-2)
+    (kwargs,) = spy.launches
+    return kwargs
+
+
+def test_default_launch_is_unchanged(monkeypatch):
+    """Without config and env var: the grouped tl.dot path with 16 padded rows and Triton's launch defaults."""
+    for hq, hkv in [(4, 4), (8, 2)]:
+        kwargs = _launch(monkeypatch, hq, hkv)
+        assert (kwargs["VECTOR"], kwargs["BLOCK_H"]) == (False, 16)
+        assert "num_warps" not in kwargs and "num_stages" not in kwargs
+
+
+def test_vector_selection_and_launch_config(monkeypatch):
+    # LMDEPOT_ATTN_VECTOR_MHA=1 (VECTOR_MHA) takes the vector path for Hq == Hkv only
+    assert _launch(monkeypatch, 4, 4, env_vector=True)["VECTOR"] is True
+    assert _launch(monkeypatch, 4, 4, env_vector=True)["BLOCK_H"] == 1
+    assert _launch(monkeypatch, 8, 2, env_vector=True)["VECTOR"] is False
+    # config overrides the env var either way; GQA ignores vector_mha
+    assert _launch(monkeypatch, 4, 4, {"vector_mha": False}, env_vector=True)["VECTOR"] is False
+    assert _launch(monkeypatch, 4, 4, {"vector_mha": True})["VECTOR"] is True
+    assert _launch(monkeypatch, 8, 2, {"vector_mha": True})["VECTOR"] is False
+    kwargs = _launch(monkeypatch, 8, 2, {"num_warps": 8, "num_stages": 2})
+    assert (kwargs["num_warps"], kwargs["num_stages"], kwargs["STAGES"]) == (8, 2, 1)
+    # on the vector path num_stages is also the page loop's pipelining depth (default 3, Triton's)
+    kwargs = _launch(monkeypatch, 4, 4, {"vector_mha": True, "num_stages": 2})
+    assert (kwargs["num_stages"], kwargs["STAGES"]) == (2, 2)
+    assert _launch(monkeypatch, 4, 4, {"vector_mha": True})["STAGES"] == 3
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False)])
+def test_env_var_read_at_import(value, expected):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, LMDEPOT_ATTN_VECTOR_MHA=value, PYTHONPATH=str(root))
+    code = "from lmdepot.runtime.kernels import paged_decode_attention as m; print(m.VECTOR_MHA)"
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(expected)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
+@pytest.mark.parametrize("config", [{}, {"vector_mha": True}, {"vector_mha": True, "num_warps": 8, "num_stages": 1},
+                                    {"num_warps": 2, "num_stages": 2}])
+@pytest.mark.parametrize("batch, seq", [(1, 256), (1, 4096), (64, 300)])
+def test_real_size_llama2_mha(batch, seq, config):
+    page, h, d = 64, 32, 128
+    pages = -(-seq // page)
+    k_cache, v_cache = _cache(batch * pages + 3, page, h, d, torch.float16)
+    tables = torch.randperm(batch * pages + 3, device=DEVICE)[: batch * pages].reshape(batch, pages).to(torch.int32)
+    lens = torch.full((batch,), seq, dtype=torch.int32, device=DEVICE) - torch.arange(batch, device=DEVICE,
+                                                                                    dtype=torch.int32) % 7
+    q = torch.randn(batch, h, d, device=DEVICE, dtype=torch.float16)
+    out = poisoned(q.shape, torch.float16)
+    y = paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out, config=config)
+    torch.testing.assert_close(y, reference(q, k_cache, v_cache, tables, lens, d ** -0.5), rtol=2e-2, atol=2e-2)
+
+
+def _sm90_vector_build(stages: int) -> dict:
+    """Compile the Llama-2-7B vector variant for sm_90 with the Triton wheel's ptxas (no GPU needed).
+    Runs in a process without TRITON_INTERPRET (the interpreter patches triton.language)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lmdepot.runtime.kernels.paged_decode_attention import _split_kernel
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    names = _split_kernel.arg_names
+    const = {"GROUPS": 1, "BLOCK_H": 1, "D": 128, "BLOCK_D": 128, "PAGE": 64, "VECTOR": True, "STAGES": stages}
+    types = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "bt_ptr": "*i32", "lens_ptr": "*i32",
+             "o_ptr": "*fp32", "lse_ptr": "*fp32", "sm_scale": "fp32"}
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+    # what a launch specializes: 16-byte aligned pointers, strides that are multiples of 16
+    aligned = [n for n in names if n.endswith("_ptr") or n.startswith(("stride_q", "stride_k", "stride_v"))]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    kernel = triton.compile(ASTSource(_split_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    ptx = kernel.asm["ptx"]
+    return {"stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "mma": "mma" in ptx,
+            "cp_async": "cp.async" in ptx}
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_vector_path_compiles_for_sm90(stages):
+    """The interpreter compiles nothing; build the vector path for an H100/H200: no spills, no tensor-core
+    instructions, and the page loop's K/V loads pipelined through cp.async when STAGES > 1."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("no ptxas in this Triton wheel")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
+    code = f"import json; from tests.kernels.test_paged_decode_attention import _sm90_vector_build as b; " \
+           f"print(json.dumps(b({stages})))"
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    built = json.loads(res.stdout.strip().splitlines()[-1])
+    assert built == {"stack": 0, "mma": False, "cp_async": stages > 1}

@@ -4,11 +4,14 @@ Cache layout: (num_blocks, block_size, kv_heads, head_dim), any strides. One pro
 (sequence, kv head, split): all q heads sharing that kv head read each K/V page once, padded to 16
 rows so the products run on tensor cores. Splits write (partial output, log-sum-exp) and a second
 kernel merges them, so a single long sequence still spreads over the whole GPU.
+Multi-head models (Hq == Hkv) can take a vector path instead (VECTOR: no tl.dot, no padded rows;
+opt-in through LMDEPOT_ATTN_VECTOR_MHA=1 or `config`); partials and merge are the same.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -37,7 +40,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scal
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                   stride_bt, NUM_SPLITS, PAGES_PER_SPLIT, Hq,
                   GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PAGE: tl.constexpr):
+                  PAGE: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
     offs_h = tl.arange(0, BLOCK_H)
@@ -45,30 +48,64 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scal
     mask_h = offs_h < GROUPS
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
-    m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
-    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    # vector path (VECTOR, GROUPS == 1, BLOCK_H == 1): a 16-row tl.dot would be 15/16 padding, so q is one
+    # float32 vector and both products are broadcast multiplies + reductions (CUDA cores; the kernel is
+    # bound by the K/V reads either way), with scalar m and l
+    if VECTOR:
+        q_1 = tl.load(q_ptr + b * stride_qb + kvh * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        m_1 = tl.full((), -1e30, dtype=tl.float32)
+        l_1 = tl.zeros((), dtype=tl.float32)
+        acc_1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+        m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
+        l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
     offs_s = tl.arange(0, PAGE)
     first = split * PAGES_PER_SPLIT
     last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(seq_len, PAGE))
-    for p in range(first, last):
-        blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
-        mask_s = p * PAGE + offs_s < seq_len
-        kv_mask = mask_s[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + blk * stride_kb + offs_s[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k).to(q.dtype)) * sm_scale
-        s = tl.where(mask_s[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        prob = tl.exp(s - m_new[:, None])
-        v = tl.load(v_ptr + blk * stride_vb + offs_s[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        l = l * alpha + tl.sum(prob, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))
-        m = m_new
+    if VECTOR:
+        k_tile = k_ptr + offs_s[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+        v_tile = v_ptr + offs_s[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :]
+        # the kernel-wide num_stages pipelines only loads that feed a tl.dot; the loop's own num_stages
+        # pipelines these (cp.async into shared memory, STAGES - 1 pages ahead; 1: none)
+        for p in tl.range(first, last, num_stages=STAGES):
+            blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
+            mask_s = p * PAGE + offs_s < seq_len
+            kv_mask = mask_s[:, None] & mask_d[None, :]
+            # K and V loads both issued before the reductions, so they are in flight together
+            k = tl.load(k_tile + blk * stride_kb, mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_tile + blk * stride_vb, mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.sum(q_1[None, :] * k, axis=1) * sm_scale
+            s = tl.where(mask_s, s, float("-inf"))
+            m_new = tl.maximum(m_1, tl.max(s, axis=0))
+            alpha = tl.exp(m_1 - m_new)
+            prob = tl.exp(s - m_new)
+            l_1 = l_1 * alpha + tl.sum(prob, axis=0)
+            acc_1 = acc_1 * alpha + tl.sum(prob[:, None] * v, axis=0)
+            m_1 = m_new
+        # as the grouped path's one-row state, so the epilogue below serves both
+        acc = acc_1[None, :]
+        m = tl.zeros((BLOCK_H,), dtype=tl.float32) + m_1
+        l = tl.zeros((BLOCK_H,), dtype=tl.float32) + l_1
+    else:
+        for p in range(first, last):
+            blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
+            mask_s = p * PAGE + offs_s < seq_len
+            kv_mask = mask_s[:, None] & mask_d[None, :]
+            k = tl.load(k_ptr + blk * stride_kb + offs_s[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k).to(q.dtype)) * sm_scale
+            s = tl.where(mask_s[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            prob = tl.exp(s - m_new[:, None])
+            v = tl.load(v_ptr + blk * stride_vb + offs_s[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            l = l * alpha + tl.sum(prob, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))
+            m = m_new
     empty = l == 0.0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l)[:, None])
     lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
@@ -93,11 +130,24 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, Hq, NUM_SPLITS,
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
+# LMDEPOT_ATTN_VECTOR_MHA=1 sends multi-head models (one q head per kv head) to the vector path;
+# off by default until GPU measurements (scripts/tune_decode_attention.py) say it wins. Read once.
+VECTOR_MHA = os.environ.get("LMDEPOT_ATTN_VECTOR_MHA", "") == "1"
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale: float | None = None,
-                           num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, out: torch.Tensor | None = None,
+                           config: dict | None = None) -> torch.Tensor:
+    """`config` (tuning, tests): `vector_mha` (bool, default VECTOR_MHA) takes the vector path where
+    Hq == Hkv; `num_warps`, `num_stages` of the split kernel (default: Triton's; on the vector path
+    num_stages is the page loop's pipelining depth, default 3)."""
     B, Hq, D = q.shape
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     groups = Hq // Hkv
+    cfg = config or {}
+    vector = groups == 1 and bool(cfg.get("vector_mha", VECTOR_MHA))
+    launch = {key: cfg[key] for key in ("num_warps", "num_stages") if cfg.get(key) is not None}
+    stages = launch.get("num_stages", 3) if vector else 1   # 3: Triton's default num_stages on CUDA
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     num_splits, pages_per_split = split_plan(B, Hkv, block_tables.shape[1], num_splits)
     part_o = scratch((B * Hq * num_splits, D), q.device, torch.float32)
@@ -108,7 +158,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_splits, pages_per_split, Hq,
-        GROUPS=groups, BLOCK_H=max(16, triton.next_power_of_2(groups)), D=D, BLOCK_D=block_d, PAGE=page)
+        GROUPS=groups, BLOCK_H=1 if vector else max(16, triton.next_power_of_2(groups)), D=D, BLOCK_D=block_d,
+        PAGE=page, VECTOR=vector, STAGES=stages, **launch)
     return merge_splits(part_o, part_lse, q, num_splits, out)
 
 
