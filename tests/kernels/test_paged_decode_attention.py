@@ -172,60 +172,21 @@ def test_real_size_llama2_mha(batch, seq, config):
 
 
 def _sm90_vector_build(stages: int) -> dict:
-    """Compile the Llama-2-7B vector variant for sm_90 with the Triton wheel's ptxas (no GPU needed).
-    Runs in a process without TRITON_INTERPRET (the interpreter patches triton.language)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """The Llama-2-7B vector variant built for sm_90 (tests/kernels/sm90.py)."""
     from lmdepot.runtime.kernels.paged_decode_attention import _split_kernel
+    from tests.kernels.sm90 import build
 
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    names = _split_kernel.arg_names
     const = {"GROUPS": 1, "BLOCK_H": 1, "D": 128, "BLOCK_D": 128, "PAGE": 64, "VECTOR": True, "STAGES": stages}
     types = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "bt_ptr": "*i32", "lens_ptr": "*i32",
              "o_ptr": "*fp32", "lse_ptr": "*fp32", "sm_scale": "fp32"}
-    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-    # what a launch specializes: 16-byte aligned pointers, strides that are multiples of 16
-    aligned = [n for n in names if n.endswith("_ptr") or n.startswith(("stride_q", "stride_k", "stride_v"))]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    kernel = triton.compile(ASTSource(_split_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "num_stages": stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
-    ptx = kernel.asm["ptx"]
-    return {"stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "mma": "mma" in ptx,
-            "cp_async": "cp.async" in ptx}
+    return build(_split_kernel, const, types, 4, stages)
 
 
 @pytest.mark.parametrize("stages", [1, 3])
 def test_vector_path_compiles_for_sm90(stages):
     """The interpreter compiles nothing; build the vector path for an H100/H200: no spills, no tensor-core
     instructions, and the page loop's K/V loads pipelined through cp.async when STAGES > 1."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.kernels.sm90 import run_build
 
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("no ptxas in this Triton wheel")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
-    code = f"import json; from tests.kernels.test_paged_decode_attention import _sm90_vector_build as b; " \
-           f"print(json.dumps(b({stages})))"
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    built = json.loads(res.stdout.strip().splitlines()[-1])
-    assert built == {"stack": 0, "mma": False, "cp_async": stages > 1}
+    built = run_build(f"from tests.kernels.test_paged_decode_attention import _sm90_vector_build as b; b({stages})")
+    assert (built["stack"], built["mma"], built["cp_async"]) == (0, False, stages > 1)

@@ -185,3 +185,28 @@ def test_failed_launch_warns_once_and_uses_the_reference(monkeypatch, launched_b
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # warned once: later steps go to the reference silently
         torch.testing.assert_close(triton_ops.paged_attention_quant(q, NEW_KV, NEW_KV, cache, ctx, 0.125), want)
+
+
+def _sm90_stack(rows: int, bits: int, key_channel: bool) -> int:
+    """Spilled bytes a thread of the kernel at its default tiles for `rows` (head dim 128, GQA 4)."""
+    from lmdepot.runtime.kernels import prefill_attention_quant as m
+    from tests.kernels.sm90 import build
+
+    cfg = m.default_config(rows, 128)
+    const = dict(GROUPS=4, PAGE=64, D=128, BLOCK_D=128, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BITS=bits,
+                 GROUP=128, KEY_CHANNEL=key_channel)
+    types = {"q_ptr": "*fp16", "o_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*u8",
+             "vs_ptr": "*fp16", "vz_ptr": "*u8", "kmin_ptr": "*fp16", "ksink_ptr": "*fp16", "bt_ptr": "*i32",
+             "qsl_ptr": "*i32", "lens_ptr": "*i32", "qk_scale": "fp32"}
+    return build(m._kernel, const, types, cfg["num_warps"], cfg["num_stages"])["stack"]
+
+
+@pytest.mark.parametrize("rows, bits, key_channel, most", [(4096, 8, False, 0), (4096, 4, True, 0), (64, 8, False, 64)])
+def test_default_tiles_do_not_spill_on_sm90(rows, bits, key_channel, most):
+    """Built for an H100/H200 with the Triton wheel's ptxas (no GPU needed): the default tiles keep the
+    dequantized K/V tiles in registers (the float kernel's 128 x 64 tiles spilled 1.2 KB a thread)."""
+    from tests.kernels.sm90 import run_build
+
+    stack = run_build(f"from tests.kernels.test_prefill_attention_quant import _sm90_stack as f; f({rows}, {bits}, "
+                      f"{key_channel})")
+    assert stack <= most

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from lmdepot.runtime.kernels.kv_quant_tile import channel_key_tile, param_operands, per_token_tile
-from lmdepot.runtime.kernels.prefill_attention import LOG2E, NO_WINDOW, default_config
+from lmdepot.runtime.kernels.prefill_attention import LOG2E, NO_WINDOW
+from lmdepot.runtime.kernels.prefill_attention import default_config as float_config
 
 
 def reference(q, cache, block_tables, q_start_loc, context_lens, sm_scale, sliding_window=0):
@@ -123,6 +124,18 @@ def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_p
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
              + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def default_config(rows: int, head_dim: int) -> dict:
+    """Tiles for an H100/H200-class GPU; rows = longest q_len x GQA group. The float kernel's 64-key
+    tiles spill here (sm_90 build, head dim 128: 1.2 KB a thread at 128 x 64, 8 warps: the dequantized
+    K/V tiles live in registers beside the accumulator); 32-key tiles of 128 rows fit in 252 registers,
+    16-key tiles of 64 rows spill 32 bytes (tests/kernels/test_prefill_attention_quant.py checks)."""
+    if head_dim > 128:
+        return float_config(rows, head_dim)
+    if rows >= 512:
+        return dict(block_m=128, block_n=32, num_warps=8, num_stages=2)
+    return dict(block_m=64, block_n=16, num_warps=4, num_stages=2)
 
 
 def prefill_attention_quant(q, cache, block_tables, q_start_loc, context_lens, max_q_len: int,

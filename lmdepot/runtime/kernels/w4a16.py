@@ -237,7 +237,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
             x2, qweight, scales, zeros, partial, y, semaphores(x.device, M * tiles_n), M, N, K, k_padded,
             x2.stride(0), y.stride(0), GROUP=group, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_SPLIT=per_split,
             SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), UNIT_CODES=cfg.get("unit_codes", True),
-            X_TILE=cfg.get("x_tile", True), NO_MASKS=cfg.get("no_masks", False) and K == k_padded
+            X_TILE=cfg.get("x_tile", False), NO_MASKS=cfg.get("no_masks", False) and K == k_padded
             and N % block_n == 0, num_warps=warps,
             num_stages=cfg.get("num_stages", 3))
         return y.view(*lead, N)
@@ -261,13 +261,14 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
 def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
     """Launch parameters, from sweeps of scripts/tune_w4a16.py on an H200 (docs/benchmarks.md):
-    split K until (N tiles x M tiles x splits) covers several waves of a 132-SM GPU. GEMV: x_tile
-    (not yet timed) cuts the sm_90 PTX of a launch from 2,228 to 1,501 instructions (x's per-code
-    loads, their masks and conversions); predicted 15.5 -> ~12.5 us at 4096x11008."""
+    split K until (N tiles x M tiles x splits) covers several waves of a 132-SM GPU. GEMV: the
+    x_tile option (not yet timed) cuts the sm_90 PTX of a launch from 2,228 to 1,501 instructions but
+    holds all of a tile's x values live: 255 registers a thread instead of 148, half the resident
+    warps of a kernel that ncu found register-limited; off until a sweep says otherwise."""
     if M <= GEMV_MAX_M:
         tiles_k = K // min(128, group)
         return {"block_m": 1, "block_n": 64, "block_k": 128, "num_warps": 1, "num_stages": 3,
-                "split_k": max(1, min(tiles_k // 2, 32)), "unit_codes": True, "x_tile": True}
+                "split_k": max(1, min(tiles_k // 2, 32)), "unit_codes": True, "x_tile": False}
     if M >= DEQUANT_MIN_M:
         return {"dequant": True, "block_m": 64, "block_k": 64, "block_n": 128, "num_warps": 4, "num_stages": 3,
                 "split_k": 1}
