@@ -48,7 +48,8 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
                   stride_qb, stride_qh, c_b, c_s, c_h, p_b, p_s, p_h, ch_b, ch_h,
                   stride_bt, NUM_SPLITS, PAGES_PER_SPLIT, Hq,
                   GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PAGE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, KEY_CHANNEL: tl.constexpr):
+                  PAGE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+                  SUB: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
     offs_h = tl.arange(0, BLOCK_H)
@@ -61,36 +62,43 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
     m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
     l = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
-    offs_s = tl.arange(0, PAGE)
+    offs_s = tl.arange(0, SUB)
     first = split * PAGES_PER_SPLIT
     last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(seq_len, PAGE))
     for p in range(first, last):
         blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
-        mask_s = p * PAGE + offs_s < seq_len
-        kv_mask = mask_s[:, None] & mask_d[None, :]
-        c_row = blk * c_b + offs_s[:, None] * c_s + kvh * c_h
-        p_row = blk * p_b + offs_s[:, None] * p_s + kvh * p_h
-        if KEY_CHANNEL:   # one block: its per-channel params are one (1, BLOCK_D) row
-            k = channel_key_tile(kc_ptr, ks_ptr, kmin_ptr, ksink_ptr, c_row, blk * ch_b + kvh * ch_h,
-                                 offs_s[:, None] == 0, offs_d, kv_mask, mask_d[None, :], BITS)
-        else:
-            k = per_token_tile(kc_ptr, ks_ptr, kz_ptr, c_row, p_row, offs_d, kv_mask, BITS, GROUP)
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * sm_scale
-        s = tl.where(mask_s[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        prob = tl.exp(s - m_new[:, None])
-        v = per_token_tile(vc_ptr, vs_ptr, vz_ptr, c_row, p_row, offs_d, kv_mask, BITS, GROUP)
-        v = tl.where(kv_mask, v, 0.0)
-        l = l * alpha + tl.sum(prob, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))
-        m = m_new
+        # A page in SUB-key tiles: whole 64-key pages of dequantized K and V made ptxas spill kilobytes
+        # a thread on sm_90 (tests/kernels/test_kv_quant_decode_attention.py checks the build).
+        for t0 in range(0, tl.minimum(PAGE, seq_len - p * PAGE), SUB):
+            pos = t0 + offs_s   # key positions within the page
+            mask_s = p * PAGE + pos < seq_len
+            kv_mask = mask_s[:, None] & mask_d[None, :]
+            c_row = blk * c_b + pos[:, None] * c_s + kvh * c_h
+            p_row = blk * p_b + pos[:, None] * p_s + kvh * p_h
+            if KEY_CHANNEL:   # one block: its per-channel params are one (1, BLOCK_D) row
+                k = channel_key_tile(kc_ptr, ks_ptr, kmin_ptr, ksink_ptr, c_row, blk * ch_b + kvh * ch_h,
+                                     pos[:, None] == 0, offs_d, kv_mask, mask_d[None, :], BITS)
+            else:
+                k = per_token_tile(kc_ptr, ks_ptr, kz_ptr, c_row, p_row, offs_d, kv_mask, BITS, GROUP)
+            s = tl.dot(q, tl.trans(k.to(q.dtype))) * sm_scale
+            s = tl.where(mask_s[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            prob = tl.exp(s - m_new[:, None])
+            v = per_token_tile(vc_ptr, vs_ptr, vz_ptr, c_row, p_row, offs_d, kv_mask, BITS, GROUP)
+            v = tl.where(kv_mask, v, 0.0)
+            l = l * alpha + tl.sum(prob, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))
+            m = m_new
     empty = l == 0.0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l)[:, None])
     lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
     row = (b * Hq + heads) * NUM_SPLITS + split
     tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
     tl.store(lse_ptr + row, lse, mask=mask_h)
+
+
+DECODE_SUB = 16   # keys per tile (see the page loop); a page of fewer keys is one tile
 
 
 def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: float | None = None,
@@ -116,7 +124,7 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
         num_splits, pages_per_split, Hq,
         GROUPS=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), D=D,
         BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits, GROUP=cache.group,
-        KEY_CHANNEL=cache.key_channel)
+        KEY_CHANNEL=cache.key_channel, SUB=min(page, DECODE_SUB))
     y = merge_splits(part_o, part_lse, q, num_splits)
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
         y = (y.float() @ rot).to(y.dtype)
