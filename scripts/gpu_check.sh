@@ -84,11 +84,13 @@ if has throughput; then
   timeout "$t" python -m lmdepot.cli bench throughput --model "$m/fp16" --hf "$m/hf" --json "$out/bench_throughput.json" \
     ${BENCH_THROUGHPUT_ARGS:--n 256 --prompt 64-512 --output 256 --peer hf} | tee "$out/bench_throughput.txt"
 fi
-if has kvlong; then   # capacity-bound: 128 prompts of 2-4k tokens exceed a 7B's fp16 KV cache on one H200
+if has kvlong; then   # capacity-bound: 128 prompts of 2-4k tokens exceed a 7B's fp16 KV cache on one H200;
+  # 512 new tokens each, so that decode (where the cache's capacity and bytes matter) outweighs the
+  # prefill of ~390k prompt tokens, which costs the same GEMMs with any KV type
   step "long context, KV fp16 / int8 / int4"
   for qp in 0 8 4; do
     timeout "$t" python -m lmdepot.cli bench throughput --model "$m/fp16" --quant-policy $qp \
-      --json "$out/bench_kvlong_$qp.json" ${BENCH_KVLONG_ARGS:--n 128 --prompt 2048-4096 --output 128} | tail -4
+      --json "$out/bench_kvlong_$qp.json" ${BENCH_KVLONG_ARGS:--n 128 --prompt 2048-4096 --output 512} | tail -4
   done | tee "$out/bench_kvlong.txt"
 fi
 if has serving; then
