@@ -115,13 +115,13 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K
         if X_TILE:   # x's BLOCK_K values in one vector load, split into the 8 codes' columns in registers
             kk2 = k0 + offs_r[:, None] * 8 + tl.arange(0, 8)[None, :]
             if NO_MASKS:
-                xt = tl.load(x_ptr + m * stride_xm + kk2).to(tl.float32)
+                xt = tl.load(x_ptr + m * stride_xm + kk2)
             else:
-                xt = tl.load(x_ptr + m * stride_xm + kk2, mask=kk2 < K, other=0.0).to(tl.float32)
+                xt = tl.load(x_ptr + m * stride_xm + kk2, mask=kk2 < K, other=0.0)
             xcols = _columns8(xt, BLOCK_K // 8)
         for j in tl.static_range(8):
             if X_TILE:
-                xj = xcols[j]
+                xj = xcols[j].to(tl.float32)   # kept in x's dtype until used: half the registers
             else:
                 kk = k0 + offs_r * 8 + j
                 xj = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
