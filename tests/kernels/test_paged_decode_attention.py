@@ -41,18 +41,24 @@ def test_non_contiguous_head_dim_stride():
     torch.testing.assert_close(y, reference(q, k_cache, v_cache, tables, lens, 32 ** -0.5), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
-@pytest.mark.parametrize("batch, seq", [(1, 4096), (16, 1000), (64, 300)])
-def test_real_size_llama3_gqa(batch, seq):
-    page, hq, hkv, d = 64, 32, 8, 128
+def _check_real_size(batch, seq, hq, hkv, config=None):
+    """Pages of 64 scattered over the pool, head dim 128, fp16, lengths seq - (i % 7); poisoned output."""
+    page, d = 64, 128
     pages = -(-seq // page)
     k_cache, v_cache = _cache(batch * pages + 3, page, hkv, d, torch.float16)
     tables = torch.randperm(batch * pages + 3, device=DEVICE)[: batch * pages].reshape(batch, pages).to(torch.int32)
     lens = torch.full((batch,), seq, dtype=torch.int32, device=DEVICE) - torch.arange(batch, device=DEVICE,
                                                                                     dtype=torch.int32) % 7
     q = torch.randn(batch, hq, d, device=DEVICE, dtype=torch.float16)
-    y = paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    out = poisoned(q.shape, torch.float16)
+    y = paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out, config=config)
     torch.testing.assert_close(y, reference(q, k_cache, v_cache, tables, lens, d ** -0.5), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
+@pytest.mark.parametrize("batch, seq", [(1, 4096), (16, 1000), (64, 300)])
+def test_real_size_llama3_gqa(batch, seq):
+    _check_real_size(batch, seq, 32, 8)
 
 
 def _tol(dtype):
@@ -159,16 +165,7 @@ def test_env_var_read_at_import(value, expected):
                                     {"num_warps": 2, "num_stages": 2}])
 @pytest.mark.parametrize("batch, seq", [(1, 256), (1, 4096), (64, 300)])
 def test_real_size_llama2_mha(batch, seq, config):
-    page, h, d = 64, 32, 128
-    pages = -(-seq // page)
-    k_cache, v_cache = _cache(batch * pages + 3, page, h, d, torch.float16)
-    tables = torch.randperm(batch * pages + 3, device=DEVICE)[: batch * pages].reshape(batch, pages).to(torch.int32)
-    lens = torch.full((batch,), seq, dtype=torch.int32, device=DEVICE) - torch.arange(batch, device=DEVICE,
-                                                                                    dtype=torch.int32) % 7
-    q = torch.randn(batch, h, d, device=DEVICE, dtype=torch.float16)
-    out = poisoned(q.shape, torch.float16)
-    y = paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out, config=config)
-    torch.testing.assert_close(y, reference(q, k_cache, v_cache, tables, lens, d ** -0.5), rtol=2e-2, atol=2e-2)
+    _check_real_size(batch, seq, 32, 32, config)
 
 
 def _sm90_vector_build(stages: int) -> dict:
