@@ -47,8 +47,8 @@ def run_build(expr: str) -> dict:
     in a fresh interpreter without TRITON_INTERPRET; skips the calling test when the wheel has no ptxas."""
     import pytest
 
-    if not os.path.exists(os.path.join(tools_dir(), "ptxas")):
-        pytest.skip("no ptxas in this Triton wheel")
+    if not all(os.path.exists(os.path.join(tools_dir(), t)) for t in ("ptxas", "cuobjdump")):
+        pytest.skip("no ptxas/cuobjdump in this Triton wheel")
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
     stmt, _, value = expr.rpartition(";")
