@@ -4,8 +4,8 @@ CPU, real Llama-2-7B sizes and CUDA graph replays on a GPU."""
 import pytest
 import torch
 
-from lmdepot.runtime.kernels.gemv import MAX_M, gemv, heuristic_config, k_split, reference
-from lmdepot.runtime.kernels.scratch import _SEMAPHORES
+from lmdepot.runtime.kernels.gemv import MAX_M, gemv, heuristic_config, reference
+from lmdepot.runtime.kernels.scratch import _SEMAPHORES, k_split
 from tests.kernels.conftest import DEVICE, DTYPES, poisoned
 
 SMALL = {"block_n": 16, "block_k": 32}   # several N tiles and K tiles at interpreter sizes

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.scratch import scratch, semaphores
+from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
 
 MAX_M = 4
 DOT_M = 16   # tl.dot's smallest operand dim: x is padded to it on the DOT path
@@ -146,14 +146,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, stride
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def k_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
-    """(K elements per split, a whole number of BLOCK_K tiles; the actual number of splits). The last
-    split may be shorter (ragged) when the tiles do not divide evenly."""
-    tiles_k = triton.cdiv(K, block_k)
-    per_split = triton.cdiv(tiles_k, max(1, min(split_k, tiles_k))) * block_k
-    return per_split, triton.cdiv(K, per_split)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -15,11 +15,20 @@ def scratch(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def k_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(K elements per split, a whole number of BLOCK_K tiles; the actual number of splits) for the
+    kernels whose K splits meet in the kernel (w4a16, w8a8, gemv). The last split may be shorter
+    (ragged) when the tiles do not divide evenly."""
+    tiles_k = -(-K // block_k)
+    per_split = -(-tiles_k // max(1, min(split_k, tiles_k))) * block_k
+    return per_split, -(-K // per_split)
+
+
 _SEMAPHORES: dict[torch.device, torch.Tensor] = {}
 
 
 def semaphores(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters for kernels whose K splits meet in the kernel (w4a16, w8a8): each launch
+    """Zeroed int32 counters for kernels whose K splits meet in the kernel (w4a16, w8a8, gemv): each launch
     leaves them at zero, so one array serves every launch on the device. Grown, never shrunk, and
     allocated before any CUDA graph capture by the warm-up run."""
     device = torch.device(device)

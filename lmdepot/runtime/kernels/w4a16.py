@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from lmdepot.formats.int4 import dequantize_int4
-from lmdepot.runtime.kernels.scratch import scratch, semaphores
+from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
 from lmdepot.runtime.ops.reference import linear
 
 
@@ -209,13 +209,6 @@ GEMV_MAX_M = 4
 DEQUANT_MIN_M = 128
 
 
-def _k_split(k_padded: int, block_k: int, split_k: int) -> tuple[int, int]:
-    """(K rows per split rounded to whole tiles, actual number of splits)."""
-    tiles_k = k_padded // block_k
-    per_split = triton.cdiv(tiles_k, max(1, min(split_k, tiles_k))) * block_k
-    return per_split, triton.cdiv(k_padded, per_split)
-
-
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x (..., K) fp16/bf16 -> (..., N). `config` overrides the launch heuristics (tuning, tests)."""
@@ -228,7 +221,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     group = k_padded // scales.shape[0]
     cfg = heuristic_config(M, N, k_padded, group) | (config or {})
     block_k, block_n, warps = min(cfg["block_k"], group), cfg["block_n"], cfg["num_warps"]
-    per_split, splits = _k_split(k_padded, block_k, cfg["split_k"])
+    per_split, splits = k_split(k_padded, block_k, cfg["split_k"])
     if M <= GEMV_MAX_M:
         y = out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
         tiles_n = triton.cdiv(N, block_n)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.scratch import scratch, semaphores
+from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
 from lmdepot.runtime.ops.reference import linear_w8a8 as reference  # noqa: F401 (the semantics)
 
 
@@ -129,9 +129,7 @@ def w8a8_linear(xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor,
     cfg = heuristic_config(M, N, K) | (config or {})
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    tiles_k = triton.cdiv(K, bk)
-    per_split = triton.cdiv(tiles_k, max(1, min(cfg.get("split_k", 1), tiles_k))) * bk
-    splits = triton.cdiv(K, per_split)
+    per_split, splits = k_split(K, bk, cfg.get("split_k", 1))
     partial = scratch((splits, M, N), xq.device, torch.int32) if splits > 1 else c
     _kernel[(tiles, splits)](
         a, qweight, x_scales.reshape(-1).contiguous(), w_scales, bias if bias is not None else w_scales, c,
