@@ -2,7 +2,7 @@
 
     python scripts/profile_decode.py WORKSPACE [--batch 1,16] [--steps 20] [--eager] [--sync]
 
-Runs `batch` sequences (prompt 128 tokens) into steady decode, then records `steps` decode steps
+Runs `batch` sequences (prompt 128 tokens unless --prompt) into steady decode, then records `steps` decode steps
 with torch.profiler (CUDA activity; kernels inside CUDA graph replays are recorded too) and prints,
 per step: wall time, summed kernel time, the gap between them (host work and idle GPU), and the
 kernels by total time. Device run; on the CPU it prints the wall time only. By default decode
@@ -26,13 +26,14 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def profile(llm: LLM, batch: int, steps: int) -> None:
+def profile(llm: LLM, batch: int, steps: int, prompt: int = 128) -> None:
     engine = llm.engine
     g = torch.Generator().manual_seed(batch)
+    warm = 20 + -(-batch * prompt // engine.ecfg.max_num_batched_tokens)
     for _ in range(batch):
-        ids = torch.randint(3, min(engine.cfg.vocab_size, 30000), (128,), generator=g).tolist()
-        engine.add_request(ids, SamplingParams(max_tokens=steps + 40, temperature=0, ignore_eos=True))
-    for _ in range(20):   # prefill(s) and a few decode steps: warm
+        ids = torch.randint(3, min(engine.cfg.vocab_size, 30000), (prompt,), generator=g).tolist()
+        engine.add_request(ids, SamplingParams(max_tokens=steps + warm + 20, temperature=0, ignore_eos=True))
+    for _ in range(warm):   # the prefill chunks and a few decode steps: warm
         engine.step()
     _sync()
     activities = [torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU]
@@ -66,13 +67,16 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--sync", action="store_true", help="no asynchronous decode steps (async_steps=False)")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence (the context decode reads)")
     ap.add_argument("--kv", default=None, help="quant_policy of the KV cache: 8 or 4 (default fp16)")
     args = ap.parse_args()
+    batches = [int(x) for x in args.batch.split(",")]
     kw = {"quant_policy": int(args.kv)} if args.kv else {}
-    llm = LLM(args.workspace, eager=args.eager, async_steps=not args.sync, verify=False, **kw)
+    llm = LLM(args.workspace, eager=args.eager, async_steps=not args.sync, verify=False,
+              max_batch_size=max(batches), **kw)
     try:
-        for b in (int(x) for x in args.batch.split(",")):
-            profile(llm, b, args.steps)
+        for b in batches:
+            profile(llm, b, args.steps, args.prompt)
     finally:
         llm.close()
 
