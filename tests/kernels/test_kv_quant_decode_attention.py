@@ -50,13 +50,16 @@ def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits):
 def test_one_launch_splits_wide_tables(bits, scheme, hq, hkv, num_splits):
     """Block tables wider than the sequences (a CUDA graph's): some splits hold no pages; the
     outputs are written in the one launch and the split counters are back at zero."""
-    page, d, width, lens = 8, 32, 6, [1, 13, 6 * 8, 17, 9]
+    # tl.dot needs K >= 16 on the GPU; float32 dots run as TF32 there
+    page, d, width = (8 if DEVICE == "cpu" else 16), 32, 6
+    lens = [1, 13, width * page, 17, 9]
     tables = torch.randperm(32)[: 5 * width].reshape(5, width).to(torch.int32).to(DEVICE)
     cache = _filled_cache(make_spec(bits, torch.float32, d, scheme=scheme), 32, page, hkv, d, lens, tables)
     q = torch.randn(5, hq, d, device=DEVICE)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     y = paged_decode_attention_quant(q, cache, tables, seq_lens, num_splits=num_splits)
-    torch.testing.assert_close(y, reference(q, cache, tables, seq_lens, d ** -0.5), rtol=1e-4, atol=1e-4)
+    tol = 1e-4 if DEVICE == "cpu" else 5e-3
+    torch.testing.assert_close(y, reference(q, cache, tables, seq_lens, d ** -0.5), rtol=tol, atol=tol)
     assert int(semaphores(DEVICE, 1).count_nonzero()) == 0
 
 

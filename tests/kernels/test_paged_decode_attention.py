@@ -36,7 +36,12 @@ def _assert_semaphores_zero():
     assert int(semaphores(DEVICE, 1).count_nonzero()) == 0
 
 
-@pytest.mark.parametrize("page", [8, 16, 32])
+# tl.dot needs K >= 16 on the GPU (the interpreter takes 8); float32 dots run as TF32 there
+PAGES = [8, 16, 32] if DEVICE == "cpu" else [16, 32]
+TF32_TOL = 1e-4 if DEVICE == "cpu" else 5e-3
+
+
+@pytest.mark.parametrize("page", PAGES)
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (12, 2)])   # GQA 1, 4 and 6 (not a power of two)
 @pytest.mark.parametrize("num_splits", [1, 2, 7])
 def test_one_launch_splits_with_empty_splits(page, hq, hkv, num_splits):
@@ -53,7 +58,7 @@ def test_one_launch_splits_with_empty_splits(page, hq, hkv, num_splits):
         y = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, num_splits=num_splits, out=out)
         assert y.data_ptr() == out.data_ptr()
         torch.testing.assert_close(y, reference(q, k_cache, v_cache, tables, seq_lens, d ** -0.5),
-                                   rtol=1e-4, atol=1e-4)
+                                   rtol=TF32_TOL, atol=TF32_TOL)
         _assert_semaphores_zero()
 
 
