@@ -33,7 +33,8 @@ def test_matches_reference(dtype, hq, hkv, page, num_splits):
 def _assert_semaphores_zero():
     """Every launch must leave the shared split counters at zero (the next launch or graph replay
     counts from there)."""
-    assert int(semaphores(DEVICE, 1).count_nonzero()) == 0
+    # the kernels key the array by their tensors' device (cuda:0 on a GPU, not "cuda")
+    assert int(semaphores(torch.empty(0, device=DEVICE).device, 1).count_nonzero()) == 0
 
 
 # tl.dot needs K >= 16 on the GPU (the interpreter takes 8); float32 dots run as TF32 there
@@ -82,7 +83,7 @@ def test_zero_length_sequence_gives_zeros():
                                    out=poisoned(q.shape, torch.float32))
         assert torch.equal(y[0], torch.zeros_like(y[0]))
         torch.testing.assert_close(y[1:], reference(q[1:], k_cache, v_cache, tables[1:], lens[1:], 32 ** -0.5),
-                                   rtol=1e-4, atol=1e-4)
+                                   rtol=TF32_TOL, atol=TF32_TOL)
         _assert_semaphores_zero()
 
 
@@ -261,21 +262,23 @@ def test_grouped_path_compiles_for_sm90(split):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("batch, hq, hkv", [(1, 32, 32), (3, 32, 8), (5, 24, 4)])   # Llama-2-7B, Llama-3 GQA, 6
-def test_cuda_graph_replays_new_lengths(batch, hq, hkv):
+@pytest.mark.parametrize("batch, hq, hkv, config", [(1, 32, 32, None), (1, 32, 32, {"vector_mha": True}),
+                                                    (3, 32, 8, None), (5, 24, 4, None)])   # Llama-2-7B, Llama-3 GQA, 6
+def test_cuda_graph_replays_new_lengths(batch, hq, hkv, config):
     """One captured launch with a 64-page table replayed at short, mid and full lengths: each replay
-    matches the reference and leaves the split counters at zero for the next one."""
+    matches the reference and leaves the split counters at zero for the next one (the vector MHA
+    path shares the epilogue)."""
     page, d, width = 64, 128, 64
     k_cache, v_cache = _cache(batch * width + 1, page, hkv, d, torch.float16)
     tables = torch.randperm(batch * width + 1, device=DEVICE)[: batch * width].reshape(batch, width).to(torch.int32)
     lens = torch.ones(batch, dtype=torch.int32, device=DEVICE)
     q = torch.randn(batch, hq, d, device=DEVICE, dtype=torch.float16)
     out = torch.empty_like(q)
-    paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out)   # warm-up: compile, counters
+    paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out, config=config)   # warm-up: compile, counters
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out)
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out, config=config)
     step = torch.arange(batch, device=DEVICE, dtype=torch.int32)
     for base in (256, 700, 4093, 1):
         lens.copy_((base - 3 * step).clamp(1, width * page))
