@@ -7,6 +7,7 @@ import torch
 from lmdepot.runtime.kernels.paged_decode_attention_quant import paged_decode_attention_quant, reference
 from lmdepot.runtime.kv_cache import make_spec, allocate
 from lmdepot.runtime.ops.kv_quant import store_kv_quant
+from lmdepot.runtime.kernels.scratch import semaphores
 from tests.kernels.conftest import DEVICE, DTYPES
 
 
@@ -41,6 +42,26 @@ def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits):
     ref = reference(q, cache, tables, seq_lens, d ** -0.5)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bits, scheme", [(8, "plain"), (4, "rotate"), (4, "channel")])
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (12, 2)])   # GQA 1 and 6
+@pytest.mark.parametrize("num_splits", [1, 2, 6])
+def test_one_launch_splits_wide_tables(bits, scheme, hq, hkv, num_splits):
+    """Block tables wider than the sequences (a CUDA graph's): some splits hold no pages; the
+    outputs are written in the one launch and the split counters are back at zero."""
+    # tl.dot needs K >= 16 on the GPU; float32 dots run as TF32 there
+    page, d, width = (8 if DEVICE == "cpu" else 16), 32, 6
+    lens = [1, 13, width * page, 17, 9]
+    tables = torch.randperm(32)[: 5 * width].reshape(5, width).to(torch.int32).to(DEVICE)
+    cache = _filled_cache(make_spec(bits, torch.float32, d, scheme=scheme), 32, page, hkv, d, lens, tables)
+    q = torch.randn(5, hq, d, device=DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    y = paged_decode_attention_quant(q, cache, tables, seq_lens, num_splits=num_splits)
+    tol = 1e-4 if DEVICE == "cpu" else 5e-3
+    torch.testing.assert_close(y, reference(q, cache, tables, seq_lens, d ** -0.5), rtol=tol, atol=tol)
+    # keyed by the tensors' device (cuda:0 on a GPU, not "cuda")
+    assert int(semaphores(torch.empty(0, device=DEVICE).device, 1).count_nonzero()) == 0
 
 
 def test_group_size_quantizers():
@@ -93,25 +114,28 @@ def test_triton_ops_prefill_then_decode_match_reference_ops(bits, scheme):
         reset_context()
 
 
-def _sm90_stack(bits: int, key_channel: bool) -> int:
-    """Spilled bytes a thread of the split kernel for pages of 64 keys, head dim 128, GQA 4."""
+def _sm90_build(bits: int, key_channel: bool, split: bool) -> dict:
+    """The split kernel built for sm_90 (tests/kernels/sm90.py): pages of 64 keys, head dim 128, GQA 4;
+    `split`: with the in-launch merge epilogue (SPLIT) or the direct store of one split."""
     from lmdepot.runtime.kernels import paged_decode_attention_quant as m
     from tests.kernels.sm90 import build
 
     const = dict(GROUPS=4, BLOCK_H=16, D=128, BLOCK_D=128, PAGE=64, BITS=bits, GROUP=128, KEY_CHANNEL=key_channel,
-                 SUB=min(64, m.DECODE_SUB))
+                 SUB=min(64, m.DECODE_SUB), SPLIT=split)
     types = {"q_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*u8",
              "vs_ptr": "*fp16", "vz_ptr": "*u8", "kmin_ptr": "*fp16", "ksink_ptr": "*fp16", "bt_ptr": "*i32",
-             "lens_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "sm_scale": "fp32"}
-    return build(m._split_kernel, const, types, 4, 3)["stack"]
+             "lens_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp16", "sem_ptr": "*i32",
+             "sm_scale": "fp32"}
+    return build(m._split_kernel, const, types, 4, 3)
 
 
 @pytest.mark.parametrize("bits, key_channel", [(8, False), (4, False), (4, True)])
-def test_split_kernel_does_not_spill_on_sm90(bits, key_channel):
+@pytest.mark.parametrize("split", [False, True])
+def test_split_kernel_does_not_spill_on_sm90(bits, key_channel, split):
     """Built for an H100/H200 (no GPU needed): 64-key pages dequantized whole spilled 5.8 KB a thread
-    (int8) with 32 registers; tiles of DECODE_SUB keys fit in registers."""
+    (int8) with 32 registers; tiles of DECODE_SUB keys fit in registers, with the merge epilogue too."""
     from tests.kernels.sm90 import run_build
 
-    stack = run_build(f"from tests.kernels.test_kv_quant_decode_attention import _sm90_stack as f; "
-                      f"f({bits}, {key_channel})")
-    assert stack == 0
+    built = run_build(f"from tests.kernels.test_kv_quant_decode_attention import _sm90_build as f; "
+                      f"f({bits}, {key_channel}, {split})")
+    assert built["stack"] == 0

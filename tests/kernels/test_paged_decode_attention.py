@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention, reference
+from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention, reference, split_plan
+from lmdepot.runtime.kernels.scratch import semaphores
 from tests.kernels.conftest import DEVICE, DTYPES, poisoned
 
 
@@ -27,6 +28,63 @@ def test_matches_reference(dtype, hq, hkv, page, num_splits):
     ref = reference(q, k_cache, v_cache, tables, seq_lens, d ** -0.5)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+
+
+def _assert_semaphores_zero():
+    """Every launch must leave the shared split counters at zero (the next launch or graph replay
+    counts from there)."""
+    # the kernels key the array by their tensors' device (cuda:0 on a GPU, not "cuda")
+    assert int(semaphores(torch.empty(0, device=DEVICE).device, 1).count_nonzero()) == 0
+
+
+# tl.dot needs K >= 16 on the GPU (the interpreter takes 8); float32 dots run as TF32 there
+PAGES = [8, 16, 32] if DEVICE == "cpu" else [16, 32]
+TF32_TOL = 1e-4 if DEVICE == "cpu" else 5e-3
+
+
+@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (12, 2)])   # GQA 1, 4 and 6 (not a power of two)
+@pytest.mark.parametrize("num_splits", [1, 2, 7])
+def test_one_launch_splits_with_empty_splits(page, hq, hkv, num_splits):
+    """Block tables wider than the sequences (a CUDA graph's fixed width): odd lengths leave some
+    splits without pages, one length fits in the first split, one fills the table. Two calls on the
+    same buffers with other lengths, like two graph replays; every output row is written each time."""
+    d, width, dtype = 32, 9, torch.float32
+    k_cache, v_cache = _cache(5 * width + 2, page, hkv, d, dtype)
+    tables = torch.randperm(5 * width + 2)[: 5 * width].reshape(5, width).to(torch.int32).to(DEVICE)
+    q = torch.randn(5, hq, d, device=DEVICE, dtype=dtype)
+    for lens in ([1, 2 * page + 3, width * page, page + 1, 5 * page - 1], [3 * page, 7, 4 * page + 5, 1, 2 * page - 3]):
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        out = poisoned(q.shape, dtype)
+        y = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, num_splits=num_splits, out=out)
+        assert y.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(y, reference(q, k_cache, v_cache, tables, seq_lens, d ** -0.5),
+                                   rtol=TF32_TOL, atol=TF32_TOL)
+        _assert_semaphores_zero()
+
+
+def test_split_plan_covers_the_table():
+    """Splits x pages per split cover the table exactly once, without a split past its end."""
+    for batch, hkv, width, want in [(1, 32, 64, None), (1, 8, 5, None), (5, 2, 9, 7), (40, 8, 64, None), (3, 1, 1, 4)]:
+        splits, per = split_plan(batch, hkv, width, want)
+        assert splits * per >= width and (splits - 1) * per < width and splits >= 1
+    assert split_plan(1, 32, 64) == (8, 8)      # Llama-2-7B shape at batch 1: 9 wanted, 8 needed
+    assert split_plan(33, 8, 64)[0] == 1        # 264 (sequence, kv head) programs: no split
+
+
+def test_zero_length_sequence_gives_zeros():
+    """A sequence with no tokens still gets its output rows written (zeros), split or not."""
+    k_cache, v_cache = _cache(8, 16, 2, 32, torch.float32)
+    tables = torch.tensor([[3, 5, 0], [7, 1, 2]], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    lens = torch.tensor([0, 40], dtype=torch.int32, device=DEVICE)
+    for num_splits in (1, 3):
+        y = paged_decode_attention(q, k_cache, v_cache, tables, lens, num_splits=num_splits,
+                                   out=poisoned(q.shape, torch.float32))
+        assert torch.equal(y[0], torch.zeros_like(y[0]))
+        torch.testing.assert_close(y[1:], reference(q[1:], k_cache, v_cache, tables[1:], lens[1:], 32 ** -0.5),
+                                   rtol=TF32_TOL, atol=TF32_TOL)
+        _assert_semaphores_zero()
 
 
 def test_non_contiguous_head_dim_stride():
@@ -168,22 +226,65 @@ def test_real_size_llama2_mha(batch, seq, config):
     _check_real_size(batch, seq, 32, 32, config)
 
 
-def _sm90_vector_build(stages: int) -> dict:
-    """The Llama-2-7B vector variant built for sm_90 (tests/kernels/sm90.py)."""
+def _sm90_build(vector: bool, stages: int, split: bool) -> dict:
+    """The split kernel built for sm_90 (tests/kernels/sm90.py): pages of 64 keys, head dim 128, the
+    Llama-2-7B vector variant (one q head per kv head) or the grouped tl.dot one at GQA 4 (Llama-3-8B);
+    `split`: with the in-launch merge epilogue (SPLIT) or the direct store of one split."""
     from lmdepot.runtime.kernels.paged_decode_attention import _split_kernel
     from tests.kernels.sm90 import build
 
-    const = {"GROUPS": 1, "BLOCK_H": 1, "D": 128, "BLOCK_D": 128, "PAGE": 64, "VECTOR": True, "STAGES": stages}
+    groups = 1 if vector else 4
+    const = {"GROUPS": groups, "BLOCK_H": 1 if vector else 16, "D": 128, "BLOCK_D": 128, "PAGE": 64,
+             "VECTOR": vector, "STAGES": stages if vector else 1, "SPLIT": split}
     types = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "bt_ptr": "*i32", "lens_ptr": "*i32",
-             "o_ptr": "*fp32", "lse_ptr": "*fp32", "sm_scale": "fp32"}
+             "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp16", "sem_ptr": "*i32", "sm_scale": "fp32"}
     return build(_split_kernel, const, types, 4, stages)
 
 
-@pytest.mark.parametrize("stages", [1, 3])
-def test_vector_path_compiles_for_sm90(stages):
+@pytest.mark.parametrize("stages, split", [(1, True), (3, True), (3, False)])
+def test_vector_path_compiles_for_sm90(stages, split):
     """The interpreter compiles nothing; build the vector path for an H100/H200: no spills, no tensor-core
     instructions, and the page loop's K/V loads pipelined through cp.async when STAGES > 1."""
     from tests.kernels.sm90 import run_build
 
-    built = run_build(f"from tests.kernels.test_paged_decode_attention import _sm90_vector_build as b; b({stages})")
+    built = run_build(f"from tests.kernels.test_paged_decode_attention import _sm90_build as b; "
+                      f"b(True, {stages}, {split})")
     assert (built["stack"], built["mma"], built["cp_async"]) == (0, False, stages > 1)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_grouped_path_compiles_for_sm90(split):
+    """The default (tl.dot) path at GQA 4, with and without the in-launch merge: no spills, tensor cores."""
+    from tests.kernels.sm90 import run_build
+
+    built = run_build(f"from tests.kernels.test_paged_decode_attention import _sm90_build as b; b(False, 3, {split})")
+    assert (built["stack"], built["mma"]) == (0, True)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("batch, hq, hkv, config", [(1, 32, 32, None), (1, 32, 32, {"vector_mha": True}),
+                                                    (3, 32, 8, None), (5, 24, 4, None)])   # Llama-2-7B, Llama-3 GQA, 6
+def test_cuda_graph_replays_new_lengths(batch, hq, hkv, config):
+    """One captured launch with a 64-page table replayed at short, mid and full lengths: each replay
+    matches the reference and leaves the split counters at zero for the next one (the vector MHA
+    path shares the epilogue)."""
+    page, d, width = 64, 128, 64
+    k_cache, v_cache = _cache(batch * width + 1, page, hkv, d, torch.float16)
+    tables = torch.randperm(batch * width + 1, device=DEVICE)[: batch * width].reshape(batch, width).to(torch.int32)
+    lens = torch.ones(batch, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, hq, d, device=DEVICE, dtype=torch.float16)
+    out = torch.empty_like(q)
+    paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out, config=config)   # warm-up: compile, counters
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out, config=config)
+    step = torch.arange(batch, device=DEVICE, dtype=torch.int32)
+    for base in (256, 700, 4093, 1):
+        lens.copy_((base - 3 * step).clamp(1, width * page))
+        q.normal_()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, reference(q, k_cache, v_cache, tables, lens, d ** -0.5), rtol=2e-2, atol=2e-2)
+        _assert_semaphores_zero()

@@ -2,10 +2,18 @@
 
 Cache layout: (num_blocks, block_size, kv_heads, head_dim), any strides. One program handles one
 (sequence, kv head, split): all q heads sharing that kv head read each K/V page once, padded to 16
-rows so the products run on tensor cores. Splits write (partial output, log-sum-exp) and a second
-kernel merges them, so a single long sequence still spreads over the whole GPU.
+rows so the products run on tensor cores. Splits let a single long sequence spread over the whole GPU.
 Multi-head models (Hq == Hkv) can take a vector path instead (VECTOR: no tl.dot, no padded rows;
-opt-in through LMDEPOT_ATTN_VECTOR_MHA=1 or `config`); partials and merge are the same.
+opt-in through LMDEPOT_ATTN_VECTOR_MHA=1 or `config`); its splits end in the same epilogue.
+
+The splits meet in the same launch (like the W4A16 GEMV's K splits): a split writes its partial
+(output, log-sum-exp) rows, counts itself in on a per-(sequence, kv head) semaphore, and the last
+one to arrive merges them in split order (so the result does not depend on arrival order), writes
+the output and resets the semaphore for the next launch or CUDA graph replay. Only the splits that
+hold pages of the sequence take part: the split count comes from the block table's width (a CUDA
+graph's is fixed), so at short contexts most splits are empty and return at once, and when one
+split holds the whole sequence it writes the output directly. One launch per layer: at batch 1 the
+former split + merge launches cost ~8 us per layer, mostly launch latency (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.scratch import scratch
+from lmdepot.runtime.kernels.scratch import scratch, semaphores
 
 
 def reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale):
@@ -36,11 +44,55 @@ def reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale):
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scale,
+def finish_split(acc, m, l, o_ptr, lse_ptr, out_ptr, sem_ptr, b, kvh, split, seq_len, heads, mask_h, offs_d,
+                 mask_d, stride_ob, stride_oh, Hq, Hkv, NUM_SPLITS, PAGES_PER_SPLIT,
+                 D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                 SPLIT: tl.constexpr):
+    """A split's epilogue (shared with the quantized-cache kernel): given its online-softmax state
+    (acc, running max m, sum l) of the GROUPS q heads `heads`, write the output directly when it is
+    the only split holding pages, else write partial rows and let the last live split merge."""
+    empty = l == 0.0   # no tokens: output 0 (a zero-length sequence), log-sum-exp -inf
+    res = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l)[:, None])
+    mask = mask_h[:, None] & mask_d[None, :]
+    out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if not SPLIT:
+        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Splits holding at least one page; split 0 always counts so that every output row is written.
+        live = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(seq_len, PAGE), PAGES_PER_SPLIT), 1), NUM_SPLITS)
+        if live == 1:
+            if split == 0:
+                tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask)
+        elif split < live:
+            rows = (b * Hq + heads) * NUM_SPLITS
+            lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
+            tl.store(o_ptr + (rows + split)[:, None] * D + offs_d[None, :], res, mask=mask)
+            tl.store(lse_ptr + rows + split, lse, mask=mask_h)
+            tl.debug_barrier()   # every thread's rows are written before the split is counted in
+            sem = sem_ptr + b * Hkv + kvh
+            if tl.atomic_add(sem, 1, sem="acq_rel") == live - 1:
+                # The last live split merges all of them, in split order; .cg reads past L1 (other SMs wrote).
+                top = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+                for s in range(live):
+                    top = tl.maximum(top, tl.load(lse_ptr + rows + s, mask=mask_h, other=0.0, cache_modifier=".cg"))
+                num = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+                den = tl.zeros((BLOCK_H,), dtype=tl.float32)
+                for s in range(live):
+                    w = tl.exp(tl.load(lse_ptr + rows + s, mask=mask_h, other=0.0, cache_modifier=".cg") - top)
+                    o = tl.load(o_ptr + (rows + s)[:, None] * D + offs_d[None, :], mask=mask, other=0.0,
+                                cache_modifier=".cg")
+                    num += o * w[:, None]
+                    den += w
+                tl.store(out_ptrs, (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(sem, 0)
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, sem_ptr, sm_scale,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                  stride_bt, NUM_SPLITS, PAGES_PER_SPLIT, Hq,
+                  stride_bt, stride_ob, stride_oh, NUM_SPLITS, PAGES_PER_SPLIT, Hq, Hkv,
                   GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PAGE: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr):
+                  PAGE: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
     offs_h = tl.arange(0, BLOCK_H)
@@ -106,28 +158,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scal
             l = l * alpha + tl.sum(prob, axis=1)
             acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))
             m = m_new
-    empty = l == 0.0
-    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l)[:, None])
-    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
-    row = (b * Hq + heads) * NUM_SPLITS + split
-    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
-    tl.store(lse_ptr + row, lse, mask=mask_h)
-
-
-@triton.jit
-def _merge_kernel(o_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, Hq, NUM_SPLITS,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    b, h = tl.program_id(0), tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
-    row = (b * Hq + h) * NUM_SPLITS + offs_s
-    lse = tl.load(lse_ptr + row, mask=mask_s, other=float("-inf"))
-    top = tl.max(lse, axis=0)
-    w = tl.where(mask_s, tl.exp(lse - top), 0.0)
-    o = tl.load(o_ptr + row[:, None] * D + offs_d[None, :], mask=mask_s[:, None] & (offs_d[None, :] < D), other=0.0)
-    res = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+    finish_split(acc, m, l, o_ptr, lse_ptr, out_ptr, sem_ptr, b, kvh, split, seq_len, heads, mask_h, offs_d, mask_d,
+                 stride_ob, stride_oh, Hq, Hkv, NUM_SPLITS, PAGES_PER_SPLIT, D, BLOCK_H, BLOCK_D, PAGE, SPLIT)
 
 
 # LMDEPOT_ATTN_VECTOR_MHA=1 sends multi-head models (one q head per kv head) to the vector path;
@@ -150,17 +182,15 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale
     stages = launch.get("num_stages", 3) if vector else 1   # 3: Triton's default num_stages on CUDA
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     num_splits, pages_per_split = split_plan(B, Hkv, block_tables.shape[1], num_splits)
-    part_o = scratch((B * Hq * num_splits, D), q.device, torch.float32)
-    part_lse = scratch((B * Hq * num_splits,), q.device, torch.float32)
-    block_d = triton.next_power_of_2(D)
+    part_o, part_lse, y, sems = split_buffers(q, Hkv, num_splits, out)
     _split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_o, part_lse, sm_scale,
+        q, k_cache, v_cache, block_tables, seq_lens, part_o, part_lse, y, sems, sm_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        num_splits, pages_per_split, Hq,
-        GROUPS=groups, BLOCK_H=1 if vector else max(16, triton.next_power_of_2(groups)), D=D, BLOCK_D=block_d,
-        PAGE=page, VECTOR=vector, STAGES=stages, **launch)
-    return merge_splits(part_o, part_lse, q, num_splits, out)
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), y.stride(0), y.stride(1),
+        num_splits, pages_per_split, Hq, Hkv,
+        GROUPS=groups, BLOCK_H=1 if vector else max(16, triton.next_power_of_2(groups)), D=D,
+        BLOCK_D=triton.next_power_of_2(D), PAGE=page, VECTOR=vector, STAGES=stages, SPLIT=num_splits > 1, **launch)
+    return y
 
 
 def split_plan(batch: int, hkv: int, max_pages: int, num_splits: int | None = None) -> tuple[int, int]:
@@ -171,10 +201,14 @@ def split_plan(batch: int, hkv: int, max_pages: int, num_splits: int | None = No
     return triton.cdiv(max_pages, pages_per_split), pages_per_split
 
 
-def merge_splits(part_o, part_lse, q, num_splits: int, out=None) -> torch.Tensor:
-    """Combine the splits' (partial output, log-sum-exp) rows into (B, Hq, D) like q."""
+def split_buffers(q: torch.Tensor, hkv: int, num_splits: int, out: torch.Tensor | None = None):
+    """(partial outputs, partial log-sum-exps, output like q, semaphores) of a split launch; shared
+    with the quantized-cache kernel. One split needs no partials nor counters. The default plan
+    splits only below 264 (sequence, kv head) pairs: B * Hkv counters, far inside the shared 64 Ki array
+    (a grown array would move under captured CUDA graphs)."""
     B, Hq, D = q.shape
-    y = out if out is not None else torch.empty_like(q)
-    _merge_kernel[(B, Hq)](part_o, part_lse, y, y.stride(0), y.stride(1), Hq, num_splits,
-                           D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=triton.next_power_of_2(num_splits))
-    return y
+    y = out if out is not None else scratch(q.shape, q.device, q.dtype)   # NaN under the tests' POISON
+    assert y.shape == q.shape and y.stride(2) == 1, "out: (B, Hq, D) with unit stride along D"
+    rows = B * Hq * num_splits if num_splits > 1 else 1
+    return (scratch((rows, D), q.device, torch.float32), scratch((rows,), q.device, torch.float32), y,
+            semaphores(q.device, B * hkv if num_splits > 1 else 1))

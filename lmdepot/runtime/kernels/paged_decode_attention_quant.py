@@ -1,8 +1,8 @@
 """Decode attention over a quantized paged KV cache (online int8 / int4, see runtime/ops/kv_quant.py).
 
 Same split-K structure as paged_decode_attention.py (one program per (sequence, kv head, split),
-GQA heads grouped, the same split plan and merge kernel); each page's codes are dequantized in
-registers right after the load, so the cache is read at its quantized size:
+GQA heads grouped, the same split plan and in-launch merge epilogue `finish_split`); each page's
+codes are dequantized in registers right after the load, so the cache is read at its quantized size:
 - per-token quantizers (K unless `key_channel`, V always): x^ = (code - zero) * scale with
   scale/zero per token, kv head and group of GROUP channels;
 - per-channel keys (`key_channel`): x^ = code * scale + min with scale/min per block, kv head and
@@ -21,8 +21,7 @@ import triton
 import triton.language as tl
 
 from lmdepot.runtime.kernels.kv_quant_tile import channel_key_tile, param_operands, per_token_tile
-from lmdepot.runtime.kernels.paged_decode_attention import merge_splits, split_plan
-from lmdepot.runtime.kernels.scratch import scratch
+from lmdepot.runtime.kernels.paged_decode_attention import finish_split, split_buffers, split_plan
 
 
 def reference(q, cache, block_tables, seq_lens, sm_scale):
@@ -44,12 +43,12 @@ def reference(q, cache, block_tables, seq_lens, sm_scale):
 
 @triton.jit
 def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr,
-                  bt_ptr, lens_ptr, o_ptr, lse_ptr, sm_scale,
+                  bt_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, sem_ptr, sm_scale,
                   stride_qb, stride_qh, c_b, c_s, c_h, p_b, p_s, p_h, ch_b, ch_h,
-                  stride_bt, NUM_SPLITS, PAGES_PER_SPLIT, Hq,
+                  stride_bt, stride_ob, stride_oh, NUM_SPLITS, PAGES_PER_SPLIT, Hq, Hkv,
                   GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   PAGE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, KEY_CHANNEL: tl.constexpr,
-                  SUB: tl.constexpr):
+                  SUB: tl.constexpr, SPLIT: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
     offs_h = tl.arange(0, BLOCK_H)
@@ -90,12 +89,8 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
             l = l * alpha + tl.sum(prob, axis=1)
             acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))
             m = m_new
-    empty = l == 0.0
-    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l)[:, None])
-    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
-    row = (b * Hq + heads) * NUM_SPLITS + split
-    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
-    tl.store(lse_ptr + row, lse, mask=mask_h)
+    finish_split(acc, m, l, o_ptr, lse_ptr, out_ptr, sem_ptr, b, kvh, split, seq_len, heads, mask_h, offs_d, mask_d,
+                 stride_ob, stride_oh, Hq, Hkv, NUM_SPLITS, PAGES_PER_SPLIT, D, BLOCK_H, BLOCK_D, PAGE, SPLIT)
 
 
 DECODE_SUB = 16   # keys per tile (see the page loop); a page of fewer keys is one tile
@@ -114,18 +109,16 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
     if rot is not None and not cache.key_channel:   # rotated keys: score with the rotated query
         q = (q.float() @ rot).to(q.dtype)
     num_splits, pages_per_split = split_plan(B, Hkv, block_tables.shape[1], num_splits)
-    part_o = scratch((B * Hq * num_splits, D), q.device, torch.float32)
-    part_lse = scratch((B * Hq * num_splits,), q.device, torch.float32)
+    part_o, part_lse, y, sems = split_buffers(q, Hkv, num_splits)
     ks, kz, kmin, ksink, vs, vz, ch = param_operands(cache)
     _split_kernel[(B, Hkv, num_splits)](
-        q, kc, vc, ks, kz, vs, vz, kmin, ksink, block_tables, seq_lens, part_o, part_lse, sm_scale,
+        q, kc, vc, ks, kz, vs, vz, kmin, ksink, block_tables, seq_lens, part_o, part_lse, y, sems, sm_scale,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2), ch.stride(0), ch.stride(1), block_tables.stride(0),
-        num_splits, pages_per_split, Hq,
+        y.stride(0), y.stride(1), num_splits, pages_per_split, Hq, Hkv,
         GROUPS=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), D=D,
         BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits, GROUP=cache.group,
-        KEY_CHANNEL=cache.key_channel, SUB=min(page, DECODE_SUB))
-    y = merge_splits(part_o, part_lse, q, num_splits)
+        KEY_CHANNEL=cache.key_channel, SUB=min(page, DECODE_SUB), SPLIT=num_splits > 1)
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
         y = (y.float() @ rot).to(y.dtype)
     return y
