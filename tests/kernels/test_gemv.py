@@ -263,23 +263,24 @@ def _check_norm(y, h, x, r, nw, w, b, eps, unfused_y, unfused_h):
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("bias", [False, True])
 def test_norm_input_is_add_rms_norm(dtype, f32_x, split_k, bias):
-    """norm=(residual, norm_weight, eps): odd N and K (no block divides them), ragged K splits, an fp32
-    tensor-parallel sum as x; y and the new residual written into poisoned buffers. Against the torch
-    reference and the unfused path (kernels/rms_norm.py, then the plain GEMV)."""
+    """norm=(residual, norm_weight, eps): odd N and K (no block divides them), ragged K splits (with a
+    sum of squares in 6 steps of 64 columns, the last one cut), an fp32 tensor-parallel sum as x; y and
+    the new residual written into poisoned buffers. Against the torch reference and the unfused path
+    (kernels/rms_norm.py, then the plain GEMV)."""
     from lmdepot.runtime.kernels import rms_norm
 
     N, K, eps = 37, 333, 1e-5
     x, r, nw, w, b = _norm_case(N, K, dtype, torch.float32 if f32_x else dtype, bias, seed=split_k)
     out, h_out = poisoned((1, N), dtype), poisoned((1, K), dtype)
     cfg = SMALL | {"split_k": split_k}
-    y, h = gemv(x, w, b, config=cfg, out=out, norm=(r, nw, eps, h_out))
+    y, h = gemv(x, w, b, config=cfg | {"norm_block": 64 if split_k > 1 else 512}, out=out, norm=(r, nw, eps, h_out))
     assert y.data_ptr() == out.data_ptr() and h.data_ptr() == h_out.data_ptr()
     normed, unfused_h = rms_norm.rms_norm(x, r, nw, eps)
     _check_norm(y, h, x, r, nw, w, b, eps, gemv(normed, w, b, config=cfg), unfused_h)
     assert not _SEMAPHORES[x.device].any()
     # the default residual_out is a fresh buffer; x and the residual are left as they were
     x0, r0 = x.clone(), r.clone()
-    y2, h2 = gemv(x, w, b, config=cfg, norm=(r, nw, eps))
+    y2, h2 = gemv(x, w, b, config=cfg | {"norm_block": 64 if split_k > 1 else 512}, norm=(r, nw, eps))
     assert torch.equal(y2, y) and torch.equal(h2, h) and torch.equal(x, x0) and torch.equal(r, r0)
 
 
@@ -335,7 +336,7 @@ def _sm90_norm_build(block_n: int, block_k: int, warps: int, stages: int, x_type
     from tests.kernels.sm90 import build
 
     const = dict(HAS_BIAS=False, USE_DOT=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
-                 STAGES=stages, GATED=False, NORM=True)
+                 STAGES=stages, GATED=False, NORM=True, NORM_BLOCK=2048)
     types = {"x_ptr": x_type, "w_ptr": "*fp16", "b_ptr": "*fp16", "part_ptr": "*fp16", "y_ptr": "*fp16",
              "lock_ptr": "*i32", "r_ptr": "*fp16", "nw_ptr": "*fp16", "h_ptr": "*fp16", "eps": "fp32"}
     return build(_gemv_kernel, const, types, warps, stages, divisible=("N", "K", "K_PER_SPLIT"))

@@ -36,6 +36,7 @@ from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
 
 MAX_M = 4
 DOT_M = 16   # tl.dot's smallest operand dim: x is padded to it on the DOT path
+NORM_BLOCK = 2048   # columns per step of the NORM prologue's sum of squares (hidden 4096: two steps)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -68,12 +69,13 @@ def _h_row(x_ptr, r_ptr, kk, mask):
 
 
 @triton.jit
-def _norm_prologue(x_ptr, r_ptr, h_ptr, K, eps, H_LEN, BLOCK_K: tl.constexpr):
-    """1 / rms of the row h = x + residual (whole K, in BLOCK_K chunks); stores h's first H_LEN
-    columns (K in program (0, 0), 0 elsewhere)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+def _norm_prologue(x_ptr, r_ptr, h_ptr, K, eps, H_LEN, NORM_BLOCK: tl.constexpr):
+    """1 / rms of the row h = x + residual (whole K, in NORM_BLOCK chunks: large, so that the whole
+    row's loads are in flight at once and the prologue costs about two L2 round trips, not one per
+    BLOCK_K tile); stores h's first H_LEN columns (K in program (0, 0), 0 elsewhere)."""
+    offs_k = tl.arange(0, NORM_BLOCK)
+    ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, NORM_BLOCK):
         kk = k0 + offs_k
         h = _h_row(x_ptr, r_ptr, kk, kk < K)
         tl.store(h_ptr + kk, h, mask=kk < H_LEN)
@@ -162,11 +164,11 @@ def _dot_loop(x_ptr, w_ptrs, offs_m, mask_m, k_begin, k_end, K, stride_xm, BLOCK
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, part_ptr, y_ptr, lock_ptr, r_ptr, nw_ptr, h_ptr, eps, M, N, K, stride_xm,
                  stride_wn, stride_ym, K_PER_SPLIT, SPLITS, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 STAGES: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr):
+                 STAGES: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     inv = 1.0
     if NORM:
-        inv = _norm_prologue(x_ptr, r_ptr, h_ptr, K, eps, K - K * tl.minimum(pid_n + pid_k, 1), BLOCK_K)
+        inv = _norm_prologue(x_ptr, r_ptr, h_ptr, K, eps, K - K * tl.minimum(pid_n + pid_k, 1), NORM_BLOCK)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
@@ -242,7 +244,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x2.stride(0), weight.stride(0), y.stride(0), per_split, splits, HAS_BIAS=bias is not None,
         USE_DOT=use_dot, EVEN_K=K % block_k == 0, BLOCK_M=DOT_M if use_dot else triton.next_power_of_2(M),
         BLOCK_N=block_n, BLOCK_K=block_k, STAGES=cfg["num_stages"], GATED=gated, NORM=norm is not None,
-        num_warps=cfg["num_warps"])
+        NORM_BLOCK=min(triton.next_power_of_2(K), cfg.get("norm_block", NORM_BLOCK)), num_warps=cfg["num_warps"])
     y = y.view(*lead, N)
     return y if norm is None else (y, h.view(x.shape))
 
