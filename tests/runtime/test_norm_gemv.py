@@ -44,6 +44,7 @@ def _generate(ws, graphs: bool):
     return tokens, steps
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter on CPU tensors; the GPU runs the test below")
 @pytest.mark.parametrize("graphs", [False, True])
 def test_fused_norm_gemv_matches_unfused_engine(tiny, monkeypatch, graphs):
     """Batch-1 decode steps (uncaptured decode-graph path too, LMDEPOT_GRAPHS_ON_CPU=1): per step 2 x 3
@@ -73,3 +74,38 @@ def test_fused_norm_gemv_matches_unfused_engine(tiny, monkeypatch, graphs):
         assert runs[other][0] == tokens
         for a, b in zip(logits, runs[other][1]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_engine_fused_norm_matches_dense_gemv_off(tmp_path, monkeypatch):
+    """On CUDA with the Triton ops and decode CUDA graphs: batch-1 greedy decoding with the NORM GEMV gives
+    LMDEPOT_DENSE_GEMV=0's tokens (cuBLAS, separate norm kernel), logits within 1e-2 of their largest.
+    At hidden 512 every one-row launch splits K, which the default routing leaves to cuBLAS: the fused
+    run takes LMDEPOT_DENSE_GEMV=1's routing (split launches too; NORM for one row)."""
+    from lmdepot.convert.converter import ConvertOptions, convert_model
+    from lmdepot.runtime.kernels import gemv as gemv_mod
+    from lmdepot.runtime.ops import triton_ops
+    from tests.tiny_models import make_tiny_checkpoint
+
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf", "llama", hidden_size=512, intermediate_size=1024,
+                                  num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3, vocab_size=500)
+    convert_model(str(hf_dir), tmp_path / "ws", ConvertOptions())
+    kw = dict(device="cuda", dtype="fp16", cache_block_seq_len=16, num_kv_blocks=64, max_batch_size=4,
+              session_len=128, quiet=True, async_steps=False)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    launches, orig = [], gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **k: launches.append(k.get("norm") is not None) or orig(*a, **k))
+    runs = {}
+    for rows in (4, 0):
+        monkeypatch.setattr(triton_ops, "DENSE_GEMV_ROWS", rows)
+        with LLM(tmp_path / "ws", **kw) as llm:
+            runner = llm.engine.runner
+            assert runner.graphs is not None
+            execute, steps = runner.execute, []
+            runner.execute = lambda meta: steps.append(execute(meta).clone()) or steps[-1]
+            runs[rows] = [llm.generate([p], params)[0].token_ids for p in PROMPTS], steps
+            if rows:   # captured (graph warm-up and capture) and eager (prefill logits) NORM launches
+                assert runner.graphs.replays > 0 and launches.count(True) >= 6
+    assert True in launches and runs[4][0] == runs[0][0]
+    for a, b in zip(runs[4][1], runs[0][1]):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-2
