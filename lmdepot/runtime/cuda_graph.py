@@ -118,7 +118,8 @@ class DecodeGraphs:
                        max_ctx_len=longest)
 
     def _forward(self, b: int) -> torch.Tensor:
-        return self.model.logits(self.model(self.tokens[:b], self.positions[:b]))
+        # the pair: the final residual add happens inside the final norm (fused with lm_head at batch 1)
+        return self.model.logits(*self.model.hidden_states(self.tokens[:b], self.positions[:b]))
 
     @torch.inference_mode()
     def capture_all(self, quiet: bool = True) -> None:

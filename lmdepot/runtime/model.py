@@ -55,6 +55,15 @@ class Linear(nn.Module):
             return ops.silu_mul_linear(x, self.weight, self.bias, out_dtype)
         return ops.linear(x, self.weight, self.bias, out_dtype)
 
+    @property
+    def plain(self) -> bool:
+        return not (self.int8 or self.int4)
+
+    def forward_normed(self, x, residual, norm_weight, eps: float):
+        """(self(rms_norm(x + residual) * norm_weight), x + residual) for a plain weight, in one op
+        (ops.add_rms_norm_linear), which a kernel may fuse."""
+        return ops.add_rms_norm_linear(x, residual, norm_weight, eps, self.weight, self.bias)
+
 
 class Partial:
     """A rank's float32 row-parallel partial whose sum over the ranks is left to the next norm, which
@@ -150,8 +159,8 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = None
         self.kv_quant = None   # a QuantKVCache when quant_policy is 4 or 8
 
-    def forward(self, x, cos, sin):
-        qkv = self.w_qkv(x)
+    def forward(self, qkv, cos, sin):
+        """qkv: w_qkv of the normed input, which the layer computes (with the norm, see norm_linear)."""
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q, k, v = q.view(-1, self.hq, self.d), k.view(-1, self.hkv, self.d), v.view(-1, self.hkv, self.d)
         ctx = get_context()
@@ -175,8 +184,9 @@ class FeedForward(nn.Module):
         self.w13 = _fused_linear(t, (layout.W_GATE, layout.W_UP), dtype, cfg.hidden_units)
         self.w2 = _linear(t, layout.W_DOWN, dtype, inter)
 
-    def forward(self, x):
-        return reduce_partial(self.w2, self.w13(x), gated=True)   # silu(gate) * up, inside w2 where it can
+    def forward(self, gate_up):
+        """gate_up: w13 of the normed input, which the layer computes (with the norm, see norm_linear)."""
+        return reduce_partial(self.w2, gate_up, gated=True)   # silu(gate) * up, inside w2 where it can
 
 
 class DecoderLayer(nn.Module):
@@ -205,12 +215,24 @@ class DecoderLayer(nn.Module):
             return ops.rms_norm(x, weight, self.eps), x
         return ops.add_rms_norm(x, residual, weight, self.eps)
 
+    def norm_linear(self, x, residual, weight, linear: Linear):
+        """(linear(norm(x + residual) * weight), x + residual). A plain weight takes the add, the norm
+        and itself in one op (ops.add_rms_norm_linear: at batch-1 decode on the GPU the GEMV computes
+        the add and the norm in its input loads, one launch less per norm), a Partial summed first
+        unless the all-reduce kernel itself fuses the norm (LMDEPOT_ALLREDUCE=fused); otherwise
+        self.norm, then the linear."""
+        if residual is not None and linear.plain and not (isinstance(x, Partial) and tp.all_reduce_fuses_norm()):
+            return linear.forward_normed(x.summed() if isinstance(x, Partial) else x, residual, weight, self.eps)
+        h, residual = self.norm(x, residual, weight)
+        return linear(h), residual
+
     def forward(self, x, residual, cos, sin):
         """x: the previous layer's last sublayer output (the embeddings for the first layer), residual:
         the stream before it (None for the first layer). Returns the same pair for the next layer."""
-        h, residual = self.norm(x, residual, self.attention_norm)
-        h, residual = self.norm(self.attention(h, cos, sin), residual, self.ffn_norm)
-        return self.feed_forward(h), residual
+        qkv, residual = self.norm_linear(x, residual, self.attention_norm, self.attention.w_qkv)
+        o = self.attention(qkv, cos, sin)
+        gate_up, residual = self.norm_linear(o, residual, self.ffn_norm, self.feed_forward.w13)
+        return self.feed_forward(gate_up), residual
 
 
 class LlamaModel(nn.Module):
@@ -249,6 +271,14 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (before the final norm)."""
+        h, residual = self.hidden_states(tokens, positions)
+        return h if residual is None else h.to(residual.dtype) + residual
+
+    @torch.inference_mode()
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """(the last layer's output, the residual stream before it): their sum is forward()'s output,
+        which logits(*pair) computes inside the final norm."""
         h = self.embed(tokens)
         cos, sin = self.rope(positions)
         if self.cfg.use_logn_attn:
@@ -258,12 +288,16 @@ class LlamaModel(nn.Module):
             h, residual = layer(h, residual, cos, sin)
         if isinstance(h, Partial):   # the last layer's output: no norm follows inside the model
             h = h.summed()
-        return h if residual is None else h.to(residual.dtype) + residual
+        return h, residual
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + vocab-parallel lm_head, gathered: (n, vocab_size) float32."""
-        h = ops.rms_norm(hidden, self.norm, self.cfg.norm_eps)
-        local = ops.linear(h, self.output, None)
+    def logits(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm (of hidden + residual where given: hidden_states()'s pair, added in the norm's op,
+        which at batch-1 decode the lm_head GEMV computes in its loads) + vocab-parallel lm_head,
+        gathered: (n, vocab_size) float32."""
+        if residual is None:
+            local = ops.linear(ops.rms_norm(hidden, self.norm, self.cfg.norm_eps), self.output, None)
+        else:
+            local, _ = ops.add_rms_norm_linear(hidden, residual, self.norm, self.cfg.norm_eps, self.output)
         full = tp.all_gather_last(local)
         return full[:, :self.cfg.vocab_size].float()

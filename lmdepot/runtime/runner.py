@@ -161,11 +161,13 @@ class ModelRunner:
         tokens, positions = _tensor(meta["tokens"], np.int64, dev), _tensor(meta["positions"], np.int64, dev)
         set_context(self.context(meta))
         try:
-            hidden = self.model(tokens, positions)
+            # (last output, residual): their sum is computed inside the final norm, for the logit rows only
+            hidden = self.model.hidden_states(tokens, positions)
             rows = meta["logit_rows"]
             if len(rows) != len(meta["tokens"]):   # else every row is one (a decode step): no gather
-                hidden = hidden[_tensor(rows, np.int64, dev)]
-            return self.model.logits(hidden)
+                idx = _tensor(rows, np.int64, dev)
+                hidden = tuple(t if t is None else t[idx] for t in hidden)
+            return self.model.logits(*hidden)
         finally:
             reset_context()
 

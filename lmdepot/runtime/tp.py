@@ -72,6 +72,12 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: tor
     return ops.add_rms_norm(all_reduce(x), residual, weight, eps)
 
 
+def all_reduce_fuses_norm() -> bool:
+    """Whether all_reduce_add_rms_norm may sum and norm in one kernel (LMDEPOT_ALLREDUCE=fused, several
+    ranks): the model then keeps that path rather than fusing the norm into the next linear."""
+    return world_size() > 1 and _summer().mode == "fused"
+
+
 def all_gather_last(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's x along the last dim (vocab-parallel logits)."""
     n = world_size()

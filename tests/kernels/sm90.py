@@ -19,16 +19,17 @@ def tools_dir() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def build(fn, const: dict, types: dict, num_warps: int, num_stages: int) -> dict:
+def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisible: tuple = ()) -> dict:
     """fn: a @triton.jit kernel; const: its constexprs; types: signature types by arg name (others i32).
-    Pointers and stride_* args are specialized as 16-divisible, as a launch with aligned tensors is."""
+    Pointers, stride_* args and those named in `divisible` (ints a launch passes as multiples of 16,
+    which Triton then specializes on) are specialized as 16-divisible, as a launch with aligned tensors is."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-    aligned = [n for n in names if n not in const and (n.endswith("_ptr") or n.startswith("stride_"))]
+    aligned = [n for n in names if n not in const and (n.endswith("_ptr") or n.startswith("stride_") or n in divisible)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})

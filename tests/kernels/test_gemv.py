@@ -4,7 +4,7 @@ CPU, real Llama-2-7B sizes and CUDA graph replays on a GPU."""
 import pytest
 import torch
 
-from lmdepot.runtime.kernels.gemv import MAX_M, gemv, heuristic_config, reference
+from lmdepot.runtime.kernels.gemv import MAX_M, gemv, heuristic_config, norm_reference, reference
 from lmdepot.runtime.kernels.scratch import _SEMAPHORES, k_split
 from tests.kernels.conftest import DEVICE, DTYPES, poisoned
 
@@ -225,3 +225,181 @@ def test_real_size_gated_down_projection(dtype):
     w = (torch.randn(4096, 11008, device=DEVICE) * 0.02).to(dtype)
     y = gemv(gate_up, w, gated=True)
     torch.testing.assert_close(y, gemv(silu_mul.silu_mul(gate_up), w), rtol=0, atol=0)
+
+
+# --- NORM: the residual add + RMSNorm computed in the one-row GEMV's input loads -------------------
+
+def _norm_case(N, K, dtype, x_dtype, bias, seed=0, device=DEVICE):
+    """x (the sublayer output, maybe a float32 tensor-parallel sum), the residual stream, the norm
+    weight, W and a bias, at scales like a model's (an x of float32 values between the dtype's steps)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, K, generator=g) * 0.7).to(device, x_dtype)
+    r = torch.randn(1, K, generator=g).to(device, dtype)
+    nw = (1 + 0.2 * torch.randn(K, generator=g)).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) * 0.1).to(device, dtype)
+    b = torch.randn(N, generator=g).to(device, dtype) if bias else None
+    return x, r, nw, w, b
+
+
+def _check_norm(y, h, x, r, nw, w, b, eps, unfused_y, unfused_h):
+    """h (the new residual) is exact: bit-equal to the unfused kernel's and the reference's. y: the norm
+    may differ from the unfused path in the last bit of 1/rms (the sum of squares in another order),
+    which moves a normed element by at most one ulp: y stays within eps(dtype) * sum |nw * normed * W|
+    (+ one rounding of y) of both the torch reference and the unfused two-kernel path."""
+    dtype = r.dtype
+    want_y, want_h = norm_reference(x, r, nw, eps, w, b)
+    assert y.dtype == dtype and h.dtype == dtype and not y.isnan().any()
+    assert torch.equal(h, want_h) and torch.equal(h, unfused_h)
+    hf = want_h.double()
+    normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).abs() * nw.double().abs()
+    ulp = torch.finfo(dtype).eps
+    bound = ulp * normed @ w.double().abs().t() + ulp * want_y.double().abs() + 1e-6
+    for other in (want_y, unfused_y):
+        assert ((y.double() - other.double()).abs() <= bound).all(), (y.double() - other.double()).abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("f32_x", [False, True])
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_input_is_add_rms_norm(dtype, f32_x, split_k, bias):
+    """norm=(residual, norm_weight, eps): odd N and K (no block divides them), ragged K splits (with a
+    sum of squares in 6 steps of 64 columns, the last one cut), an fp32 tensor-parallel sum as x; y and
+    the new residual written into poisoned buffers. Against the torch reference and the unfused path
+    (kernels/rms_norm.py, then the plain GEMV)."""
+    from lmdepot.runtime.kernels import rms_norm
+
+    N, K, eps = 37, 333, 1e-5
+    x, r, nw, w, b = _norm_case(N, K, dtype, torch.float32 if f32_x else dtype, bias, seed=split_k)
+    out, h_out = poisoned((1, N), dtype), poisoned((1, K), dtype)
+    cfg = SMALL | {"split_k": split_k}
+    y, h = gemv(x, w, b, config=cfg | {"norm_block": 64 if split_k > 1 else 512}, out=out, norm=(r, nw, eps, h_out))
+    assert y.data_ptr() == out.data_ptr() and h.data_ptr() == h_out.data_ptr()
+    normed, unfused_h = rms_norm.rms_norm(x, r, nw, eps)
+    _check_norm(y, h, x, r, nw, w, b, eps, gemv(normed, w, b, config=cfg), unfused_h)
+    assert not _SEMAPHORES[x.device].any()
+    # the default residual_out is a fresh buffer; x and the residual are left as they were
+    x0, r0 = x.clone(), r.clone()
+    y2, h2 = gemv(x, w, b, config=cfg | {"norm_block": 64 if split_k > 1 else 512}, norm=(r, nw, eps))
+    assert torch.equal(y2, y) and torch.equal(h2, h) and torch.equal(x, x0) and torch.equal(r, r0)
+
+
+def test_norm_output_dtype_float32():
+    """out_dtype=float32 keeps the sums unrounded (the normed input is still rounded to the stream's dtype)."""
+    x, r, nw, w, b = _norm_case(24, 100, torch.float16, torch.float16, bias=True)
+    y, _ = gemv(x, w, b, out_dtype=torch.float32, config=SMALL, norm=(r, nw, 1e-6))
+    want, _ = norm_reference(x, r, nw, 1e-6, w, b, out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, want, rtol=2e-3, atol=2e-3)
+
+
+def test_norm_rejects_aliasing_and_several_rows():
+    """The new residual must land apart from x and the residual (other programs still read them), and
+    the norm takes one row: each misuse is one ValueError."""
+    x, _, nw, w, _ = _norm_case(16, 64, torch.float16, torch.float16, bias=False)
+    stream = torch.randn(128, dtype=torch.float16, device=DEVICE)
+    r = stream[:64].view(1, 64)
+    for bad in (r, x, stream[32:96], torch.empty(64, dtype=torch.float32, device=DEVICE)):
+        with pytest.raises(ValueError, match="overlaps neither x nor the residual"):
+            gemv(x, w, norm=(r, nw, 1e-5, bad))
+    gemv(x, w, norm=(r, nw, 1e-5, stream[64:]))   # adjacent, not overlapping: fine
+    with pytest.raises(ValueError, match="one contiguous row"):
+        gemv(x.expand(2, 64), w, norm=(r.expand(2, 64), nw, 1e-5))
+
+
+def test_norm_linear_op_routing(monkeypatch):
+    """ops.add_rms_norm_linear's Triton op takes the NORM GEMV for one row (x in the stream's dtype or a
+    float32 sum) whose linear takes the GEMV; more rows, a split shape, or LMDEPOT_DENSE_GEMV=0 run
+    ops.add_rms_norm then ops.linear (the unfused path as before)."""
+    from lmdepot.runtime import ops
+    from lmdepot.runtime.ops import triton_ops
+
+    calls = []
+    monkeypatch.setattr("lmdepot.runtime.kernels.gemv.gemv", lambda *a, **k: calls.append(k.get("norm") is not None)
+                        or (a[0], a[0]))
+    unfused = []
+    monkeypatch.setattr(ops, "norm_then_linear", lambda *a: unfused.append(a[0].shape) or (a[0], a[1]))
+    f16 = dict(dtype=torch.float16)
+    for rows, n, k, x_dtype, gemv_rows in [(1, 4096, 32, torch.float16, 1), (1, 4096, 32, torch.float32, 1),
+                                           (2, 4096, 32, torch.float16, 4), (1, 24, 1100, torch.float16, 1),
+                                           (1, 4096, 32, torch.float16, 0)]:
+        monkeypatch.setattr(triton_ops, "DENSE_GEMV_ROWS", gemv_rows)
+        x, r = torch.zeros(rows, k, dtype=x_dtype), torch.zeros(rows, k, **f16)
+        triton_ops.add_rms_norm_linear_gemv(x, r, torch.ones(k, **f16), 1e-5, torch.zeros(n, k, **f16))
+    assert calls == [True, True] and unfused == [(2, 32), (1, 1100), (1, 32)]
+
+
+def _sm90_norm_build(block_n: int, block_k: int, warps: int, stages: int, x_type: str) -> dict:
+    """The one-row NORM GEMV at a tuned launch, built for sm_90 (tests/kernels/sm90.py), with the
+    16-divisible sizes a Llama launch specializes on."""
+    from lmdepot.runtime.kernels.gemv import _gemv_kernel
+    from tests.kernels.sm90 import build
+
+    const = dict(HAS_BIAS=False, USE_DOT=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
+                 STAGES=stages, GATED=False, NORM=True, NORM_BLOCK=2048)
+    types = {"x_ptr": x_type, "w_ptr": "*fp16", "b_ptr": "*fp16", "part_ptr": "*fp16", "y_ptr": "*fp16",
+             "lock_ptr": "*i32", "r_ptr": "*fp16", "nw_ptr": "*fp16", "h_ptr": "*fp16", "eps": "fp32"}
+    return build(_gemv_kernel, const, types, warps, stages, divisible=("N", "K", "K_PER_SPLIT"))
+
+
+@pytest.mark.parametrize("tiles", [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 8, 4)])
+@pytest.mark.parametrize("x_type", ["*fp16", "*fp32"])
+def test_norm_variant_does_not_spill_on_sm90(tiles, x_type):
+    """The tuned one-row launches (q/k/v and gate/up: 16 x 256, lm_head: 16 x 512 with 3 stages, a
+    square weight: 32 x 128 and 8 warps) with the norm in their loads: no spills, the weight still
+    streamed through cp.async (sm_90 build on the CPU: 90-125 registers against 80-118 without)."""
+    from tests.kernels.sm90 import run_build
+
+    built = run_build(f"from tests.kernels.test_gemv import _sm90_norm_build as b; b{tiles + (x_type,)}")
+    assert (built["stack"], built["mma"], built["cp_async"]) == (0, False, True)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("f32_x", [False, True])
+@pytest.mark.parametrize("K, N", [(4096, 12288), (4096, 22016), (4096, 32000)])
+def test_real_size_norm_gemv(dtype, f32_x, K, N):
+    """Llama-2-7B's q/k/v, gate/up and lm_head with the residual add + norm in the loads at the
+    engine's default launch: the new residual bit-equal to kernels/rms_norm.py's, y within one ulp of
+    the normed input of the reference and of the unfused two kernels."""
+    from lmdepot.runtime.kernels import rms_norm
+
+    x, r, nw, w, _ = _norm_case(N, K, dtype, torch.float32 if f32_x else dtype, bias=False, device="cuda")
+    w = (w * 0.2).to(dtype)
+    assert heuristic_config(1, N, K)["split_k"] == 1
+    y, h = gemv(x, w, norm=(r, nw, 1e-5))
+    normed, unfused_h = rms_norm.rms_norm(x, r, nw, 1e-5)
+    _check_norm(y.cpu(), h.cpu(), x.cpu(), r.cpu(), nw.cpu(), w.cpu(), None, 1e-5, gemv(normed, w).cpu(),
+                unfused_h.cpu())
+
+
+@GPU
+def test_cuda_graph_replay_norm():
+    """A decode layer's pattern in one captured graph: o (plain GEMV) -> add + norm + gate/up (NORM
+    GEMV) twice, the second reading the first's new residual; replayed with new inputs it gives the
+    eager results, and no new residual overwrote the one its launch read."""
+    dtype = torch.float16
+    wo = (torch.randn(4096, 4096, device="cuda") * 0.02).to(dtype)
+    w13 = (torch.randn(22016, 4096, device="cuda") * 0.02).to(dtype)
+    nw = (1 + 0.1 * torch.randn(4096, device="cuda")).to(dtype)
+    a = torch.randn(1, 4096, device="cuda").to(dtype)
+    r = torch.randn(1, 4096, device="cuda").to(dtype)
+
+    def step():
+        y1, h1 = gemv(gemv(a, wo), w13, norm=(r, nw, 1e-5))
+        y2, h2 = gemv(gemv(y1[:, :4096], wo), w13, norm=(h1, nw, 1e-5))
+        return y1, h1, y2, h2
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(2):
+        a.copy_(torch.randn_like(a))
+        r.copy_(torch.randn_like(r))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, step()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(outs[1], gemv(a, wo) + r, rtol=0, atol=0)

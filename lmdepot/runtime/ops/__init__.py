@@ -40,6 +40,19 @@ def add_rms_norm(x, residual, weight, eps):
     return _TABLE["add_rms_norm"](x, residual, weight, eps)
 
 
+def add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias=None, out_dtype=None):
+    """(linear(add_rms_norm(x, residual, norm_weight, eps)[0], weight, bias, out_dtype), x + residual):
+    a sublayer's residual add and the next norm with the linear that reads it (q/k/v, gate/up,
+    lm_head), which a kernel may compute in its input loads. x may be a float32 tensor-parallel sum."""
+    return _TABLE["add_rms_norm_linear"](x, residual, norm_weight, eps, weight, bias, out_dtype)
+
+
+def norm_then_linear(x, residual, norm_weight, eps, weight, bias=None, out_dtype=None):
+    """add_rms_norm_linear's definition (and default): the two registered ops one after the other."""
+    h, res = add_rms_norm(x, residual, norm_weight, eps)
+    return linear(h, weight, bias, out_dtype), res
+
+
 def rope_cos_sin(inv_freq, positions, dtype):
     return _TABLE["rope_cos_sin"](inv_freq, positions, dtype)
 
@@ -103,3 +116,6 @@ def store_kv_quant(k, v, cache, slot_mapping):
 
 def paged_attention_quant(q, k, v, cache, ctx, scale):
     return _TABLE["paged_attention_quant"](q, k, v, cache, ctx, scale)
+
+
+_TABLE["add_rms_norm_linear"] = norm_then_linear

@@ -98,6 +98,25 @@ def silu_mul_linear(gate_up, weight, bias=None, out_dtype=None):
     return ops.linear(ops.silu_mul(gate_up), weight, bias, out_dtype)
 
 
+def add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias=None, out_dtype=None):
+    if not x.is_cuda:
+        return ops.norm_then_linear(x, residual, norm_weight, eps, weight, bias, out_dtype)
+    return add_rms_norm_linear_gemv(x, residual, norm_weight, eps, weight, bias, out_dtype)
+
+
+def add_rms_norm_linear_gemv(x, residual, norm_weight, eps, weight, bias=None, out_dtype=None):
+    """One row whose linear takes the GEMV (_gemv_applies, LMDEPOT_DENSE_GEMV not 0): the residual add
+    and the norm computed in the GEMV's input loads (one launch less per norm, kernels/rms_norm.py's
+    rounding; only the order of the sum of squares differs); else ops.add_rms_norm, then ops.linear.
+    Runs wherever the tensors are (the CPU tests drive it through Triton's interpreter)."""
+    from lmdepot.runtime.kernels.gemv import gemv
+
+    if (x.numel() == residual.numel() == x.shape[-1] and x.is_contiguous() and norm_weight.is_contiguous()
+            and x.dtype in (residual.dtype, torch.float32) and _gemv_applies(residual, weight, bias)):
+        return gemv(x, weight, bias, out_dtype, norm=(residual, norm_weight, eps))
+    return ops.norm_then_linear(x, residual, norm_weight, eps, weight, bias, out_dtype)
+
+
 # --- attention: fused rope + KV write, paged prefill/extend and decode attention -------------------
 
 def rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
@@ -284,7 +303,7 @@ def install() -> None:
     if _installed:
         return
     for name, fn in (("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm), ("silu_mul", silu_mul),
-                     ("linear_int4", linear_int4)):
+                     ("linear_int4", linear_int4), ("add_rms_norm_linear", add_rms_norm_linear)):
         ops.register(name, fn)
     if DENSE_GEMV_ROWS:
         ops.register("linear", linear)
