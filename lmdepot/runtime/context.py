@@ -34,6 +34,9 @@ class Context:
     q_start_loc: torch.Tensor = None      # (S + 1,) int32: cumulative q_len
     max_q_len: int = 0
     max_ctx_len: int = 0
+    # Mixed steps: how many sequences at the front of the batch decode one token each (the scheduler
+    # puts running sequences first), so attention can give those rows the decode kernel.
+    leading_decodes: int = 0
     logn: torch.Tensor = None             # (T,) query factors of use_logn_attn, set by the model's forward
 
     @property

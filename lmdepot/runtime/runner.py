@@ -191,7 +191,8 @@ class ModelRunner:
         return Context(_tensor(meta["slots"], np.int64, dev), seqs, self.block_size,
                        self.cfg.sliding_window, block_tables=tables_dev,
                        context_lens=_tensor(lens, np.int32, dev), q_start_loc=_tensor(starts, np.int32, dev),
-                       max_q_len=max(q_lens, default=0), max_ctx_len=max(lens, default=0))
+                       max_q_len=max(q_lens, default=0), max_ctx_len=max(lens, default=0),
+                       leading_decodes=next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens)))
 
     def can_run_ahead(self) -> bool:
         """Whether decode steps can take their input ids from a device tensor (`run_decode`): the

@@ -22,7 +22,8 @@ def test_engine_with_kernels_follows_reference(tmp_path, monkeypatch, arch, extr
     hf = make_tiny_checkpoint(tmp_path / "hf", arch, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                               **extra)
     convert_model(str(hf), tmp_path / "ws", ConvertOptions())
-    calls = {"prefill": 0, "decode": 0, "rope": 0}
+    calls = {"prefill": 0, "decode": 0, "rope": 0, "split": 0}
+    monkeypatch.setattr(triton_ops, "MIXED_DECODES", 1)   # mixed steps with a leading decode split (split_mixed)
 
     def counted(fn, key):
         def wrapper(*a, **kw):
@@ -31,6 +32,7 @@ def test_engine_with_kernels_follows_reference(tmp_path, monkeypatch, arch, extr
         return wrapper
 
     monkeypatch.setattr(prefill_mod, "prefill_attention", counted(prefill_mod.prefill_attention, "prefill"))
+    monkeypatch.setattr(triton_ops, "split_mixed", counted(triton_ops.split_mixed, "split"))
     monkeypatch.setattr(decode_mod, "paged_decode_attention", counted(decode_mod.paged_decode_attention, "decode"))
     monkeypatch.setattr(rope_mod, "rope_store_kv", counted(rope_mod.rope_store_kv, "rope"))
     steps, hits = check_kernels_follow_reference(
@@ -40,3 +42,4 @@ def test_engine_with_kernels_follows_reference(tmp_path, monkeypatch, arch, extr
     assert any(len(s) > 1 and max(s) > 1 and min(s) == 1 for s in steps)  # prefill chunks beside decodes
     # decode-only steps take the split-K kernel, except where Mistral's window cuts in
     assert calls["prefill"] > 0 and calls["rope"] > 0 and (calls["decode"] > 0) == (arch == "llama")
+    assert (calls["split"] > 0) == (arch == "llama")   # a mixed step led by decodes, in two launches

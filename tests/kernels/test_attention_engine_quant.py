@@ -25,11 +25,12 @@ def _count(monkeypatch, mod, name, calls, key):
 
 def _workspace_and_counted_kernels(tmp_path, monkeypatch, hidden_size: int) -> dict:
     """A tiny GQA-2 llama workspace at tmp_path/ws; the returned dict counts the quantized prefill and
-    decode kernel launches."""
+    decode kernel launches. Mixed steps give their leading decodes to the decode kernel (split_mixed)."""
     hf = make_tiny_checkpoint(tmp_path / "hf", "llama", hidden_size=hidden_size, num_attention_heads=4,
                               num_key_value_heads=2)
     convert_model(str(hf), tmp_path / "ws", ConvertOptions())
     calls = {"prefill": 0, "decode": 0}
+    monkeypatch.setattr(triton_ops, "MIXED_DECODES", 1)   # every mixed step with a leading decode splits
     _count(monkeypatch, prefill_mod, "prefill_attention_quant", calls, "prefill")
     _count(monkeypatch, decode_mod, "paged_decode_attention_quant", calls, "decode")
     return calls

@@ -85,3 +85,34 @@ def test_cache_views_with_strides():
 @pytest.mark.parametrize("window", [0, 1024])
 def test_real_size_llama3_gqa(seqs, window):
     _check(seqs, 64, 32, 8, 128, torch.bfloat16, window=window)
+
+
+@pytest.mark.parametrize("seqs, window, kernels", [
+    ([(1, 23), (1, 40), (5, 70), (1, 9), (7, 7)], 0, ["decode", "prefill"]),   # 2 leading decodes: split
+    ([(1, 23), (1, 40), (5, 70), (1, 9), (7, 7)], 30, ["prefill"]),            # the window cuts in
+    ([(1, 23), (5, 70), (1, 40), (7, 7)], 0, ["prefill"]),                     # 1 leading decode: one launch
+])
+@pytest.mark.parametrize("dtype", DTYPES[:1])
+def test_routing_splits_mixed_steps(monkeypatch, seqs, window, kernels, dtype):
+    """ops/triton_ops routes a mixed step's leading decodes (at least MIXED_DECODES, 2 here) to the
+    decode kernel and the rest to this one; the result equals the reference op's."""
+    from lmdepot.runtime.context import Context, SeqSlice
+    from lmdepot.runtime.kernels import paged_decode_attention as decode_mod
+    from lmdepot.runtime.kernels import prefill_attention as prefill_mod
+    from lmdepot.runtime.ops import triton_ops
+
+    calls = []
+    for mod, name, key in ((prefill_mod, "prefill_attention", "prefill"),
+                           (decode_mod, "paged_decode_attention", "decode")):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, _k=key, **kw: calls.append(_k) or _o(*a, **kw))
+    monkeypatch.setattr(triton_ops, "MIXED_DECODES", 2)
+    q, kc, vc, tables, starts, lens = _batch(seqs, 16, 4, 2, 64, dtype, torch.Generator().manual_seed(3))
+    slices = [SeqSlice(int(starts[i]), ql, n, tables[i].long()) for i, (ql, n) in enumerate(seqs)]
+    ctx = Context(None, slices, 16, window, block_tables=tables, context_lens=lens, q_start_loc=starts,
+                  max_q_len=max(ql for ql, _ in seqs), max_ctx_len=max(n for _, n in seqs),
+                  leading_decodes=next(i for i, (ql, _) in enumerate(seqs) if ql != 1))
+    y = triton_ops.paged_attention_kernel(q, None, None, kc, vc, ctx, 64 ** -0.5)
+    assert calls == kernels
+    want = reference(q, kc, vc, tables, starts, lens, 64 ** -0.5, window)
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)

@@ -102,17 +102,25 @@ def _context(seqs, tables, starts, lens, page, window=0):
     from lmdepot.runtime.context import Context, SeqSlice
 
     slices = [SeqSlice(int(starts[i]), q, n, tables[i].long()) for i, (q, n) in enumerate(seqs)]
+    lead = next((i for i, (q, _) in enumerate(seqs) if q != 1), len(seqs))   # as the runner counts them
     return Context(None, slices, page, window, block_tables=tables, context_lens=lens, q_start_loc=starts,
-                   max_q_len=max(q for q, _ in seqs), max_ctx_len=max(n for _, n in seqs))
+                   max_q_len=max(q for q, _ in seqs), max_ctx_len=max(n for _, n in seqs), leading_decodes=lead)
 
 
-@pytest.mark.parametrize("seqs, window, kernel", [
-    (MIXED, 0, "prefill"),                  # prefill + extend + decode rows: one prefill-quant launch
-    ([(1, 23), (1, 40)], 0, "decode"),      # decode-only: the split-K decode-quant kernel
-    ([(1, 23), (1, 40)], 30, "prefill"),    # decode-only but the window cuts in: the prefill kernel
+# Two decodes first, then a prefix hit, a decode and a fresh prompt: a mixed step split_mixed splits.
+LEADING = [(1, 23), (1, 40), (5, 70), (1, 9), (7, 7)]
+
+
+@pytest.mark.parametrize("seqs, window, launched, kernel", [
+    (MIXED, 0, True, "prefill"),                  # prefill + extend + decode rows: one prefill-quant launch
+    ([(1, 23), (1, 40)], 0, False, "decode"),     # decode-only: the split-K decode-quant kernel
+    ([(1, 23), (1, 40)], 30, False, "prefill"),   # decode-only but the window cuts in: the prefill kernel
+    (LEADING, 0, True, "decode,prefill"),         # mixed, 2 leading decodes (MIXED_DECODES = 2 here)
+    (LEADING, 0, False, "prefill"),               # the same before the prefill kernel ever ran: one launch
+    (LEADING, 30, True, "prefill"),               # the window cuts in: no decode kernel
 ])
-def test_routing(monkeypatch, seqs, window, kernel):
-    """ops/triton_ops' routing (without its device check) picks the kernel and matches the reference op."""
+def test_routing(monkeypatch, seqs, window, launched, kernel):
+    """ops/triton_ops' routing (without its device check) picks the kernels and matches the reference op."""
     from lmdepot.runtime.kernels import paged_decode_attention_quant as decode_mod
     from lmdepot.runtime.kernels import prefill_attention_quant as prefill_mod
     from lmdepot.runtime.ops import reference as ref_ops
@@ -122,11 +130,31 @@ def test_routing(monkeypatch, seqs, window, kernel):
     for mod, name in ((prefill_mod, "prefill_attention_quant"), (decode_mod, "paged_decode_attention_quant")):
         orig = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=name, **kw: calls.append(_n) or _o(*a, **kw))
+    monkeypatch.setattr(triton_ops, "MIXED_DECODES", 2)
     spec = make_spec(4, DTYPES[0], 64)
     q, cache, tables, starts, lens = _batch(seqs, spec, 16, 4, 2, 64, DTYPES[0], 5)
+    monkeypatch.setattr(triton_ops, "_prefill_quant_state", {(4, cache.key_channel, 64): True} if launched else {})
     ctx = _context(seqs, tables, starts, lens, 16, window)
     y = triton_ops.paged_attention_quant_kernel(q, NEW_KV, NEW_KV, cache, ctx, 64 ** -0.5)
-    assert calls == [f"{'prefill_attention_quant' if kernel == 'prefill' else 'paged_decode_attention_quant'}"]
+    names = {"prefill": "prefill_attention_quant", "decode": "paged_decode_attention_quant"}
+    assert calls == [names[k] for k in kernel.split(",")]
+    want = ref_ops.paged_attention_quant(q, NEW_KV, NEW_KV, cache, ctx, 64 ** -0.5)
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bits, scheme", SCHEMES)
+def test_split_mixed_every_scheme(monkeypatch, bits, scheme):
+    """A mixed step split into the decode-quant and prefill-quant kernels (rotated values: both halves
+    rotated back into the one output) equals the reference op."""
+    from lmdepot.runtime.ops import reference as ref_ops
+    from lmdepot.runtime.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "MIXED_DECODES", 2)
+    spec = make_spec(bits, DTYPES[0], 64, scheme=scheme)
+    q, cache, tables, starts, lens = _batch(LEADING, spec, 16, 4, 2, 64, DTYPES[0], 9)
+    monkeypatch.setattr(triton_ops, "_prefill_quant_state", {(bits, cache.key_channel, 64): True})
+    ctx = _context(LEADING, tables, starts, lens, 16)
+    y = triton_ops.paged_attention_quant_kernel(q, NEW_KV, NEW_KV, cache, ctx, 64 ** -0.5)
     want = ref_ops.paged_attention_quant(q, NEW_KV, NEW_KV, cache, ctx, 64 ** -0.5)
     torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
 

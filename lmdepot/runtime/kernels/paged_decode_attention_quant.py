@@ -97,8 +97,9 @@ DECODE_SUB = 16   # keys per tile (see the page loop); a page of fewer keys is o
 
 
 def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: float | None = None,
-                                 num_splits: int | None = None) -> torch.Tensor:
-    """q (B, Hq, D), cache an online QuantKVCache whose K/V code tensors share one layout."""
+                                 num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Hq, D), cache an online QuantKVCache whose K/V code tensors share one layout; the result
+    goes to `out` ((B, Hq, D), unit stride along D) where given."""
     from lmdepot.runtime.ops.kv_quant import hadamard_on
 
     B, Hq, D = q.shape
@@ -109,7 +110,7 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
     if rot is not None and not cache.key_channel:   # rotated keys: score with the rotated query
         q = (q.float() @ rot).to(q.dtype)
     num_splits, pages_per_split = split_plan(B, Hkv, block_tables.shape[1], num_splits)
-    part_o, part_lse, y, sems = split_buffers(q, Hkv, num_splits)
+    part_o, part_lse, y, sems = split_buffers(q, Hkv, num_splits, None if rot is not None else out)
     ks, kz, kmin, ksink, vs, vz, ch = param_operands(cache)
     _split_kernel[(B, Hkv, num_splits)](
         q, kc, vc, ks, kz, vs, vz, kmin, ksink, block_tables, seq_lens, part_o, part_lse, y, sems, sm_scale,
@@ -120,5 +121,5 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
         BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits, GROUP=cache.group,
         KEY_CHANNEL=cache.key_channel, SUB=min(page, DECODE_SUB), SPLIT=num_splits > 1)
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
-        y = (y.float() @ rot).to(y.dtype)
+        y = (y.float() @ rot).to(y.dtype) if out is None else out.copy_(y.float() @ rot)
     return y

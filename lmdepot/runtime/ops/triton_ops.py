@@ -144,22 +144,50 @@ def rope_store_kv_kernel(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapp
 def paged_attention_kernel(q, k, v, k_cache, v_cache, ctx, scale):
     """Decode-only steps (one new token per sequence, no sliding window cutting in) use the split-K
     decode kernel, which spreads long contexts over the GPU; prefill, extend (prefix-cache hits,
-    chunked prefill) and mixed prefill + decode batches use one launch of the prefill kernel.
-    Only the step's device tensors and python ints of the Context are read (CUDA-graph safe)."""
-    window = ctx.sliding_window
+    chunked prefill) and mixed prefill + decode batches the prefill kernel, a mixed batch's leading
+    decodes the decode kernel (split_mixed). Only the step's device tensors and python ints of the
+    Context are read (CUDA-graph safe)."""
     # tl.dot needs 16-wide operands: tiny head dims go to the reference; fp32 dots would run as tf32.
     if q.shape[-1] < 16 or q.shape[0] == 0:
         return reference.paged_attention(q, k, v, k_cache, v_cache, ctx, scale)
-    if ctx.is_decode and k_cache.shape[1] >= 16 and not (window and ctx.max_ctx_len > window):
-        from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention
+    from lmdepot.runtime.kernels.paged_decode_attention import paged_decode_attention
+    from lmdepot.runtime.kernels.prefill_attention import prefill_attention
 
+    decodes = _decode_fits(ctx, k_cache.shape[1])
+    if ctx.is_decode and decodes:
         return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
     if q.dtype == torch.float32:
         return reference.paged_attention(q, k, v, k_cache, v_cache, ctx, scale)
-    from lmdepot.runtime.kernels.prefill_attention import prefill_attention
 
-    return prefill_attention(q, k_cache, v_cache, ctx.block_tables, ctx.q_start_loc, ctx.context_lens,
-                             ctx.max_q_len, scale, window)
+    def prefill(q, block_tables, q_start_loc, context_lens, out=None):
+        return prefill_attention(q, k_cache, v_cache, block_tables, q_start_loc, context_lens, ctx.max_q_len, scale,
+                                 ctx.sliding_window, out=out)
+
+    if decodes and ctx.leading_decodes >= MIXED_DECODES:
+        return split_mixed(q, ctx, lambda q, bt, lens, out: paged_decode_attention(q, k_cache, v_cache, bt, lens, scale,
+                                                                                   out=out), prefill)
+    return prefill(q, ctx.block_tables, ctx.q_start_loc, ctx.context_lens)
+
+
+MIXED_DECODES = 16   # fewer leading decodes in a mixed step: the one prefill launch costs less than two
+
+
+def _decode_fits(ctx, page: int) -> bool:
+    """The decode kernels' conditions: 16+ key pages (tl.dot), no sliding window cutting in."""
+    window = ctx.sliding_window
+    return page >= 16 and not (window and ctx.max_ctx_len > window)
+
+
+def split_mixed(q, ctx, decode, prefill):
+    """A mixed prefill + decode step in two launches: its leading one-token sequences (the scheduler
+    puts running sequences first) through `decode`, the rest through `prefill`, into one output. In
+    the prefill kernel a decode row is one useful row of a 64-128-row tile, one program per (sequence,
+    kv head) walking the whole context; the split-K decode kernel reads the same keys spread over the GPU."""
+    n = ctx.leading_decodes
+    out = torch.empty_like(q)
+    decode(q[:n], ctx.block_tables[:n], ctx.context_lens[:n], out[:n])
+    prefill(q[n:], ctx.block_tables[n:], ctx.q_start_loc[n:] - n, ctx.context_lens[n:], out[n:])
+    return out
 
 
 def _install_attention() -> None:
@@ -245,18 +273,26 @@ def paged_attention_quant(q, k, v, cache, ctx, scale):
 
 def paged_attention_quant_kernel(q, k, v, cache, ctx, scale):
     """As paged_attention_kernel over an int8/int4 cache: decode-only steps use the split-K
-    decode-quant kernel, prefill/extend/mixed steps (and windowed decodes) the prefill-quant kernel;
+    decode-quant kernel, prefill/extend/mixed steps (and windowed decodes) the prefill-quant kernel,
+    a mixed batch's leading decodes the decode-quant kernel once the prefill kernel has run here;
     static scales, other group sizes, fp32 and tiny heads the reference. Reads only ctx's device
     tensors and python ints (CUDA-graph safe)."""
-    window = ctx.sliding_window
     if q.shape[0] == 0 or ctx.block_tables is None or not _kv_kernels_fit(cache, q.shape[-1]):
         return reference.paged_attention_quant(q, k, v, cache, ctx, scale)
-    if ctx.is_decode and cache.codes[0].shape[1] >= 16 and not (window and ctx.max_ctx_len > window):
-        from lmdepot.runtime.kernels.paged_decode_attention_quant import paged_decode_attention_quant
+    from lmdepot.runtime.kernels.paged_decode_attention_quant import paged_decode_attention_quant
+    from lmdepot.runtime.kernels.prefill_attention_quant import prefill_attention_quant
 
+    decodes = _decode_fits(ctx, cache.codes[0].shape[1])
+    if ctx.is_decode and decodes:
         return paged_decode_attention_quant(q, cache, ctx.block_tables, ctx.context_lens, scale)
     if q.dtype == torch.float32:   # fp32 dots would run as tf32
         return reference.paged_attention_quant(q, k, v, cache, ctx, scale)
+    if decodes and ctx.leading_decodes >= MIXED_DECODES and \
+            _prefill_quant_state.get((cache.bits, cache.key_channel, q.shape[-1])):   # the kernel has run here
+        return split_mixed(
+            q, ctx, lambda q, bt, lens, out: paged_decode_attention_quant(q, cache, bt, lens, scale, out=out),
+            lambda q, bt, qsl, lens, out: prefill_attention_quant(q, cache, bt, qsl, lens, ctx.max_q_len, scale,
+                                                                  ctx.sliding_window, out=out))
     return _prefill_quant(q, k, v, cache, ctx, scale)
 
 
