@@ -28,9 +28,20 @@ def param_operands(cache):
 
 
 @triton.jit
-def codes_tile(ptr, c_row, offs_d, mask, BITS: tl.constexpr):
-    """(N, BLOCK_D) codes as float32; int4: two per byte, channel 2i in the low nibble."""
-    if BITS == 4:
+def codes_tile(ptr, c_row, offs_d, mask, row_mask, BITS: tl.constexpr, WORDS: tl.constexpr):
+    """(N, BLOCK_D) codes as float32; int4: two per byte, channel 2i in the low nibble. WORDS: whole
+    32-bit words of codes are loaded (row_mask (N, 1): the keys to load) and split into channels in
+    registers (byte loads in the dot operand's layout made the prefill kernel 7x slower than the
+    float one on an H200); every row must then hold BLOCK_D channels."""
+    if WORDS:
+        PER_WORD: tl.constexpr = 32 // BITS
+        offs_w = tl.arange(0, offs_d.shape[0] // PER_WORD)
+        # c_row is a byte offset, 4-aligned for power-of-two heads of 8+ channels
+        words = tl.load((ptr + c_row).to(tl.pointer_type(tl.int32)) + offs_w[None, :], mask=row_mask, other=0)
+        shifts = tl.arange(0, PER_WORD) * BITS
+        code = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        code = tl.reshape(code, (words.shape[0], offs_d.shape[0]))
+    elif BITS == 4:
         byte = tl.load(ptr + c_row + offs_d[None, :] // 2, mask=mask, other=0)
         code = (byte >> ((offs_d[None, :] % 2) * 4).to(tl.uint8)) & 0xF
     else:
@@ -39,10 +50,11 @@ def codes_tile(ptr, c_row, offs_d, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def per_token_tile(c_ptr, s_ptr, z_ptr, c_row, p_row, offs_d, mask, BITS: tl.constexpr, GROUP: tl.constexpr):
+def per_token_tile(c_ptr, s_ptr, z_ptr, c_row, p_row, offs_d, mask, row_mask, BITS: tl.constexpr,
+                   GROUP: tl.constexpr, WORDS: tl.constexpr):
     """x^ = (code - zero) * scale, one (fp16 scale, uint8 zero) per token, kv head and GROUP channels.
-    Masked elements come out 0 (code, zero and scale all load as 0)."""
-    code = codes_tile(c_ptr, c_row, offs_d, mask, BITS)
+    Masked elements come out 0 (code, zero and scale all load as 0). row_mask: codes_tile's."""
+    code = codes_tile(c_ptr, c_row, offs_d, mask, row_mask, BITS, WORDS)
     p = p_row + offs_d[None, :] // GROUP
     scale = tl.load(s_ptr + p, mask=mask, other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + p, mask=mask, other=0).to(tl.float32)
@@ -50,12 +62,12 @@ def per_token_tile(c_ptr, s_ptr, z_ptr, c_row, p_row, offs_d, mask, BITS: tl.con
 
 
 @triton.jit
-def channel_key_tile(c_ptr, s_ptr, min_ptr, sink_ptr, c_row, ch_row, first, offs_d, mask, ch_mask,
-                     BITS: tl.constexpr):
+def channel_key_tile(c_ptr, s_ptr, min_ptr, sink_ptr, c_row, ch_row, first, offs_d, mask, row_mask, ch_mask,
+                     BITS: tl.constexpr, WORDS: tl.constexpr):
     """x^ = code * scale + min with (fp16 scale, fp16 min) per block, kv head and channel; a block's
     first key (`first`, (N, 1) or scalar) is read exactly from the block's fp16 sink row. ch_mask
     masks the param loads ((1, BLOCK_D) when ch_row is one block's, else the tile's mask)."""
-    code = codes_tile(c_ptr, c_row, offs_d, mask, BITS)
+    code = codes_tile(c_ptr, c_row, offs_d, mask, row_mask, BITS, WORDS)
     ch = ch_row + offs_d[None, :]
     scale = tl.load(s_ptr + ch, mask=ch_mask, other=0.0).to(tl.float32)
     lo = tl.load(min_ptr + ch, mask=ch_mask, other=0.0).to(tl.float32)

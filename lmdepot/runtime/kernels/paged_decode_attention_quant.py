@@ -66,6 +66,7 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
     last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(seq_len, PAGE))
     for p in range(first, last):
         blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
+        # Codes by byte (kv_quant_tile.codes_tile's word loads took 110 -> 221 registers here on sm_90).
         # A page in SUB-key tiles: whole 64-key pages of dequantized K and V made ptxas spill kilobytes
         # a thread on sm_90 (tests/kernels/test_kv_quant_decode_attention.py checks the build).
         for t0 in range(0, tl.minimum(PAGE, seq_len - p * PAGE), SUB):
@@ -76,15 +77,15 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
             p_row = blk * p_b + pos[:, None] * p_s + kvh * p_h
             if KEY_CHANNEL:   # one block: its per-channel params are one (1, BLOCK_D) row
                 k = channel_key_tile(kc_ptr, ks_ptr, kmin_ptr, ksink_ptr, c_row, blk * ch_b + kvh * ch_h,
-                                     pos[:, None] == 0, offs_d, kv_mask, mask_d[None, :], BITS)
+                                     pos[:, None] == 0, offs_d, kv_mask, kv_mask, mask_d[None, :], BITS, False)
             else:
-                k = per_token_tile(kc_ptr, ks_ptr, kz_ptr, c_row, p_row, offs_d, kv_mask, BITS, GROUP)
+                k = per_token_tile(kc_ptr, ks_ptr, kz_ptr, c_row, p_row, offs_d, kv_mask, kv_mask, BITS, GROUP, False)
             s = tl.dot(q, tl.trans(k.to(q.dtype))) * sm_scale
             s = tl.where(mask_s[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)
             prob = tl.exp(s - m_new[:, None])
-            v = per_token_tile(vc_ptr, vs_ptr, vz_ptr, c_row, p_row, offs_d, kv_mask, BITS, GROUP)
+            v = per_token_tile(vc_ptr, vs_ptr, vz_ptr, c_row, p_row, offs_d, kv_mask, kv_mask, BITS, GROUP, False)
             v = tl.where(kv_mask, v, 0.0)
             l = l * alpha + tl.sum(prob, axis=1)
             acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype))

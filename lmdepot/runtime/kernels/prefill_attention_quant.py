@@ -52,11 +52,12 @@ def _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, v
     slot = (kpos % PAGE)[:, None]
     c_row = blk * c_b + slot * c_s + kvh * c_h
     p_row = blk * p_b + slot * p_s + kvh * p_h
+    rows = mask_n[:, None]   # whole rows (D == BLOCK_D): codes loaded as 32-bit words (kv_quant_tile.codes_tile)
     if KEY_CHANNEL:
         k = channel_key_tile(kc_ptr, ks_ptr, kmin_ptr, ksink_ptr, c_row, blk * ch_b + kvh * ch_h, slot == 0,
-                             offs_d, mask, mask, BITS)
+                             offs_d, mask, rows, mask, BITS, D == BLOCK_D)
     else:
-        k = per_token_tile(kc_ptr, ks_ptr, kz_ptr, c_row, p_row, offs_d, mask, BITS, GROUP)
+        k = per_token_tile(kc_ptr, ks_ptr, kz_ptr, c_row, p_row, offs_d, mask, rows, BITS, GROUP, D == BLOCK_D)
     qk = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
     if MASK:
         valid = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window) & mask_n[None, :]
@@ -65,7 +66,8 @@ def _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, v
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = per_token_tile(vc_ptr, vs_ptr, vz_ptr, c_row, p_row, offs_d, mask, BITS, GROUP)   # masked keys: 0
+    v = per_token_tile(vc_ptr, vs_ptr, vz_ptr, c_row, p_row, offs_d, mask, rows, BITS, GROUP,
+                       D == BLOCK_D)   # masked keys: 0
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, m_new, l_i
 
