@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 
@@ -19,16 +20,20 @@ def tools_dir() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def build(fn, const: dict, types: dict, num_warps: int, num_stages: int) -> dict:
+def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisible: tuple = ()) -> dict:
     """fn: a @triton.jit kernel; const: its constexprs; types: signature types by arg name (others i32).
-    Pointers and stride_* args are specialized as 16-divisible, as a launch with aligned tensors is."""
+    Pointers, stride_* args and the integer args named in `divisible` are specialized as 16-divisible,
+    as a launch with aligned tensors (and such values) is.
+    Also returns `loop_sass`: the SASS instructions of the kernel's largest loop body (the span of its
+    longest backward branch) `loop_mix`: their count by opcode, for instructions-per-element budgets, and `loop_vec16`: whether
+    that loop has 16-byte global loads (LDG.128 or cp.async LDGSTS.128)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-    aligned = [n for n in names if n not in const and (n.endswith("_ptr") or n.startswith("stride_"))]
+    aligned = [n for n in names if n not in const and (n.endswith("_ptr") or n.startswith("stride_") or n in divisible)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
@@ -37,9 +42,25 @@ def build(fn, const: dict, types: dict, num_warps: int, num_stages: int) -> dict
         f.flush()
         usage = subprocess.run([os.path.join(tools_dir(), "cuobjdump"), "-res-usage", f.name], capture_output=True,
                                text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools_dir(), "cuobjdump"), "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
     ptx = kernel.asm["ptx"]
+    body = loop_body(sass)
     return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-            "mma": "mma" in ptx, "cp_async": "cp.async" in ptx}
+            "mma": "mma" in ptx, "cp_async": "cp.async" in ptx, "loop_sass": len(body),
+            "loop_vec16": any(op.startswith("LDG") and ".128" in op for op in body),
+            "loop_mix": dict(Counter(op.split(".")[0] for op in body).most_common())}
+
+
+def loop_body(sass: str) -> list[str]:
+    """Opcodes (with modifiers) of the instructions in the largest loop of a cuobjdump -sass listing."""
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(tgt, addr) for addr, t in ins for tgt in [int(b, 16) for b in re.findall(r"BRA\s+0x([0-9a-f]+)", t)]
+             if tgt < addr]
+    if not loops:
+        return []
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    return [re.sub(r"^@!?U?P[0-9T]\s+", "", t).split()[0] for a, t in ins if lo <= a <= hi]
 
 
 def run_build(expr: str) -> dict:
