@@ -98,28 +98,30 @@ def test_rejects_more_rows_or_other_k():
         w4a16_gemv.gemv(torch.zeros(1, 128, device=DEVICE), packed)
 
 
-def sm90_build(block_n: int, num_warps: int, stages: int, dtype: str = "fp16") -> dict:
+def sm90_build(block_n: int, num_warps: int, stages: int, vec: int = 4, dtype: str = "fp16") -> dict:
     """The Llama-2-7B MLP-up shape's launch (K 4096, group 128) built for sm_90 (tests/kernels/sm90.py),
     with the integer args a real launch specializes as 16-divisible."""
     from tests.kernels.sm90 import build
 
     const = {"GROUP": 128, "SPAN": 128, "BLOCK_N": block_n, "SPLITS": 8, "SPLITS_POW2": 8, "STAGES": stages,
-             "EVEN_K": True}
+             "EVEN_K": True, "VEC": vec}
     types = {"x_ptr": f"*{dtype}", "qt_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "part_ptr": "*fp32",
-             "y_ptr": f"*{dtype}", "lock_ptr": "*i32", "MASK_HI": "u32", "MASK_LO": "u32"}
+             "y_ptr": f"*{dtype}", "lock_ptr": "*i32", "MASK_HI": "i32", "MASK_LO": "i32"}
     return build(w4a16_gemv._kernel, const, types, num_warps, stages,
                  divisible=("N", "K", "K_PADDED", "K_PER_SPLIT", "KW", "SPLIT_WORDS"))
 
 
-@pytest.mark.parametrize("block_n, num_warps, stages", [(32, 1, 3), (16, 1, 3), (64, 2, 3), (32, 1, 1)])
-def test_compiles_for_sm90_without_spills(block_n, num_warps, stages):
+@pytest.mark.parametrize("block_n, num_warps, stages, vec", [(32, 1, 3, 4), (16, 1, 3, 4), (64, 2, 3, 4), (32, 1, 1, 4),
+                                                             (32, 1, 3, 2)])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, dtype):
     """No spills; 16-byte weight loads in the K loop (through cp.async when STAGES > 1); at most
     4.2 SASS instructions a weight in the loop (the workspace-layout kernel: 8.2) and registers that
     leave room for 16+ resident warps a SM."""
     from tests.kernels.sm90 import run_build
 
-    b = run_build(f"from tests.kernels.test_w4a16_gemv import sm90_build as f; f({block_n}, {num_warps}, {stages})")
+    b = run_build(f"from tests.kernels.test_w4a16_gemv import sm90_build as f; f({block_n}, {num_warps}, {stages}, {vec}, '{dtype}')")
     weights = block_n * 128 // (32 * num_warps)   # per thread and loop step
-    assert (b["stack"], b["mma"], b["cp_async"], b["loop_vec16"]) == (0, False, stages > 1, True), b
-    assert b["loop_sass"] / weights <= 4.9 if block_n == 16 else 4.2, b
+    assert (b["stack"], b["mma"], b["cp_async"], b["loop_vec16"]) == (0, False, stages > 1, vec == 4), b
+    assert b["loop_sass"] / weights <= (4.9 if block_n == 16 else 4.2), b
     assert b["regs"] <= 128, b

@@ -98,13 +98,14 @@ def _x_slot(xb, s: tl.constexpr, kk, K, SPAN: tl.constexpr, EVEN_K: tl.constexpr
 @triton.jit
 def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_PADDED, stride_xm, stride_ym,
             K_PER_SPLIT, KW, SPLIT_WORDS, MASK_HI, MASK_LO, GROUP: tl.constexpr, SPAN: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-            SPLITS_POW2: tl.constexpr, STAGES: tl.constexpr, EVEN_K: tl.constexpr):
+            SPLITS_POW2: tl.constexpr, STAGES: tl.constexpr, EVEN_K: tl.constexpr,
+            VEC: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     WORDS: tl.constexpr = SPAN // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.minimum(offs_n, N - 1)   # rows past N re-read row N - 1 (dropped at the store): no load masks
-    offs_w = tl.arange(0, WORDS)
+    offs_w = tl.max_contiguous(tl.arange(0, WORDS), VEC)   # VEC words a thread per row and step
     groups = K_PADDED // GROUP
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K_PADDED)
@@ -184,14 +185,14 @@ def gemv(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config:
         x2, qt, packed["scales"], packed["zeros"], partial, y, semaphores(x.device, M * tiles_n if splits > 1 else 1),
         M, N, K, k_padded, x2.stride(0), y.stride(0), per_split, kw, per_split // 8, 0x00780000, 0x00078000, GROUP=group, SPAN=span, BLOCK_N=cfg["block_n"],
         SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), STAGES=cfg["num_stages"],
-        EVEN_K=K == k_padded, num_warps=cfg["num_warps"])
+        EVEN_K=K == k_padded, VEC=cfg.get("vec", 4), num_warps=cfg["num_warps"])
     return y.view(*lead, N)
 
 
 def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
-    """Not yet timed on a GPU (scripts/tune_w4a16.py sweeps it): 64-row tiles of 4 warps (8 rows x 4
-    words a warp per step, 2 rows a thread), K split until the programs fill ~4 per SM of 132."""
-    block_n = 64
-    tiles_k = K // span_of(group)
-    split_k = max(1, min(triton.cdiv(528, triton.cdiv(N, block_n)), tiles_k))
-    return {"block_n": block_n, "num_warps": 4, "num_stages": 3, "split_k": split_k}
+    """Not yet timed on a GPU (scripts/tune_w4a16.py sweeps it). One-warp programs of 32 rows (4 rows x
+    4 words a thread per step: 96 registers, no spills in the sm_90 build, so ~21 resident a SM) with
+    a 3-stage cp.async pipeline; K split until the programs just fill one wave of 132 SMs x 20."""
+    tiles_n = triton.cdiv(N, 32)
+    split_k = max(1, min(K // span_of(group), 2640 // tiles_n))
+    return {"block_n": 32, "num_warps": 1, "num_stages": 3, "split_k": split_k, "vec": 4}
