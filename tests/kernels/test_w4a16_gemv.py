@@ -115,13 +115,50 @@ def sm90_build(block_n: int, num_warps: int, stages: int, vec: int = 4, dtype: s
                                                              (32, 1, 3, 2)])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, dtype):
-    """No spills; 16-byte weight loads in the K loop (through cp.async when STAGES > 1); at most
-    4.2 SASS instructions a weight in the loop (the workspace-layout kernel: 8.2) and registers that
-    leave room for 16+ resident warps a SM."""
+    """No spills; 16-byte weight loads in the K loop (through cp.async when STAGES > 1; vec=2 asks for
+    8-byte ones); at most 4.2 SASS instructions a weight in the loop (5.2 with 2 rows a thread; the
+    workspace-layout kernel: 6.2) and registers that leave room for 16+ resident warps a SM."""
     from tests.kernels.sm90 import run_build
 
-    b = run_build(f"from tests.kernels.test_w4a16_gemv import sm90_build as f; f({block_n}, {num_warps}, {stages}, {vec}, '{dtype}')")
+    b = run_build(f"from tests.kernels.test_w4a16_gemv import sm90_build as f; "
+                  f"f({block_n}, {num_warps}, {stages}, {vec}, '{dtype}')")
     weights = block_n * 128 // (32 * num_warps)   # per thread and loop step
     assert (b["stack"], b["mma"], b["cp_async"], b["loop_vec16"]) == (0, False, stages > 1, vec == 4), b
-    assert b["loop_sass"] / weights <= (4.9 if block_n == 16 else 4.2), b
+    assert b["loop_sass"] / weights <= (5.2 if block_n == 16 else 4.2), b   # 16 rows: 2 a thread share the x work
     assert b["regs"] <= 128, b
+
+
+GPU = pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("K, N", [(4096, 11008), (11008, 4096)])
+def test_real_size_llama7b_mlp(dtype, M, K, N):
+    """The heuristic launch at Llama-2-7B's MLP shapes against the float32 reference."""
+    q = _quantized(K, N, 128)
+    packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    _check(w4a16_gemv.gemv(x, packed, out=poisoned((M, N), dtype)), x, q)
+    assert not _SEMAPHORES[x.device].any()
+
+
+@GPU
+def test_cuda_graph_replay():
+    """A captured launch replayed with new inputs: the split semaphores are back at zero every time."""
+    q = _quantized(4096, 11008, 128)
+    packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
+    x = torch.randn(1, 4096, device=DEVICE, dtype=torch.float16)
+    out = torch.empty(1, 11008, device=DEVICE, dtype=torch.float16)
+    w4a16_gemv.gemv(x, packed, out=out)   # compile and allocate before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w4a16_gemv.gemv(x, packed, out=out)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, x, q)
+        assert not _SEMAPHORES[x.device].any()

@@ -11,14 +11,16 @@ it, once at load time, into what a streaming GEMV wants (dense kernels/gemv.py's
   x per slot, no strided or per-element x loads. A span never straddles a quantization group.
 - `scales`, `zeros` (N, groups) fp16: the transposed workspace tensors (one load per row and group).
 
-Decoding (2.6 instructions a weight: 3 rotates and 8 and-or per word, one FMA per weight, 2 FMAs
-per word for zero and scale): a code is moved into the top mantissa bits of 1.0 as u = 1 + q/16
-(slot at bits 19..22) or u = 1 + q/256 (bits 15..18) by one LOP3, without an int-to-float
-conversion. Each slot's code sits in the stored word at the bit offset (rotated left by 0/8/16/24)
-that leaves it at 19 or 15, so one funnel-shift rotate serves two codes. With x' = x for 1 + q/16
-slots and 16 x for 1 + q/256 slots, sum x q = 16 (sum x' u - sum x'), all in float32: the x' terms
-are at most ~20x the wanted sum (a few of float32's 24 bits), unlike fp16 partial sums, which
-overflow for activations of a few thousand.
+Decoding, 21 instructions per word of 8 weights (3 shifts, 8 LOP3, 8 FMAs, and 2 FMAs for zero and
+scale), no int-to-float conversion: one LOP3 ORs a code into float32's mantissa as u = 1 + q/16
+(code at bits 19..22 of 1.0, even slots) or u = 16 + q/16 (bits 15..18 of 16.0, odd slots). Each
+slot's code sits in the stored word at the offset that a shift by 0, 8 or -8 bits or a rotate by 16
+moves to 19 or 15, so one shift serves two codes. Then sum x q / 16 = sum x u - (sum_even x +
+16 sum_odd x), all in float32: the subtracted carrier is at most ~20x the wanted sum (a few of
+float32's 24 bits), where fp16 partial sums of x q would overflow for activations of a few thousand.
+The x side (8 conversions and 9 adds per word and step) is shared by the rows of a thread.
+sm_90 build (tests/kernels/test_w4a16_gemv.py, Triton 3.9): ~3.9 SASS instructions a weight in the
+K loop at the default launch (the workspace-layout kernel: 6.2), 96 registers, no spills.
 
 Split-K partial sums meet in the kernel as in w4a16.py (per-tile semaphore, last split adds them).
 """
@@ -35,7 +37,7 @@ from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
 MAX_M = 4
 MAX_SPAN = 128
 # Bit offset of slot s's code in a stored word: rotated left by 8 * (s // 2) it lands at 19 (even
-# slots, u = 1 + q/16) or 15 (odd slots, u = 1 + q/256). Offset 31 wraps (bits 31, 0, 1, 2).
+# slots, u = 1 + q/16) or 15 (odd slots, u = 16 + q/16). Offset 31 wraps (bits 31, 0, 1, 2).
 SLOT_OFFSETS = (19, 15, 11, 7, 3, 31, 27, 23)
 
 
@@ -97,9 +99,9 @@ def _x_slot(xb, s: tl.constexpr, kk, K, SPAN: tl.constexpr, EVEN_K: tl.constexpr
 
 @triton.jit
 def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_PADDED, stride_xm, stride_ym,
-            K_PER_SPLIT, KW, SPLIT_WORDS, MASK_HI, MASK_LO, GROUP: tl.constexpr, SPAN: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-            SPLITS_POW2: tl.constexpr, STAGES: tl.constexpr, EVEN_K: tl.constexpr,
-            VEC: tl.constexpr):
+            K_PER_SPLIT, KW, SPLIT_WORDS, MASK_HI, MASK_LO, GROUP: tl.constexpr, SPAN: tl.constexpr,
+            BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, STAGES: tl.constexpr,
+            EVEN_K: tl.constexpr, VEC: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     WORDS: tl.constexpr = SPAN // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,13 +138,13 @@ def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_P
         t = -carrier[None, :] - zc[:, None] * sx16[None, :]
         t += x0[None, :] * _unit(p, MASK_HI, True)
         t += x1[None, :] * _unit(p, MASK_LO, False)
-        r = p << 8     # slots 2, 3 (offsets 11, 7): a plain shift, which ptxas may run as IMAD.SHL on the FMA pipe
+        r = p << 8         # slots 2, 3 (offsets 11, 7): a plain shift, nothing needed wraps
         t += x2[None, :] * _unit(r, MASK_HI, True)
         t += x3[None, :] * _unit(r, MASK_LO, False)
         r = _rotl(p, 16)   # slots 4, 5 (offsets 3, 31): slot 5 wraps around bit 0
         t += x4[None, :] * _unit(r, MASK_HI, True)
         t += x5[None, :] * _unit(r, MASK_LO, False)
-        r = p >> 8     # slots 6, 7 (offsets 27, 23): rotl 24 = rotr 8, and nothing needed wraps
+        r = p >> 8         # slots 6, 7 (offsets 27, 23): rotl 24 = rotr 8, nothing needed wraps
         t += x6[None, :] * _unit(r, MASK_HI, True)
         t += x7[None, :] * _unit(r, MASK_LO, False)
         acc += sc[:, None] * t
@@ -182,9 +184,11 @@ def gemv(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config:
     y = out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
     partial = scratch((splits, M, N), x.device, torch.float32) if splits > 1 else y
     _kernel[(tiles_n, splits, M)](
-        x2, qt, packed["scales"], packed["zeros"], partial, y, semaphores(x.device, M * tiles_n if splits > 1 else 1),
-        M, N, K, k_padded, x2.stride(0), y.stride(0), per_split, kw, per_split // 8, 0x00780000, 0x00078000, GROUP=group, SPAN=span, BLOCK_N=cfg["block_n"],
-        SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), STAGES=cfg["num_stages"],
+        x2, qt, packed["scales"], packed["zeros"], partial, y,
+        semaphores(x.device, M * tiles_n if splits > 1 else 1),
+        M, N, K, k_padded, x2.stride(0), y.stride(0), per_split, kw, per_split // 8, 0x00780000, 0x00078000,
+        GROUP=group, SPAN=span, BLOCK_N=cfg["block_n"], SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits),
+        STAGES=cfg["num_stages"],
         EVEN_K=K == k_padded, VEC=cfg.get("vec", 4), num_warps=cfg["num_warps"])
     return y.view(*lead, N)
 
