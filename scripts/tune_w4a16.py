@@ -22,8 +22,8 @@ from lmdepot.runtime.kernels import w4a16_gemv
 from lmdepot.runtime.kernels.w4a16 import heuristic_config, reference, w4a16_linear
 
 SHAPES = [(4096, 11008), (11008, 4096)]
-KMAJOR_GRID = {"block_n": [16, 32, 64], "num_warps": [1, 2], "num_stages": [1, 2, 3, 4], "split_k": [4, 8, 12, 16, 24],
-               "vec": [2, 4]}
+KMAJOR_GRID = {"block_n": [16, 32, 64], "num_warps": [1, 2], "num_stages": [1, 2, 3, 4],
+               "split_k": [4, 6, 7, 8, 12, 16, 24], "maxnreg": [None, 96, 128], "vec": [2, 4]}
 
 
 def _us(fn, rep=20) -> float:

@@ -20,10 +20,12 @@ def tools_dir() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisible: tuple = ()) -> dict:
+def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisible: tuple = (),
+          maxnreg: int | None = None) -> dict:
     """fn: a @triton.jit kernel; const: its constexprs; types: signature types by arg name (others i32).
     Pointers, stride_* args and the integer args named in `divisible` are specialized as 16-divisible,
-    as a launch with aligned tensors (and such values) is.
+    as a launch with aligned tensors (and such values) is; `maxnreg` caps the registers a thread as the
+    launch option of that name does.
     Also returns `loop_sass`: the SASS instructions of the kernel's largest loop body (the span of its
     longest backward branch) `loop_mix`: their count by opcode, for instructions-per-element budgets, and `loop_vec16`: whether
     that loop has 16-byte global loads (LDG.128 or cp.async LDGSTS.128)."""
@@ -36,7 +38,8 @@ def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisib
     aligned = [n for n in names if n not in const and (n.endswith("_ptr") or n.startswith("stride_") or n in divisible)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+                            options={"num_warps": num_warps, "num_stages": num_stages}
+                            | ({} if maxnreg is None else {"maxnreg": maxnreg}))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -71,7 +74,9 @@ def run_build(expr: str) -> dict:
     if not all(os.path.exists(os.path.join(tools_dir(), t)) for t in ("ptxas", "cuobjdump")):
         pytest.skip("no ptxas/cuobjdump in this Triton wheel")
     root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
+    # the caller's PYTHONPATH stays behind the repository root (e.g. another Triton wheel to build with)
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": path}
     stmt, _, value = expr.rpartition(";")
     code = f"import json; {stmt}; print(json.dumps({value.strip()}))"
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)

@@ -98,7 +98,8 @@ def test_rejects_more_rows_or_other_k():
         w4a16_gemv.gemv(torch.zeros(1, 128, device=DEVICE), packed)
 
 
-def sm90_build(block_n: int, num_warps: int, stages: int, vec: int = 4, dtype: str = "fp16") -> dict:
+def sm90_build(block_n: int, num_warps: int, stages: int, vec: int = 4, dtype: str = "fp16",
+               maxnreg: int | None = None) -> dict:
     """The Llama-2-7B MLP-up shape's launch (K 4096, group 128) built for sm_90 (tests/kernels/sm90.py),
     with the integer args a real launch specializes as 16-divisible."""
     from tests.kernels.sm90 import build
@@ -108,24 +109,26 @@ def sm90_build(block_n: int, num_warps: int, stages: int, vec: int = 4, dtype: s
     types = {"x_ptr": f"*{dtype}", "qt_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "part_ptr": "*fp32",
              "y_ptr": f"*{dtype}", "lock_ptr": "*i32", "MASK_HI": "i32", "MASK_LO": "i32"}
     return build(w4a16_gemv._kernel, const, types, num_warps, stages,
-                 divisible=("N", "K", "K_PADDED", "K_PER_SPLIT", "KW", "SPLIT_WORDS"))
+                 divisible=("N", "K", "K_PADDED", "K_PER_SPLIT", "KW", "SPLIT_WORDS"), maxnreg=maxnreg)
 
 
-@pytest.mark.parametrize("block_n, num_warps, stages, vec", [(32, 1, 3, 4), (16, 1, 3, 4), (64, 2, 3, 4), (32, 1, 1, 4),
-                                                             (32, 1, 3, 2)])
+@pytest.mark.parametrize("block_n, num_warps, stages, vec, maxnreg", [
+    (32, 1, 3, 4, 104),   # heuristic_config's launch
+    (32, 1, 3, 4, None), (16, 1, 3, 4, None), (64, 2, 3, 4, None), (32, 1, 1, 4, None), (32, 1, 3, 2, None)])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, dtype):
+def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, maxnreg, dtype):
     """No spills; 16-byte weight loads in the K loop (through cp.async when STAGES > 1; vec=2 asks for
-    8-byte ones); at most 4.2 SASS instructions a weight in the loop (5.2 with 2 rows a thread; the
-    workspace-layout kernel: 6.2) and registers that leave room for 16+ resident warps a SM."""
+    8-byte ones); at most 4.2 SASS instructions a weight in the loop (5.4 with 2 rows a thread; the
+    workspace-layout kernel: 6.2-6.6) and registers that leave room for 16+ resident warps a SM."""
     from tests.kernels.sm90 import run_build
 
+    assert w4a16_gemv.heuristic_config(1, 11008, 4096, 128)["maxnreg"] == 104
     b = run_build(f"from tests.kernels.test_w4a16_gemv import sm90_build as f; "
-                  f"f({block_n}, {num_warps}, {stages}, {vec}, '{dtype}')")
+                  f"f({block_n}, {num_warps}, {stages}, {vec}, '{dtype}', {maxnreg})")
     weights = block_n * 128 // (32 * num_warps)   # per thread and loop step
     assert (b["stack"], b["mma"], b["cp_async"], b["loop_vec16"]) == (0, False, stages > 1, vec == 4), b
-    assert b["loop_sass"] / weights <= (5.2 if block_n == 16 else 4.2), b   # 16 rows: 2 a thread share the x work
-    assert b["regs"] <= 128, b
+    assert b["loop_sass"] / weights <= (5.4 if block_n == 16 else 4.2), b   # 16 rows: 2 a thread share the x work
+    assert b["regs"] <= (maxnreg or 128), b
 
 
 GPU = pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
