@@ -52,10 +52,10 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
     k_padded, N = qweight.shape[0] * 8, qweight.shape[1]
     group = k_padded // scales.shape[0]
     span = span_of(group)
-    codes = unpack_int4(qweight).to(torch.int64).view(k_padded // span, 8, span // 8, N)   # (span, slot, word, n)
+    codes = unpack_int4(qweight).view(k_padded // span, 8, span // 8, N)   # uint8 (span, slot, word, n)
     words = torch.zeros(k_padded // span, span // 8, N, dtype=torch.int64, device=qweight.device)
-    for s, off in enumerate(SLOT_OFFSETS):
-        c = codes[:, s]
+    for s, off in enumerate(SLOT_OFFSETS):   # int64 one slot at a time: 1/8 of the codes' int64 bytes
+        c = codes[:, s].to(torch.int64)
         words |= ((c << off) | (c >> (32 - off))) & 0xFFFFFFFF   # rotate left by off within 32 bits
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return {"qt": words.reshape(k_padded // 8, N).t().contiguous(), "scales": scales.t().contiguous(),
