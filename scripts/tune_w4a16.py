@@ -1,53 +1,111 @@
 """Sweep W4A16 launch configs on the GPU and print the best per (shape, M) next to the heuristic's.
 
-python scripts/tune_w4a16.py [M ...]   (device run; prints a table, feeds heuristic_config by hand)
+python scripts/tune_w4a16.py [M ...] [--only plain|kmajor]   (device run; prints a table, feeds the
+heuristic_config functions by hand)
+
+plain: kernels/w4a16.py on the workspace layout (full grid for M <= 4, which also sweeps its x_tile
+and no_masks options). kmajor (M <= 4 only): kernels/w4a16_gemv.py on the repacked layout, a
+coordinate descent from its heuristic (one parameter at a time over its list, twice), since every
+config costs a compile. Every config is checked against the float32 reference before it is timed; the
+copy bandwidth measured in the same run gives the roofline % of the int4 bytes (weights, scales, zeros).
 """
 
+import argparse
 import itertools
-import sys
 
 import torch
 from triton.testing import do_bench_cudagraph
 
-from lmdepot.formats.int4 import quantize_int4_rtn
+from lmdepot.bench.kernels import copy_bandwidth
+from lmdepot.formats.int4 import quantize_int4_rtn, unpack_int4
+from lmdepot.runtime.kernels import w4a16_gemv
 from lmdepot.runtime.kernels.w4a16 import heuristic_config, reference, w4a16_linear
 
 SHAPES = [(4096, 11008), (11008, 4096)]
-MS = [int(m) for m in sys.argv[1:]] or [1, 16, 256]
+KMAJOR_GRID = {"block_n": [16, 32, 64], "num_warps": [1, 2], "num_stages": [1, 2, 3, 4],
+               "split_k": [4, 6, 7, 8, 12, 16, 24], "maxnreg": [None, 96, 128], "vec": [2, 4]}
+
+
+def _us(fn, rep=20) -> float:
+    return do_bench_cudagraph(fn, rep=rep) * 1e3
+
+
+def _checked_us(fn, ref, what) -> float | None:
+    try:
+        if not torch.allclose(fn().float(), ref, rtol=3e-2, atol=0.1):
+            print("MISMATCH", what, flush=True)
+            return None
+        return _us(fn)
+    except Exception as exc:  # noqa: BLE001 - a config may run out of resources; skip it
+        print(f"  skip {what}: {type(exc).__name__}", flush=True)
+        return None
+
+
+def tune_plain(K, N, M, x, q, ref):
+    base = _us(lambda: w4a16_linear(x, q["qweight"], q["scales"], q["zeros"]), rep=50)
+    best = (base, heuristic_config(M, N, K, 128))
+    by_mode = {}
+    if M <= 4:
+        grid = dict(x_tile=[False, True], no_masks=[False, True], block_n=[64, 128], block_k=[128],
+                    num_warps=[1, 2], split_k=[16, 32], num_stages=[2, 3])
+    else:
+        grid = dict(block_m=[16, 32, 64] if M >= 32 else [16], block_n=[32, 64, 128, 256], block_k=[64, 128],
+                    num_warps=[4, 8], split_k=[1, 4, 16], num_stages=[2, 3, 4])
+    for values in itertools.product(*grid.values()):
+        cfg = dict(zip(grid, values))
+        fn = lambda: w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config=cfg)  # noqa: E731
+        us = _checked_us(fn, ref, (K, N, M, cfg))
+        if us is None:
+            continue
+        if us < best[0]:
+            best = (us, cfg)
+        mode = (cfg.get("x_tile"), cfg.get("no_masks"))
+        if us < by_mode.get(mode, (1e9,))[0]:
+            by_mode[mode] = (us, cfg)
+    for (x_tile, no_masks), (us, cfg) in by_mode.items():
+        print(f"  best with x_tile={x_tile} no_masks={no_masks}: {us:.1f} us {cfg}")
+    return base, best
+
+
+def tune_kmajor(K, N, M, x, q, ref):
+    packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
+    assert torch.equal(w4a16_gemv.unpack(packed), unpack_int4(q["qweight"])), "repack lost codes"
+    cfg = w4a16_gemv.heuristic_config(M, N, K, 128)
+    base = _checked_us(lambda: w4a16_gemv.gemv(x, packed), ref, (K, N, M, "kmajor heuristic"))
+    best = (base if base is not None else 1e9, cfg)
+    for _ in range(2):
+        for key, values in KMAJOR_GRID.items():
+            for value in values:
+                cfg = best[1] | {key: value}
+                if cfg == best[1]:
+                    continue
+                fn = lambda: w4a16_gemv.gemv(x, packed, config=cfg)  # noqa: E731, B023 - called at once
+                us = _checked_us(fn, ref, (K, N, M, "kmajor", cfg))
+                if us is not None and us < best[0]:
+                    best = (us, cfg)
+    return base, best
 
 
 def main():
-    for (K, N), M in itertools.product(SHAPES, MS):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("ms", nargs="*", type=int, default=[1, 16, 256])
+    parser.add_argument("--only", choices=["plain", "kmajor"])
+    args = parser.parse_args()
+    bw = copy_bandwidth("cuda")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    for (K, N), M in itertools.product(SHAPES, args.ms):
         q = {k: v.cuda() for k, v in quantize_int4_rtn(torch.randn(K, N) * 0.02, 128).items()}
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         ref = reference(x, q["qweight"], q["scales"], q["zeros"]).float()
-        base = do_bench_cudagraph(lambda: w4a16_linear(x, q["qweight"], q["scales"], q["zeros"]), rep=50) * 1e3
-        best = (base, heuristic_config(M, N, K, 128))
-        by_mode = {}
-        if M <= 4:
-            grid = dict(x_tile=[False, True], no_masks=[False, True], block_n=[64, 128], block_k=[128],
-                        num_warps=[1, 2], split_k=[16, 32], num_stages=[2, 3])
-        else:
-            grid = dict(block_m=[16, 32, 64] if M >= 32 else [16], block_n=[32, 64, 128, 256], block_k=[64, 128],
-                        num_warps=[4, 8], split_k=[1, 4, 16], num_stages=[2, 3, 4])
-        for values in itertools.product(*grid.values()):
-            cfg = dict(zip(grid, values))
-            try:
-                fn = lambda: w4a16_linear(x, q["qweight"], q["scales"], q["zeros"], config=cfg)  # noqa: E731
-                if not torch.allclose(fn().float(), ref, rtol=3e-2, atol=0.1):
-                    print("MISMATCH", K, N, M, cfg)
-                    continue
-                us = do_bench_cudagraph(fn, rep=20) * 1e3
-            except Exception:  # noqa: BLE001 - a config may run out of resources; skip it
-                continue
-            if us < best[0]:
-                best = (us, cfg)
-            mode = (cfg.get("x_tile"), cfg.get("no_masks"))
-            if us < by_mode.get(mode, (1e9,))[0]:
-                by_mode[mode] = (us, cfg)
-        for (x_tile, no_masks), (us, cfg) in by_mode.items():
-            print(f"  best with x_tile={x_tile} no_masks={no_masks}: {us:.1f} us {cfg}")
-        print(f"{K}x{N} M={M}: heuristic {base:.1f} us, best {best[0]:.1f} us {best[1]}", flush=True)
+        nbytes = sum(t.numel() * t.element_size() for t in q.values())
+        pct = lambda us: f"{100 * nbytes / bw / (us * 1e-6):.0f}% of copy bandwidth"  # noqa: E731
+        if args.only != "kmajor":
+            base, (us, cfg) = tune_plain(K, N, M, x, q, ref)
+            print(f"{K}x{N} M={M} plain: heuristic {base:.1f} us, best {us:.1f} us ({pct(us)}) {cfg}", flush=True)
+        if args.only != "plain" and M <= w4a16_gemv.MAX_M:
+            base, (us, cfg) = tune_kmajor(K, N, M, x, q, ref)
+            head = "failed" if base is None else f"{base:.1f} us"
+            print(f"{K}x{N} M={M} kmajor: heuristic {head}, best {us:.1f} us ({pct(us)}) {cfg}", flush=True)
 
 
 if __name__ == "__main__":

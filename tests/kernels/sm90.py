@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 
@@ -19,10 +20,15 @@ def tools_dir() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisible: tuple = ()) -> dict:
+def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisible: tuple = (),
+          maxnreg: int | None = None) -> dict:
     """fn: a @triton.jit kernel; const: its constexprs; types: signature types by arg name (others i32).
-    Pointers, stride_* args and those named in `divisible` (ints a launch passes as multiples of 16,
-    which Triton then specializes on) are specialized as 16-divisible, as a launch with aligned tensors is."""
+    Pointers, stride_* args and the integer args named in `divisible` are specialized as 16-divisible,
+    as a launch with aligned tensors (and such values) is; `maxnreg` caps the registers a thread as the
+    launch option of that name does.
+    Also returns `loop_sass`: the SASS instructions of the kernel's largest loop body (the span of its
+    longest backward branch) `loop_mix`: their count by opcode, for instructions-per-element budgets, and `loop_vec16`: whether
+    that loop has 16-byte global loads (LDG.128 or cp.async LDGSTS.128)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -32,15 +38,32 @@ def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisib
     aligned = [n for n in names if n not in const and (n.endswith("_ptr") or n.startswith("stride_") or n in divisible)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+                            options={"num_warps": num_warps, "num_stages": num_stages}
+                            | ({} if maxnreg is None else {"maxnreg": maxnreg}))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         usage = subprocess.run([os.path.join(tools_dir(), "cuobjdump"), "-res-usage", f.name], capture_output=True,
                                text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools_dir(), "cuobjdump"), "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
     ptx = kernel.asm["ptx"]
+    body = loop_body(sass)
     return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-            "mma": "mma" in ptx, "cp_async": "cp.async" in ptx}
+            "mma": "mma" in ptx, "cp_async": "cp.async" in ptx, "loop_sass": len(body),
+            "loop_vec16": any(op.startswith("LDG") and ".128" in op for op in body),
+            "loop_mix": dict(Counter(op.split(".")[0] for op in body).most_common())}
+
+
+def loop_body(sass: str) -> list[str]:
+    """Opcodes (with modifiers) of the instructions in the largest loop of a cuobjdump -sass listing."""
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(tgt, addr) for addr, t in ins for tgt in [int(b, 16) for b in re.findall(r"BRA\s+0x([0-9a-f]+)", t)]
+             if tgt < addr]
+    if not loops:
+        return []
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    return [re.sub(r"^@!?U?P[0-9T]\s+", "", t).split()[0] for a, t in ins if lo <= a <= hi]
 
 
 def run_build(expr: str) -> dict:
@@ -51,7 +74,9 @@ def run_build(expr: str) -> dict:
     if not all(os.path.exists(os.path.join(tools_dir(), t)) for t in ("ptxas", "cuobjdump")):
         pytest.skip("no ptxas/cuobjdump in this Triton wheel")
     root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
+    # the caller's PYTHONPATH stays behind the repository root (e.g. another Triton wheel to build with)
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": path}
     stmt, _, value = expr.rpartition(";")
     code = f"import json; {stmt}; print(json.dumps({value.strip()}))"
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
