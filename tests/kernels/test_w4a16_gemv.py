@@ -113,7 +113,8 @@ def sm90_build(block_n: int, num_warps: int, stages: int, vec: int = 4, dtype: s
 
 
 @pytest.mark.parametrize("block_n, num_warps, stages, vec, maxnreg", [
-    (32, 1, 3, 4, 104),   # heuristic_config's launch
+    (32, 1, 3, 4, 104),   # heuristic_config's launch where not tuned
+    (32, 1, 1, 4, 128), (16, 1, 1, 4, 128),   # the tuned configs (TUNED)
     (32, 1, 3, 4, None), (16, 1, 3, 4, None), (64, 2, 3, 4, None), (32, 1, 1, 4, None), (32, 1, 3, 2, None)])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, maxnreg, dtype):
@@ -122,7 +123,8 @@ def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, maxnr
     workspace-layout kernel: 6.2-6.6) and registers that leave room for 16+ resident warps a SM."""
     from tests.kernels.sm90 import run_build
 
-    assert w4a16_gemv.heuristic_config(1, 11008, 4096, 128)["maxnreg"] == 104
+    assert w4a16_gemv.heuristic_config(1, 11000, 4096, 128)["maxnreg"] == 104
+    assert w4a16_gemv.heuristic_config(1, 11008, 4096, 128) == w4a16_gemv.TUNED[4096, 11008]
     b = run_build(f"from tests.kernels.test_w4a16_gemv import sm90_build as f; "
                   f"f({block_n}, {num_warps}, {stages}, {vec}, '{dtype}', {maxnreg})")
     weights = block_n * 128 // (32 * num_warps)   # per thread and loop step

@@ -197,12 +197,21 @@ def gemv(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config:
 SMS = 132   # H100 / H200
 
 
+# (K, N) -> the best config of `scripts/tune_w4a16.py 1 --only kmajor` at M = 1, group 128, fp16, on an
+# H200 (2026-11-21, docs/benchmarks.md): 12.4 us (46% of copy bandwidth) and 13.2 us (43%).
+TUNED = {(4096, 11008): {"block_n": 32, "num_warps": 1, "num_stages": 1, "split_k": 7, "vec": 4, "maxnreg": 128},
+         (11008, 4096): {"block_n": 16, "num_warps": 1, "num_stages": 1, "split_k": 8, "vec": 4, "maxnreg": 128}}
+
+
 def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
-    """Not yet timed on a GPU (scripts/tune_w4a16.py sweeps it). One-warp programs of 32 rows (4 rows x
-    4 words a thread per step) with a 3-stage cp.async pipeline, capped at 104 registers a thread: the
-    sm_90 build takes 96 with Triton 3.9 but 128 with 3.6 (the device image), where 104 is the least
-    without a spill in the K loop (96: one local load a step). That lets 19 programs stay resident a
-    SM; K is split until the programs just fill that one wave."""
+    """TUNED where measured (one row, group 128); elsewhere (not timed on a GPU): one-warp programs of
+    32 rows (4 rows x 4 words a thread per step) with a 3-stage cp.async pipeline, capped at 104
+    registers a thread: the sm_90 build takes 96 with Triton 3.9 but 128 with 3.6 (the device image),
+    where 104 is the least without a spill in the K loop (96: one local load a step). That lets 19
+    programs stay resident a SM; K is split until the programs just fill that one wave. (The tuned
+    configs ran best with one stage, i.e. no cp.async pipeline, and 128 registers.)"""
+    if M == 1 and group == 128 and (K, N) in TUNED:
+        return dict(TUNED[K, N])
     maxnreg, block_n = 104, 32
     resident = SMS * (65536 // (maxnreg * 32))
     split_k = max(1, min(K // span_of(group), resident // (triton.cdiv(N, block_n) * M)))
