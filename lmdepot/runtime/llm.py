@@ -66,9 +66,45 @@ class LLM:
         self.close()
 
 
+class _Stream:
+    """One sequence's outputs on its event loop. The engine thread hands over a whole step's outputs in
+    one callback (`_push_all`); the reader takes everything queued at once, so a reader that fell behind
+    catches up in one wakeup instead of one per token."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+
+    def push(self, item) -> None:
+        self.items.append(item)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def take(self) -> list:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
+def _push_all(pairs) -> None:
+    for stream, item in pairs:
+        stream.push(item)
+
+
 class AsyncLLM:
     """Runs the engine loop in a background thread; generate() streams StepOutputs as they come.
 
+    Each engine step's outputs reach an event loop in one `call_soon_threadsafe` (one self-pipe write),
+    not one per token: every such write is a syscall that hands the GIL to the event loop thread, and
+    the engine thread then waits for it back - at 256 sequences that was 256 hand-overs per step.
     Leaving the `async for` early (break, cancellation) aborts the request and frees its blocks.
     """
 
@@ -77,7 +113,7 @@ class AsyncLLM:
         self.tokenizer = self.engine.tokenizer
         self._cv = threading.Condition()
         self._inbox: list = []
-        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, _Stream]] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="lmdepot-engine", daemon=True)
         self._thread.start()
@@ -94,22 +130,31 @@ class AsyncLLM:
                 for action in inbox:
                     action()
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
-                        self._deliver(out)
+                    self._deliver(self.engine.step())
             except BaseException as exc:  # a dead engine must not leave its callers waiting forever
-                for loop, queue in self._queues.values():
-                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                self._send([(loop, stream, exc) for loop, stream in self._queues.values()])
                 self._queues.clear()
                 self._closed = True
                 return
 
-    def _deliver(self, out: StepOutput) -> None:
-        target = self._queues.get(out.seq_id)
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, out)
-            if out.finished:
-                self._queues.pop(out.seq_id, None)
+    def _deliver(self, outs: list[StepOutput]) -> None:
+        pending = []
+        for out in outs:
+            target = self._queues.get(out.seq_id)
+            if target is not None:
+                pending.append((target[0], target[1], out))
+                if out.finished:
+                    del self._queues[out.seq_id]
+        self._send(pending)
+
+    @staticmethod
+    def _send(pending) -> None:
+        """One callback per event loop (the server has one) for all of pending's (loop, stream, item)."""
+        by_loop: dict = {}
+        for loop, stream, item in pending:
+            by_loop.setdefault(loop, []).append((stream, item))
+        for loop, pairs in by_loop.items():
+            loop.call_soon_threadsafe(_push_all, pairs)
 
     def _submit(self, action) -> None:
         with self._cv:
@@ -118,15 +163,23 @@ class AsyncLLM:
 
     async def generate(self, prompt, params: SamplingParams | None = None, session_id=None,
                        use_chat_template: bool = False):
+        """StepOutputs of one request, one at a time."""
+        async for outs in self.generate_batches(prompt, params, session_id, use_chat_template):
+            for out in outs:
+                yield out
+
+    async def generate_batches(self, prompt, params: SamplingParams | None = None, session_id=None,
+                               use_chat_template: bool = False):
+        """Lists of StepOutputs: all that arrived for this request since the caller last asked."""
         ids = encode_prompt(self.tokenizer, prompt, use_chat_template) if isinstance(prompt, str) else prompt
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        stream = _Stream()
         added: asyncio.Future = loop.create_future()
 
         def add():
             try:
                 seq = self.engine.add_request(ids, params or SamplingParams(), session_id=session_id)
-                self._queues[seq.id] = (loop, queue)
+                self._queues[seq.id] = (loop, stream)
                 loop.call_soon_threadsafe(added.set_result, seq.id)
             except Exception as exc:  # surfaced in the caller's task, not the engine thread
                 loop.call_soon_threadsafe(added.set_exception, exc)
@@ -136,12 +189,15 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    finished = True
-                    raise out
-                finished = out.finished
-                yield out
+                outs = await stream.take()
+                for k, out in enumerate(outs):
+                    if isinstance(out, BaseException):
+                        finished = True
+                        if k:
+                            yield outs[:k]
+                        raise out
+                    finished = out.finished
+                yield outs
         finally:
             if not finished:
                 self._submit(lambda: (self._queues.pop(seq_id, None), self.engine.abort(seq_id)))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
 import click
 
+from lmdepot.errors import LmdepotError
 from lmdepot.runtime.cli_options import check_kv_options, kv_engine_kwargs, kv_options
 
 from lmdepot.serve.tools import PARSERS
@@ -64,6 +66,7 @@ def api_server(model, server_name, server_port, tp, cache_max_entry_count, max_b
     from lmdepot.serve.app import ServeConfig, create_app
 
     check_kv_options(kv)
+    set_switch_interval()
     llm = AsyncLLM(model, tp=tp, session_len=session_len, max_batch_size=max_batch_size,
                    cache_max_entry_count=cache_max_entry_count, cpu_memory_budget=int(memory_budget * 2**30),
                    dtype=dtype, eager=eager, **kv_engine_kwargs(kv))
@@ -76,6 +79,23 @@ def api_server(model, server_name, server_port, tp, cache_max_entry_count, max_b
     # sends a request on a connection the server is closing at that moment.
     uvicorn.run(app, host=server_name, port=server_port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=None, timeout_keep_alive=30)
+
+
+def set_switch_interval() -> None:
+    """The engine thread and the event loop share the GIL. A thread that wants it back waits up to the
+    switch interval (5 ms by default) for the holder to let go, and the engine thread wants it back
+    after each GIL-free call (a kernel launch, a device sync) while the loop formats and sends chunks:
+    1 ms measured 10% more streamed tok/s on the CPU test machine. LMDEPOT_SWITCH_INTERVAL (seconds)
+    overrides it; 0 keeps Python's default."""
+    raw = os.environ.get("LMDEPOT_SWITCH_INTERVAL", "0.001")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LmdepotError(f"LMDEPOT_SWITCH_INTERVAL={raw!r}: must be a number of seconds") from None
+    if value < 0:
+        raise LmdepotError(f"LMDEPOT_SWITCH_INTERVAL={raw!r}: must be 0 (Python's default) or more")
+    if value > 0:
+        sys.setswitchinterval(value)
 
 
 def _default_model_name(model: str) -> str:

@@ -59,27 +59,37 @@ def sampling_params(req, max_tokens: int, logprobs: int | None, index: int = 0, 
         ignore_eos=req.ignore_eos, logprobs=logprobs, **(hooks or {}))
 
 
-async def stream_one(state, ids: list[int], params: SamplingParams, session_id=None, cancel=None):
-    """Engine outputs for one sequence, with metrics; leaving early aborts the sequence in the engine."""
+async def stream_batches(state, ids: list[int], params: SamplingParams, session_id=None, cancel=None):
+    """Engine outputs for one sequence, as lists of all that arrived since the last one, with metrics;
+    leaving early aborts the sequence in the engine. A route that fell behind the engine gets several
+    tokens at once and can send them in one chunk (one socket write instead of several)."""
     if not state.llm.alive:
         raise HTTPException(503, "the engine has stopped; restart the server")
     m = state.metrics
     timer = RequestTimer(m)
     m.prompt_tokens.inc(len(ids))
     reason = "abort"
-    gen = state.llm.generate(ids, params, session_id=session_id)
+    gen = state.llm.generate_batches(ids, params, session_id=session_id)
     try:
         async with contextlib.aclosing(gen):
-            async for out in gen:
-                if out.token_id is not None:
-                    timer.token()
-                if out.finished:
-                    reason = out.finish_reason or "stop"
-                yield out
+            async for outs in gen:
+                timer.tokens(sum(out.token_id is not None for out in outs))
+                last = outs[-1]
+                if last.finished:
+                    reason = last.finish_reason or "stop"
+                yield outs
                 if cancel is not None and cancel.is_set():
                     break
     finally:
         m.finished.labels(reason).inc()
+
+
+async def stream_one(state, ids: list[int], params: SamplingParams, session_id=None, cancel=None):
+    """stream_batches, one output at a time."""
+    async with contextlib.aclosing(stream_batches(state, ids, params, session_id, cancel)) as batches:
+        async for outs in batches:
+            for out in outs:
+                yield out
 
 
 async def merge(streams):
@@ -120,11 +130,12 @@ async def merge(streams):
 
 
 async def collect_unless_gone(request, items, on_item) -> None:
-    """Feed items to on_item; stop (and so abort the engine request) if the client disconnects.
+    """Feed (index, list of outputs) items to on_item one output at a time; stop (and so abort the engine request) if the client disconnects.
     A non-streamed reply has no send that could fail, so the disconnect is polled between tokens."""
-    async for i, out in items:
-        on_item(i, out)
-        if not out.finished and await request.is_disconnected():
+    async for i, outs in items:
+        for out in outs:
+            on_item(i, out)
+        if not outs[-1].finished and await request.is_disconnected():
             raise HTTPException(499, "client closed the request")
 
 

@@ -57,10 +57,16 @@ class RequestTimer:
         self.m, self.start, self.last = metrics, start or time.perf_counter(), None
 
     def token(self) -> None:
+        self.tokens(1)
+
+    def tokens(self, n: int) -> None:
+        """n tokens arrived together: one latency observation (the gap to the previous arrival), n counted."""
+        if n <= 0:
+            return
         t = time.perf_counter()
         if self.last is None:
             self.m.ttft.observe(t - self.start)
         else:
             self.m.itl.observe(t - self.last)
         self.last = t
-        self.m.generation_tokens.inc()
+        self.m.generation_tokens.inc(n)
