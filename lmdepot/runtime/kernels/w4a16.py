@@ -91,6 +91,27 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constex
 
 
 @triton.jit
+def store_row(acc, y_ptr, part_ptr, lock_ptr, m, M, N, offs_n, mask_n, stride_ym, pid_n, pid_k,
+              SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    """Row m of a GEMV's output tile: stored, or with K splits, this split's fp32 partial stored and
+    counted in on the tile's semaphore; the last split adds the partials in split order
+    (deterministic), writes y and resets the semaphore for CUDA graph replays. Shared with
+    w4a16_gemv.py."""
+    if SPLITS == 1:
+        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(part_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
+        tl.debug_barrier()   # every thread's partial is written before the tile is counted in
+        lock = lock_ptr + m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+            splits = tl.arange(0, SPLITS_POW2)
+            parts = tl.load(part_ptr + (splits[:, None] * M + m) * N + offs_n[None, :],
+                            mask=(splits[:, None] < SPLITS) & mask_n[None, :], other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + m * stride_ym + offs_n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_PADDED, stride_xm, stride_ym,
                  GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PER_SPLIT,
                  SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, UNIT_CODES: tl.constexpr, X_TILE: tl.constexpr,
@@ -138,18 +159,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K
             acc += s * (16.0 * tl.sum(xq, axis=0) - (16.0 + z) * sx)
         else:
             acc += s * (tl.sum(xq, axis=0) - z * sx)
-    if SPLITS == 1:
-        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.store(part_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
-        tl.debug_barrier()   # every thread's partial is written before the tile is counted in
-        lock = lock_ptr + m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-            splits = tl.arange(0, SPLITS_POW2)
-            parts = tl.load(part_ptr + (splits[:, None] * M + m) * N + offs_n[None, :],
-                            mask=(splits[:, None] < SPLITS) & mask_n[None, :], other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + m * stride_ym + offs_n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=mask_n)
-            tl.atomic_xchg(lock, 0)
+    store_row(acc, y_ptr, part_ptr, lock_ptr, m, M, N, offs_n, mask_n, stride_ym, pid_n, pid_k, SPLITS, SPLITS_POW2)
 
 
 @triton.jit

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from lmdepot.formats.int4 import unpack_int4
 from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
+from lmdepot.runtime.kernels.w4a16 import store_row
 
 MAX_M = 4
 MAX_SPAN = 128
@@ -150,18 +151,7 @@ def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_P
         acc += sc[:, None] * t
         w_ptrs += WORDS
     acc = tl.sum(acc, axis=1) * 16.0
-    if SPLITS == 1:
-        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.store(part_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
-        tl.debug_barrier()   # every thread's partial is written before the tile is counted in
-        lock = lock_ptr + m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-            splits = tl.arange(0, SPLITS_POW2)
-            parts = tl.load(part_ptr + (splits[:, None] * M + m) * N + offs_n[None, :],
-                            mask=(splits[:, None] < SPLITS) & mask_n[None, :], other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + m * stride_ym + offs_n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=mask_n)
-            tl.atomic_xchg(lock, 0)
+    store_row(acc, y_ptr, part_ptr, lock_ptr, m, M, N, offs_n, mask_n, stride_ym, pid_n, pid_k, SPLITS, SPLITS_POW2)
 
 
 def gemv(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
