@@ -37,6 +37,7 @@ class Context:
     # Mixed steps: how many sequences at the front of the batch decode one token each (the scheduler
     # puts running sequences first), so attention can give those rows the decode kernel.
     leading_decodes: int = 0
+    tail_q_start_loc: torch.Tensor = None   # q_start_loc of the sequences after them, made once a step
     logn: torch.Tensor = None             # (T,) query factors of use_logn_attn, set by the model's forward
 
     @property

@@ -184,9 +184,11 @@ def split_mixed(q, ctx, decode, prefill):
     the prefill kernel a decode row is one useful row of a 64-128-row tile, one program per (sequence,
     kv head) walking the whole context; the split-K decode kernel reads the same keys spread over the GPU."""
     n = ctx.leading_decodes
+    if ctx.tail_q_start_loc is None:   # every layer of the step splits the same way
+        ctx.tail_q_start_loc = ctx.q_start_loc[n:] - n
     out = torch.empty_like(q)
     decode(q[:n], ctx.block_tables[:n], ctx.context_lens[:n], out[:n])
-    prefill(q[n:], ctx.block_tables[n:], ctx.q_start_loc[n:] - n, ctx.context_lens[n:], out[n:])
+    prefill(q[n:], ctx.block_tables[n:], ctx.tail_q_start_loc, ctx.context_lens[n:], out[n:])
     return out
 
 
