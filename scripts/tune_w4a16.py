@@ -7,8 +7,9 @@ plain: kernels/w4a16.py on the workspace layout (full grid for M <= 4, which als
 and no_masks options). kmajor (M <= 4 only): kernels/w4a16_gemv.py on the repacked layout, a
 coordinate descent from its heuristic (one parameter at a time over its list, twice), since every
 config costs a compile. kmajor_gemm (5 <= M < 128, e.g. `16 64 --only kmajor_gemm`):
-kernels/w4a16_gemm.py on the same layout, the same descent over KMAJOR_GEMM_GRID. Every config is checked against the float32 reference before it is timed; the
-copy bandwidth measured in the same run gives the roofline % of the int4 bytes (weights, scales, zeros).
+kernels/w4a16_gemm.py on the same layout, the same descent over KMAJOR_GEMM_GRID. Every config is
+checked against the float32 reference before it is timed; the copy bandwidth measured in the same run
+gives the roofline % of the int4 bytes (weights, scales, zeros).
 """
 
 import argparse
