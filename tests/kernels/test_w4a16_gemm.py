@@ -200,6 +200,19 @@ def test_real_size_llama7b_mlp(dtype, M, K, N):
 
 
 @GPU
+@pytest.mark.parametrize("group", [16, 96])
+def test_workspace_layout_fallback(group):
+    """Groups repack cannot span keep the workspace layout (int4_layout); the op takes them to
+    w4a16.py's kernels where its tiles fit (16) and to the reference where they do not (96)."""
+    K, N = 2 * group + 8, 40
+    w = _quantized(K, N, group, seed=group)
+    assert triton_ops.int4_layout(w) is w
+    for M in (1, 17, 130):
+        x = torch.randn(M, K, device=DEVICE, dtype=torch.float16)
+        _check(triton_ops.linear_int4(x, w, K), x, w)
+
+
+@GPU
 def test_cuda_graph_replay():
     """A captured split GEMM launch replayed with new inputs: its semaphores are back at zero each time."""
     w = _quantized(4096, 4096, 128, seed=0)

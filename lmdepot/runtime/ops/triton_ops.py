@@ -46,8 +46,9 @@ def silu_mul(gate_up):
 def int4_layout(weight: dict) -> dict:
     """An int4 linear's GPU layout, made once at load (Linear keeps only it): w4a16_gemv.repack's
     K-major dict, which the GEMV, the GEMM and the dequantize kernel read (linear_int4_packed). Groups
-    whose spans repack cannot form (not 32, 64 or a multiple of 128, e.g. 96) keep the workspace
-    tensors and w4a16.py's kernels on them (that is what the old kernels are kept for)."""
+    whose spans repack cannot form (not 32, 64 or a multiple of 128) keep the workspace tensors, for
+    w4a16.py's kernels (what they are kept for) or the reference (linear_int4). Format v1 allows groups
+    of 32..256 only, all repacked; the fallback is for tensors from elsewhere (tests, later formats)."""
     from lmdepot.runtime.kernels import w4a16_gemv
 
     q, scales = weight["qweight"], weight["scales"]
@@ -61,11 +62,13 @@ def int4_layout(weight: dict) -> dict:
 def linear_int4(x, weight, in_features, bias=None, out_dtype=None):
     if "qt" in weight:   # repacked by int4_layout
         return linear_int4_packed(x, weight, bias, out_dtype)
-    if not x.is_cuda or x.dtype == torch.float32:
+    qweight = weight["qweight"]
+    group = qweight.shape[0] * 8 // weight["scales"].shape[0]
+    # w4a16.py's tiles need a power-of-two group of 16+ rows (a tile never straddles a group)
+    if not x.is_cuda or x.dtype == torch.float32 or group < 16 or group & (group - 1):
         return reference.linear_int4(x, weight, in_features, bias, out_dtype)
     from lmdepot.runtime.kernels.w4a16 import w4a16_linear
 
-    qweight = weight["qweight"]
     y = None
     if out_dtype is not None and out_dtype != x.dtype:   # the kernel's fp32 sums, unrounded
         y = torch.empty(*x.shape[:-1], qweight.shape[1], device=x.device, dtype=out_dtype)
