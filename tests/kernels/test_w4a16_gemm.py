@@ -183,6 +183,23 @@ def test_small_group_decoding_compiles_for_sm90(group):
     assert (b["stack"], b["mma"]) == (0, True), b
 
 
+def sm90_dequant_build(group: int, dtype: str = "fp16") -> dict:
+    from tests.kernels.sm90 import build
+
+    span = w4a16_gemv.span_of(group)
+    const = {"GROUP": group, "SPAN": span, "BLOCK_N": max(32, 8192 // span)}   # dequantize()'s launch
+    types = {"qt_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": f"*{dtype}"}
+    return build(w4a16_dequant._kernel, const, types, 4, 3, divisible=("N", "K", "KW"))
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_dequantize_compiles_for_sm90_without_spills(group):
+    from tests.kernels.sm90 import run_build
+
+    b = run_build(f"from tests.kernels.test_w4a16_gemm import sm90_dequant_build as f; f({group})")
+    assert b["stack"] == 0, b
+
+
 GPU = pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
 
 
