@@ -1,13 +1,15 @@
 """Sweep W4A16 launch configs on the GPU and print the best per (shape, M) next to the heuristic's.
 
-python scripts/tune_w4a16.py [M ...] [--only plain|kmajor]   (device run; prints a table, feeds the
-heuristic_config functions by hand)
+python scripts/tune_w4a16.py [M ...] [--only plain|kmajor|kmajor_gemm]   (device run; prints a table,
+feeds the heuristic_config functions by hand)
 
 plain: kernels/w4a16.py on the workspace layout (full grid for M <= 4, which also sweeps its x_tile
 and no_masks options). kmajor (M <= 4 only): kernels/w4a16_gemv.py on the repacked layout, a
 coordinate descent from its heuristic (one parameter at a time over its list, twice), since every
-config costs a compile. Every config is checked against the float32 reference before it is timed; the
-copy bandwidth measured in the same run gives the roofline % of the int4 bytes (weights, scales, zeros).
+config costs a compile. kmajor_gemm (5 <= M < 128, e.g. `16 64 --only kmajor_gemm`):
+kernels/w4a16_gemm.py on the same layout, the same descent over KMAJOR_GEMM_GRID. Every config is
+checked against the float32 reference before it is timed; the copy bandwidth measured in the same run
+gives the roofline % of the int4 bytes (weights, scales, zeros).
 """
 
 import argparse
@@ -18,12 +20,14 @@ from triton.testing import do_bench_cudagraph
 
 from lmdepot.bench.kernels import copy_bandwidth
 from lmdepot.formats.int4 import quantize_int4_rtn, unpack_int4
-from lmdepot.runtime.kernels import w4a16_gemv
+from lmdepot.runtime.kernels import w4a16_gemm, w4a16_gemv
 from lmdepot.runtime.kernels.w4a16 import heuristic_config, reference, w4a16_linear
 
 SHAPES = [(4096, 11008), (11008, 4096)]
 KMAJOR_GRID = {"block_n": [16, 32, 64], "num_warps": [1, 2], "num_stages": [1, 2, 3, 4],
                "split_k": [4, 6, 7, 8, 12, 16, 24], "maxnreg": [None, 96, 128], "vec": [2, 4]}
+KMAJOR_GEMM_GRID = {"block_m": [16, 32, 64], "block_n": [64, 128, 256], "num_warps": [4, 8],
+                    "num_stages": [2, 3, 4], "split_k": [1, 2, 3, 4, 6, 8]}
 
 
 def _us(fn, rep=20) -> float:
@@ -67,20 +71,24 @@ def tune_plain(K, N, M, x, q, ref):
     return base, best
 
 
-def tune_kmajor(K, N, M, x, q, ref):
+def tune_kmajor(K, N, M, x, q, ref, gemm=False):
+    """Coordinate descent from the heuristic config of the K-major GEMV (or, gemm=True, GEMM)."""
     packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
     assert torch.equal(w4a16_gemv.unpack(packed), unpack_int4(q["qweight"])), "repack lost codes"
-    cfg = w4a16_gemv.heuristic_config(M, N, K, 128)
-    base = _checked_us(lambda: w4a16_gemv.gemv(x, packed), ref, (K, N, M, "kmajor heuristic"))
+    kernel, grid = (w4a16_gemm, KMAJOR_GEMM_GRID) if gemm else (w4a16_gemv, KMAJOR_GRID)
+    launch = w4a16_gemm.gemm if gemm else w4a16_gemv.gemv
+    name = "kmajor_gemm" if gemm else "kmajor"
+    cfg = kernel.heuristic_config(M, N, K, 128)
+    base = _checked_us(lambda: launch(x, packed), ref, (K, N, M, f"{name} heuristic"))
     best = (base if base is not None else 1e9, cfg)
     for _ in range(2):
-        for key, values in KMAJOR_GRID.items():
+        for key, values in grid.items():
             for value in values:
                 cfg = best[1] | {key: value}
                 if cfg == best[1]:
                     continue
-                fn = lambda: w4a16_gemv.gemv(x, packed, config=cfg)  # noqa: E731, B023 - called at once
-                us = _checked_us(fn, ref, (K, N, M, "kmajor", cfg))
+                fn = lambda: launch(x, packed, config=cfg)  # noqa: E731, B023 - called at once
+                us = _checked_us(fn, ref, (K, N, M, name, cfg))
                 if us is not None and us < best[0]:
                     best = (us, cfg)
     return base, best
@@ -89,7 +97,7 @@ def tune_kmajor(K, N, M, x, q, ref):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("ms", nargs="*", type=int, default=[1, 16, 256])
-    parser.add_argument("--only", choices=["plain", "kmajor"])
+    parser.add_argument("--only", choices=["plain", "kmajor", "kmajor_gemm"])
     args = parser.parse_args()
     bw = copy_bandwidth("cuda")
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -99,13 +107,14 @@ def main():
         ref = reference(x, q["qweight"], q["scales"], q["zeros"]).float()
         nbytes = sum(t.numel() * t.element_size() for t in q.values())
         pct = lambda us: f"{100 * nbytes / bw / (us * 1e-6):.0f}% of copy bandwidth"  # noqa: E731
-        if args.only != "kmajor":
+        if args.only in (None, "plain"):
             base, (us, cfg) = tune_plain(K, N, M, x, q, ref)
             print(f"{K}x{N} M={M} plain: heuristic {base:.1f} us, best {us:.1f} us ({pct(us)}) {cfg}", flush=True)
-        if args.only != "plain" and M <= w4a16_gemv.MAX_M:
-            base, (us, cfg) = tune_kmajor(K, N, M, x, q, ref)
-            head = "failed" if base is None else f"{base:.1f} us"
-            print(f"{K}x{N} M={M} kmajor: heuristic {head}, best {us:.1f} us ({pct(us)}) {cfg}", flush=True)
+        for name, fits in (("kmajor", M <= w4a16_gemv.MAX_M), ("kmajor_gemm", w4a16_gemv.MAX_M < M < 128)):
+            if args.only in (None, name) and fits:
+                base, (us, cfg) = tune_kmajor(K, N, M, x, q, ref, gemm=name == "kmajor_gemm")
+                head = "failed" if base is None else f"{base:.1f} us"
+                print(f"{K}x{N} M={M} {name}: heuristic {head}, best {us:.1f} us ({pct(us)}) {cfg}", flush=True)
 
 
 if __name__ == "__main__":

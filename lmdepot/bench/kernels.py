@@ -65,10 +65,15 @@ def _torch_int4(x, w_codes_kn, scales, zeros, group):
         return exc
 
 
-def bench_gemm(device: str, bw: float, shapes=((4096, 11008), (11008, 4096)), ms=(1, 16, 256),
+def bench_gemm(device: str, bw: float, shapes=((4096, 11008), (11008, 4096)), ms=(1, 16, 64, 256),
                group: int = 128) -> list[Row]:
+    """`lmdepot w4a16`: kernels/w4a16.py on the workspace layout; `lmdepot w4a16 kmajor`: the engine's
+    path on the layout it repacks at load (triton_ops.linear_int4_packed: K-major GEMV, GEMM, or
+    dequantize + cuBLAS by M)."""
     from lmdepot.formats.int4 import quantize_int4_rtn, unpack_int4
+    from lmdepot.runtime.kernels import w4a16_gemv
     from lmdepot.runtime.kernels.w4a16 import w4a16_linear
+    from lmdepot.runtime.ops.triton_ops import linear_int4_packed
 
     rows = []
     for K, N in shapes:
@@ -76,6 +81,7 @@ def bench_gemm(device: str, bw: float, shapes=((4096, 11008), (11008, 4096)), ms
         q = {k: v.to(device) for k, v in quantize_int4_rtn(w, group).items()}
         w_bf16 = w.to(device, torch.bfloat16)
         codes = unpack_int4(q["qweight"])
+        packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
         for M in ms:
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
             x16 = x.to(torch.float16)
@@ -87,6 +93,8 @@ def bench_gemm(device: str, bw: float, shapes=((4096, 11008), (11008, 4096)), ms
             rows.append(Row(case, "cublas bf16", t, dense_bytes, _pct(dense_bytes, bw, t)))
             t = _time_us(lambda: w4a16_linear(x16, q["qweight"], q["scales"], q["zeros"]))
             rows.append(Row(case, "lmdepot w4a16", t, int4_bytes, _pct(int4_bytes, bw, t)))
+            t = _time_us(lambda: linear_int4_packed(x16, packed))
+            rows.append(Row(case, "lmdepot w4a16 kmajor", t, int4_bytes, _pct(int4_bytes, bw, t)))
             fn = _torch_int4(x, codes, q["scales"], q["zeros"], group)
             if callable(fn):
                 t = _time_us(fn)

@@ -19,7 +19,8 @@ from lmdepot.runtime.loader import RankWeights
 
 
 class Linear(nn.Module):
-    """Plain (out, in) weight, int4 group-quantized weight dequantized by the op, or int8 (W8A8)."""
+    """Plain (out, in) weight, int4 group-quantized weight (on the GPU repacked once for the kernels,
+    ops/triton_ops.int4_layout), or int8 (W8A8)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype, bias: bool = True):
         super().__init__()
@@ -31,8 +32,14 @@ class Linear(nn.Module):
             self.scales = tensors[f"{prefix}.scales"].float()
             self.dtype = dtype
         elif self.int4:
-            self.qweight = q
-            self.scales, self.zeros = tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"]
+            w = {"qweight": q, "scales": tensors[f"{prefix}.scales"], "zeros": tensors[f"{prefix}.zeros"]}
+            if q.is_cuda:   # one copy, in the GPU kernels' layout (the workspace tensors are dropped)
+                from lmdepot.runtime.ops.triton_ops import int4_layout
+
+                w = int4_layout(w)
+            self.int4_weight = w
+            # its tensors as attributes too: runner.model_bytes counts a module's tensor attributes
+            self.qweight, self.scales, self.zeros = w.get("qt", q), w["scales"], w["zeros"]
             self.in_features = None  # set by the owner: padded rows cannot tell it
         else:
             self.weight = tensors[f"{prefix}.weight"].t().to(dtype).contiguous()
@@ -50,7 +57,7 @@ class Linear(nn.Module):
             xq, xs = x if isinstance(x, tuple) else ops.quant_per_token(x)
             return ops.linear_w8a8(xq, xs, self.qweight, self.scales, self.bias, out_dtype or self.dtype)
         if self.int4:
-            return ops.linear_int4(x, self.qweight, self.scales, self.zeros, self.in_features, self.bias, out_dtype)
+            return ops.linear_int4(x, self.int4_weight, self.in_features, self.bias, out_dtype)
         if gated:
             return ops.silu_mul_linear(x, self.weight, self.bias, out_dtype)
         return ops.linear(x, self.weight, self.bias, out_dtype)

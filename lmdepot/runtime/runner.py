@@ -59,6 +59,8 @@ class ModelRunner:
         weights.to(self.device)
         self.model = LlamaModel(weights, self.dtype).to(self.device)
         del weights
+        if self.device.type == "cuda":   # the loaded copies of weights the model transposed or repacked: give
+            torch.cuda.empty_cache()     # them back, so that the KV cache sizing below sees them free
         self.block_size = ecfg.cache_block_seq_len or cfg.cache_block_seq_len
         self.graphs: DecodeGraphs | None = None
         self.use_graphs = self._graphs_apply(ecfg)

@@ -66,8 +66,11 @@ def linear(x, weight, bias=None, out_dtype=None):
     return _TABLE["linear"](x, weight, bias, out_dtype)
 
 
-def linear_int4(x, qweight, scales, zeros, in_features, bias=None, out_dtype=None):
-    return _TABLE["linear_int4"](x, qweight, scales, zeros, in_features, bias, out_dtype)
+def linear_int4(x, weight, in_features, bias=None, out_dtype=None):
+    """x @ an int4 group-quantized weight (+ bias). weight: a dict, the workspace tensors {"qweight",
+    "scales", "zeros"} (formats/int4.py) or, on the GPU, the layout Linear made of them at load
+    (triton_ops.int4_layout: w4a16_gemv.repack's {"qt", "scales", "zeros", "group"})."""
+    return _TABLE["linear_int4"](x, weight, in_features, bias, out_dtype)
 
 
 def rms_norm_quant(x, weight, eps):

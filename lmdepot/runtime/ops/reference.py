@@ -53,9 +53,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
     return y if bias is None else y + bias.to(out_dtype)
 
 
-def linear_int4(x, qweight, scales, zeros, in_features, bias, out_dtype=None):
-    # Dequantizing per call keeps only int4 bytes resident; a fused kernel replaces this on GPU.
-    w = dequantize_int4(qweight, scales, zeros, in_features, dtype=x.dtype)
+def linear_int4(x, weight, in_features, bias=None, out_dtype=None):
+    """weight: the workspace tensors {"qweight", "scales", "zeros"} (formats/int4.py). Dequantizing per
+    call keeps only int4 bytes resident; on the GPU the kernels take a repacked copy instead."""
+    w = dequantize_int4(weight["qweight"], weight["scales"], weight["zeros"], in_features, dtype=x.dtype)
     out = x @ w if out_dtype is None else x.to(out_dtype) @ w.to(out_dtype)
     return out if bias is None else out + bias.to(out.dtype)
 

@@ -43,16 +43,64 @@ def silu_mul(gate_up):
     return kernel(gate_up)
 
 
-def linear_int4(x, qweight, scales, zeros, in_features, bias, out_dtype=None):
-    if not x.is_cuda or x.dtype == torch.float32:
-        return reference.linear_int4(x, qweight, scales, zeros, in_features, bias, out_dtype)
+def int4_layout(weight: dict) -> dict:
+    """An int4 linear's GPU layout, made once at load (Linear keeps only it): w4a16_gemv.repack's
+    K-major dict, which the GEMV, the GEMM and the dequantize kernel read (linear_int4_packed). Groups
+    whose spans repack cannot form (not 32, 64 or a multiple of 128) keep the workspace tensors, for
+    w4a16.py's kernels (what they are kept for) or the reference (linear_int4). Format v1 allows groups
+    of 32..256 only, all repacked; the fallback is for tensors from elsewhere (tests, later formats)."""
+    from lmdepot.runtime.kernels import w4a16_gemv
+
+    q, scales = weight["qweight"], weight["scales"]
+    try:
+        w4a16_gemv.span_of(q.shape[0] * 8 // scales.shape[0])
+    except ValueError:
+        return weight
+    return w4a16_gemv.repack(q, scales, weight["zeros"])
+
+
+def linear_int4(x, weight, in_features, bias=None, out_dtype=None):
+    if "qt" in weight:   # repacked by int4_layout
+        return linear_int4_packed(x, weight, bias, out_dtype)
+    qweight = weight["qweight"]
+    group = qweight.shape[0] * 8 // weight["scales"].shape[0]
+    # w4a16.py's tiles need a power-of-two group of 16+ rows (a tile never straddles a group)
+    if not x.is_cuda or x.dtype == torch.float32 or group < 16 or group & (group - 1):
+        return reference.linear_int4(x, weight, in_features, bias, out_dtype)
     from lmdepot.runtime.kernels.w4a16 import w4a16_linear
 
     y = None
     if out_dtype is not None and out_dtype != x.dtype:   # the kernel's fp32 sums, unrounded
         y = torch.empty(*x.shape[:-1], qweight.shape[1], device=x.device, dtype=out_dtype)
-    out = w4a16_linear(x, qweight, scales, zeros, out=y)
+    out = w4a16_linear(x, qweight, weight["scales"], weight["zeros"], out=y)
     return out if bias is None else out + bias.to(out.dtype)
+
+
+def linear_int4_packed(x, packed, bias=None, out_dtype=None):
+    """x @ a repacked int4 weight (int4_layout) by rows: up to w4a16_gemv.MAX_M the GEMV, to
+    w4a16.DEQUANT_MIN_M - 1 (127) the GEMM (w4a16_gemm.py), from there (prefill) the (N, K) weight
+    dequantized into scratch and multiplied by the dense linear op (cuBLAS). out_dtype=float32: the unrounded sums (a
+    row-parallel rank's partial). Runs wherever the tensors are (the CPU tests drive it through
+    Triton's interpreter)."""
+    from lmdepot.runtime.kernels import w4a16_dequant, w4a16_gemm, w4a16_gemv
+    from lmdepot.runtime.kernels.w4a16 import DEQUANT_MIN_M
+
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M, N = x2.shape[0], packed["qt"].shape[0]
+    out = None
+    if out_dtype is not None and out_dtype != x.dtype:
+        out = torch.empty(M, N, device=x.device, dtype=out_dtype)
+    if M == 0:
+        y = torch.empty(0, N, device=x.device, dtype=out_dtype or x.dtype)
+    elif M <= w4a16_gemv.MAX_M:
+        y = w4a16_gemv.gemv(x2, packed, out=out)
+    elif M < DEQUANT_MIN_M:
+        y = w4a16_gemm.gemm(x2, packed, out=out)
+    else:
+        y = reference.linear(x2, w4a16_dequant.dequantize(packed, K, x.dtype), None, out_dtype)
+    y = y.view(*lead, N)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 # Rows up to which dense linears take the GEMV kernel instead of cuBLAS (read once, at import): one row
