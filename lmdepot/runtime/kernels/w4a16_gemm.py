@@ -39,7 +39,7 @@ from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
 from lmdepot.runtime.kernels.w4a16 import MAGIC_BITS
 from lmdepot.runtime.kernels.w4a16_dequant import reference as dequant_reference
 from lmdepot.runtime.kernels.w4a16_dequant import span_codes
-from lmdepot.runtime.kernels.w4a16_gemv import SMS, span_of
+from lmdepot.runtime.kernels.w4a16_gemv import SMS, operands, span_of
 
 
 def reference(x: torch.Tensor, packed: dict) -> torch.Tensor:
@@ -141,16 +141,8 @@ def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, K_P
 def gemm(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x (..., K) fp16/bf16 (fp32: exact but slow dots), `packed` from w4a16_gemv.repack -> (..., N) in
     x's dtype (or into `out`, whose dtype it keeps). `config` overrides heuristic_config (tuning, tests)."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    qt, group = packed["qt"], packed["group"]
-    M, (N, kw) = x2.shape[0], qt.shape
-    k_padded = kw * 8
-    if not k_padded - group < K <= k_padded:
-        raise ValueError(f"w4a16 gemm: needs {k_padded - group + 1}..{k_padded} input features; "
-                         f"got x {tuple(x.shape)}")
+    lead, x2, (N, kw), K, group = operands(x, packed, "gemm")
+    qt, M, k_padded = packed["qt"], x2.shape[0], kw * 8
     span = span_of(group)
     cfg = heuristic_config(M, N, k_padded, group) | (config or {})
     per_split, splits = k_split(k_padded, span, cfg["split_k"])

@@ -154,19 +154,27 @@ def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_P
     store_row(acc, y_ptr, part_ptr, lock_ptr, m, M, N, offs_n, mask_n, stride_ym, pid_n, pid_k, SPLITS, SPLITS_POW2)
 
 
-def gemv(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """x (..., K) fp16/bf16/fp32 with at most MAX_M rows, `packed` from repack -> (..., N) in x's dtype
-    (or into `out`, whose dtype it keeps). `config` overrides heuristic_config (tuning, tests)."""
+def operands(x: torch.Tensor, packed: dict, kernel: str, max_m: int | None = None):
+    """(leading dims, x as unit-stride rows, (N, K_padded / 8), K, group) for the kernels on the repacked
+    layout (this GEMV, w4a16_gemm.py), after checking x against the weight."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    qt, group = packed["qt"], packed["group"]
-    M, (N, kw) = x2.shape[0], qt.shape
-    k_padded = kw * 8
-    if M > MAX_M or not k_padded - group < K <= k_padded:
-        raise ValueError(f"w4a16 gemv: needs <= {MAX_M} rows and {k_padded - group + 1}..{k_padded} input "
-                         f"features; got x {tuple(x.shape)}")
+    shape, group = packed["qt"].shape, packed["group"]
+    k_padded = shape[1] * 8
+    if (max_m is not None and x2.shape[0] > max_m) or not k_padded - group < K <= k_padded:
+        rows = f"<= {max_m} rows and " if max_m is not None else ""
+        raise ValueError(f"w4a16 {kernel}: needs {rows}{k_padded - group + 1}..{k_padded} input features; "
+                         f"got x {tuple(x.shape)}")
+    return lead, x2, shape, K, group
+
+
+def gemv(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """x (..., K) fp16/bf16/fp32 with at most MAX_M rows, `packed` from repack -> (..., N) in x's dtype
+    (or into `out`, whose dtype it keeps). `config` overrides heuristic_config (tuning, tests)."""
+    lead, x2, (N, kw), K, group = operands(x, packed, "gemv", MAX_M)
+    qt, M, k_padded = packed["qt"], x2.shape[0], kw * 8
     span = span_of(group)
     cfg = heuristic_config(M, N, k_padded, group) | (config or {})
     per_split, splits = k_split(k_padded, span, cfg["split_k"])
