@@ -23,16 +23,16 @@ quantizer is a few vectors per tile, never a parameter gathered per element:
   block's first key exact in its fp16 sink row): (D,) vectors applied to the key tile and the
   sink row selected for the block's position 0. Applying them to q instead ((q * scale).code +
   q.min and q.sink, as the decode kernel does) costs (BLOCK_M x D) work a tile and three
-  reductions: 3142 SASS with spills at 128 x 64, vs 1020 on the tile;
+  reductions: 3142 SASS with spills at 128 x 64 (a build during this rewrite), vs 1020 on the tile;
 - int4: two codes per byte (channel 2i in the low nibble), split and interleaved in registers.
 Tiles never straddle a cache block: BLOCK_N is at most the page's largest power-of-two divisor
 and tiles start at its multiples, so one block's channel params hold for a whole tile, its
 block-table entry is one scalar load, and with the in-block strides constant (constexpr) its
 code and param offsets fold into the load instructions. (The float kernel gathers BLOCK_N keys
 across pages; with pages of 16 this kernel's tiles are 16 keys.) The previous version
-dequantized every K/V tile element by element with a scale and zero gathered per element: 1203 /
-1222 / 699 SASS per 32 keys unmasked (int8 / int4 / int4 channel), now 615 / 682 / 818 per 64;
-7.4x slower than the float kernel for int8 on an H200 (scripts/bench_prefill_quant.py).
+dequantized every K/V tile element by element with a scale and zero gathered per element (1203 /
+1222 / 699 SASS per 32 keys unmasked for int8 / int4 / int4 channel, now 615 / 682 / 818 per 64)
+and was 7.4x slower than the float kernel for int8 on an H200 (scripts/bench_prefill_quant.py).
 A Hadamard rotation is folded into q (rotated keys) and the output (rotated values). Operands are
 fp16 (bf16 queries are converted: p and the dequantized keys keep 11 bits), float32 for float32
 queries (tests). Static scales (--kv-scales static) and per-token quantizers of fewer channels
