@@ -1,15 +1,43 @@
 """Prefill/extend attention over a quantized paged KV cache (online int8 / int4, runtime/ops/kv_quant.py).
 
 The float prefill kernel's structure (prefill_attention.py: flat varlen batch through q_start_loc,
-context_lens and block_tables; BLOCK_M rows of (token, q head) of one kv head's GQA group; BLOCK_N
-key tiles gathered through the block table across pages; causal diagonal and sliding window; decode
-rows in the same launch; online softmax in fp32 with exp2) with each K and V tile dequantized in
-registers by the helpers the decode-quant kernel uses (kv_quant_tile.py), so cached keys are read at
-their quantized size and never materialized in float. Schemes: int8 / int4 per-token (plain), int4
-rotated per-token (rotate), int4 per-channel keys + rotated per-token values (channel); per-token
-quantizers of GROUP channels (the routing sends only the default, the whole head). As in decode, a
-Hadamard rotation is folded into q (rotated keys) and the output (rotated values). Static scales
-(--kv-scales static) stay on the torch reference.
+context_lens and block_tables; BLOCK_M rows of (token, q head) of one kv head's GQA group; causal
+diagonal and sliding window; decode rows in the same launch; online softmax in fp32 with exp2) over
+tiles of raw codes. A tile's codes are loaded as they lie in the cache (pipelined by Triton:
+cp.async, 16 bytes a load) and become fp16 with bitwise ops (`_codes`: exact 0..255); each
+quantizer is a few vectors per tile, never a parameter gathered per element:
+- per-token quantizers (K unless `key_channel`, V always; one (scale, zero) per token and kv head)
+  are (BLOCK_N,) vectors applied to the tile rows, (code - zero) * scale (an exact fp16 difference,
+  one rounding, as an fp16 cache holds the keys). On sm_90 a converted K or V tile goes back to
+  shared memory for the tensor cores anyway (wgmma reads its second operand from there), so this
+  is two packed fp16 ops per two codes. The decode kernel's alternative, the quantizers applied
+  to the scores and weights (q.k_t = scale_t (q.code_t - zero_t sum(q)); sum_t p_t v_t = sum_t
+  (p_t scale_t) code_t - sum_t p_t scale_t zero_t, a per-row correction), is `config["scores"]`:
+  with BLOCK_M rows of queries (not decode's 16 heads) each thread holds a quarter of the tile's
+  keys in the accumulator layout, so every param vector costs BLOCK_N / 4 loads and
+  conversions a thread and the (rows x keys) scale and correction work; sm_90 builds (Triton 3.9,
+  head dim 128, 128 x 64 tiles, 8 warps): int8 819 SASS in the masked loop (615 unmasked), 230
+  registers, against 1363 and 254 registers with 8 bytes spilled for the scores (the float kernel:
+  717 / 461);
+- per-channel keys (`key_channel`, per block, kv head and channel: k = code * scale + min; the
+  block's first key exact in its fp16 sink row): (D,) vectors applied to the key tile and the
+  sink row selected for the block's position 0. Applying them to q instead ((q * scale).code +
+  q.min and q.sink, as the decode kernel does) costs (BLOCK_M x D) work a tile and three
+  reductions: 3142 SASS with spills at 128 x 64 (a build during this rewrite), vs 1020 on the tile;
+- int4: two codes per byte (channel 2i in the low nibble), split and interleaved in registers.
+Tiles never straddle a cache block: BLOCK_N is at most the page's largest power-of-two divisor
+and tiles start at its multiples, so one block's channel params hold for a whole tile, its
+block-table entry is one scalar load, and with the in-block strides constant (constexpr) its
+code and param offsets fold into the load instructions. (The float kernel gathers BLOCK_N keys
+across pages; with pages of 16 this kernel's tiles are 16 keys.) The previous version
+dequantized every K/V tile element by element with a scale and zero gathered per element (1203 /
+1222 / 699 SASS per 32 keys unmasked for int8 / int4 / int4 channel, now 615 / 682 / 818 per 64)
+and was 7.4x slower than the float kernel for int8 on an H200 (scripts/bench_prefill_quant.py).
+A Hadamard rotation is folded into q (rotated keys) and the output (rotated values). Operands are
+fp16 (bf16 queries are converted: p and the dequantized keys keep 11 bits), float32 for float32
+queries (tests). Static scales (--kv-scales static) and per-token quantizers of fewer channels
+than the head stay on the torch reference (triton_ops._kv_kernels_fit); the launcher refuses the
+latter, and head dims that are not a power of two.
 """
 
 from __future__ import annotations
@@ -20,9 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.kv_quant_tile import channel_key_tile, param_operands, per_token_tile
+from lmdepot.runtime.kernels.kv_quant_tile import param_operands
 from lmdepot.runtime.kernels.prefill_attention import LOG2E, NO_WINDOW
-from lmdepot.runtime.kernels.prefill_attention import default_config as float_config
 
 
 def reference(q, cache, block_tables, q_start_loc, context_lens, sm_scale, sliding_window=0):
@@ -38,47 +65,86 @@ def reference(q, cache, block_tables, q_start_loc, context_lens, sm_scale, slidi
 
 
 @triton.jit
-def _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
-          vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt, c_b, c_s, c_h, p_b, p_s, p_h, ch_b, ch_h,
-          PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-          BITS: tl.constexpr, GROUP: tl.constexpr, KEY_CHANNEL: tl.constexpr, MASK: tl.constexpr):
-    """One BLOCK_N tile of keys from position `start`; MASK=False: every key is visible to every row."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kpos = start + offs_n
-    mask_n = kpos < hi
-    mask = mask_n[:, None] & (offs_d < D)[None, :]
-    blk = tl.load(bt_ptr + seq * stride_bt + kpos // PAGE, mask=mask_n, other=0).to(tl.int64)[:, None]
-    slot = (kpos % PAGE)[:, None]
-    c_row = blk * c_b + slot * c_s + kvh * c_h
-    p_row = blk * p_b + slot * p_s + kvh * p_h
-    rows = mask_n[:, None]   # whole rows (D == BLOCK_D): codes loaded as 32-bit words (kv_quant_tile.codes_tile)
-    if KEY_CHANNEL:
-        k = channel_key_tile(kc_ptr, ks_ptr, kmin_ptr, ksink_ptr, c_row, blk * ch_b + kvh * ch_h, slot == 0,
-                             offs_d, mask, rows, mask, BITS, D == BLOCK_D)
-    else:
-        k = per_token_tile(kc_ptr, ks_ptr, kz_ptr, c_row, p_row, offs_d, mask, rows, BITS, GROUP, D == BLOCK_D)
-    qk = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+def _codes(x, BITS: tl.constexpr):
+    """A tile of cached rows (N, bytes) as fp16 (N, D) of 1024 + code, exact: the code's bits in the
+    mantissa of 1024 (one bitwise op where an int-to-float conversion is a quarter-rate instruction).
+    int4: channel 2i is byte i's low nibble, 2i + 1 its high one."""
+    x = x.to(tl.uint16)
+    if BITS == 4:
+        x = tl.reshape(tl.join(x & 0xF, x >> 4), (x.shape[0], 2 * x.shape[1]))
+    return (x | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _token_params(s_ptr, z_ptr, off, live, MASK: tl.constexpr):
+    """(scale, zero) of a tile's keys, one per key (BLOCK_N,). MASK: keys past the sequence's last
+    (not `live`) get scale 0: their slots may hold anything (never-written cache memory)."""
     if MASK:
-        valid = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window) & mask_n[None, :]
+        scale = tl.load(s_ptr + off, mask=live, other=0.0)
+    else:
+        scale = tl.load(s_ptr + off)
+    return scale, tl.load(z_ptr + off)
+
+
+@triton.jit
+def _tile(acc, m_i, l_i, corr, q, q_sum, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, vc_ptr,
+          ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt, c_b, p_b, ch_b, ch_h,
+          C_S: tl.constexpr, C_H: tl.constexpr, P_S: tl.constexpr, P_H: tl.constexpr, PAGE: tl.constexpr,
+          D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+          SCORES: tl.constexpr, MASK: tl.constexpr):
+    """The BLOCK_N keys from position `start`, all in one cache block; MASK=False: every key is
+    visible to every row. Codes are loaded unmasked: the tile lies in a block of the sequence, and
+    codes past its last key are finite and meet zero weights."""
+    op_ty = q.dtype
+    offs_n = tl.arange(0, BLOCK_N)
+    kpos = start + offs_n
+    live = kpos < hi
+    blk = tl.load(bt_ptr + seq * stride_bt + start // PAGE).to(tl.int64)
+    first = start % PAGE
+    # constexpr strides: a tile's element offsets are constants from one scalar base
+    c_off = blk * c_b + first * C_S + kvh * C_H + (offs_n[:, None] * C_S + tl.arange(0, D * BITS // 8)[None, :])
+    kc = _codes(tl.load(kc_ptr + c_off), BITS).to(op_ty)
+    vc = _codes(tl.load(vc_ptr + c_off), BITS).to(op_ty)
+    p_off = blk * p_b + first * P_S + kvh * P_H + offs_n * P_S
+    if KEY_CHANNEL:   # the block's per-channel (scale, min) on the key tile; its first key exact
+        ch = blk * ch_b + kvh * ch_h + tl.arange(0, D)
+        k = (kc - 1024.0) * tl.load(ks_ptr + ch).to(op_ty)[None, :] + tl.load(kmin_ptr + ch).to(op_ty)[None, :]
+        k = tl.where((first + offs_n == 0)[:, None], tl.load(ksink_ptr + ch).to(op_ty)[None, :], k)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+    else:
+        k_scale, k_zero = _token_params(ks_ptr, kz_ptr, p_off, live, MASK)
+        if SCORES:   # q.k_t = scale_t (q.code_t - zero_t sum(q))
+            k_scale = k_scale.to(tl.float32) * qk_scale
+            qk = tl.dot(q, tl.trans(kc - 1024.0)) * k_scale[None, :] \
+                - q_sum[:, None] * (k_zero.to(tl.float32) * k_scale)[None, :]
+        else:   # (code - zero) * scale on the tile: an exact fp16 difference, one rounding
+            k = (kc - (k_zero.to(op_ty) + 1024.0)[:, None]) * k_scale.to(op_ty)[:, None]
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASK:
+        valid = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window) & live[None, :]
         qk = tl.where(valid, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = per_token_tile(vc_ptr, vs_ptr, vz_ptr, c_row, p_row, offs_d, mask, rows, BITS, GROUP,
-                       D == BLOCK_D)   # masked keys: 0
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return acc, m_new, l_i
+    v_scale, v_zero = _token_params(vs_ptr, vz_ptr, p_off, live, MASK)
+    if SCORES:   # sum_t p_t v_t = sum_t (p_t scale_t) code_t - sum_t p_t scale_t zero_t
+        w = (p * v_scale.to(tl.float32)[None, :]).to(op_ty)   # the correction takes the dot's rounded weights
+        corr = corr * alpha + tl.sum(w.to(tl.float32) * v_zero.to(tl.float32)[None, :], axis=1)
+        acc = acc * alpha[:, None] + tl.dot(w, vc - 1024.0)
+    else:
+        v = (vc - (v_zero.to(op_ty) + 1024.0)[:, None]) * v_scale.to(op_ty)[:, None]
+        acc = acc * alpha[:, None] + tl.dot(p.to(op_ty), v)
+    return acc, m_new, l_i, corr
 
 
 @triton.jit
 def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr,
             bt_ptr, qsl_ptr, lens_ptr, qk_scale, window,
-            stride_qt, stride_qh, stride_ot, stride_oh, c_b, c_s, c_h, p_b, p_s, p_h, ch_b, ch_h, stride_bt,
-            GROUPS: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-            KEY_CHANNEL: tl.constexpr):
+            stride_qt, stride_qh, stride_ot, stride_oh, c_b, p_b, ch_b, ch_h, stride_bt,
+            C_S: tl.constexpr, C_H: tl.constexpr, P_S: tl.constexpr, P_H: tl.constexpr, GROUPS: tl.constexpr,
+            PAGE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
+            KEY_CHANNEL: tl.constexpr, SCORES: tl.constexpr):
     mblk, seq, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
@@ -86,16 +152,17 @@ def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_p
         return
     ctx_len = tl.load(lens_ptr + seq)
     past = ctx_len - q_len
+    op_ty = tl.float32 if q_ptr.dtype.element_ty == tl.float32 else tl.float16
 
     rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     tok = rows // GROUPS
     head = kvh * GROUPS + rows % GROUPS
     mask_m = tok < q_len
     qpos = past + tok
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    q = tl.load(q_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
-                + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    offs_d = tl.arange(0, D)
+    q_rows = (q_start + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_rows, mask=mask_m[:, None], other=0.0).to(op_ty)
+    q_sum = tl.sum(q.to(tl.float32), axis=1)   # of the operand's values (SCORES)
 
     # Key ranges as in prefill_attention.py: [lo, hi) needed, [full_lo, full_hi) seen whole by all rows.
     first_tok = (mblk * BLOCK_M) // GROUPS
@@ -107,50 +174,61 @@ def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_p
 
     m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    corr = tl.zeros((BLOCK_M,), dtype=tl.float32)   # SCORES: sum_t p_t scale_t zero_t of V
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     for start in range(lo, full_lo, BLOCK_N):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, vc_ptr,
-                              ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
-                              c_b, c_s, c_h, p_b, p_s, p_h, ch_b, ch_h, PAGE, D, BLOCK_D, BLOCK_N,
-                              BITS, GROUP, KEY_CHANNEL, True)
+        acc, m_i, l_i, corr = _tile(acc, m_i, l_i, corr, q, q_sum, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr,
+                                    vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
+                                    c_b, p_b, ch_b, ch_h, C_S, C_H, P_S, P_H, PAGE, D, BLOCK_N, BITS, KEY_CHANNEL,
+                                    SCORES, True)
     for start in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, vc_ptr,
-                              ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
-                              c_b, c_s, c_h, p_b, p_s, p_h, ch_b, ch_h, PAGE, D, BLOCK_D, BLOCK_N,
-                              BITS, GROUP, KEY_CHANNEL, False)
+        acc, m_i, l_i, corr = _tile(acc, m_i, l_i, corr, q, q_sum, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr,
+                                    vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
+                                    c_b, p_b, ch_b, ch_h, C_S, C_H, P_S, P_H, PAGE, D, BLOCK_N, BITS, KEY_CHANNEL,
+                                    SCORES, False)
     for start in range(full_hi, hi, BLOCK_N):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, vc_ptr,
-                              ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
-                              c_b, c_s, c_h, p_b, p_s, p_h, ch_b, ch_h, PAGE, D, BLOCK_D, BLOCK_N,
-                              BITS, GROUP, KEY_CHANNEL, True)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(o_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
-             + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        acc, m_i, l_i, corr = _tile(acc, m_i, l_i, corr, q, q_sum, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr,
+                                    vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
+                                    c_b, p_b, ch_b, ch_h, C_S, C_H, P_S, P_H, PAGE, D, BLOCK_N, BITS, KEY_CHANNEL,
+                                    SCORES, True)
+    out = (acc - corr[:, None]) / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(o_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
 def default_config(rows: int, head_dim: int) -> dict:
-    """Tiles for an H100/H200-class GPU; rows = longest q_len x GQA group. The float kernel's 64-key
-    tiles spill here (sm_90 build, head dim 128: 1.2 KB a thread at 128 x 64, 8 warps: the dequantized
-    K/V tiles live in registers beside the accumulator); 32-key tiles of 128 rows fit in 252 registers,
-    16-key tiles of 64 rows spill 32 bytes (tests/kernels/test_prefill_attention_quant.py checks)."""
+    """Tiles for an H100/H200-class GPU; rows = longest q_len x GQA group. sm_90 builds (head dim
+    128, int8 / int4 / int4 channel; tests/kernels/test_prefill_attention_quant.py checks no
+    spills): 128 x 64 tiles, 8 warps take 230 / 208 / 214 registers; 64 x 64, 4 warps 213 / 222 /
+    178; 128 x 64 with 4 warps spills 300+ bytes. Head dim 256: 128 x 32, 8 warps (238 / 250 for
+    int8 / channel; 64 x 64 spills 240 bytes)."""
     if head_dim > 128:
-        return float_config(rows, head_dim)
+        return dict(block_m=128, block_n=32, num_warps=8, num_stages=2, scores=False)
     if rows >= 512:
-        return dict(block_m=128, block_n=32, num_warps=8, num_stages=2)
-    return dict(block_m=64, block_n=16, num_warps=4, num_stages=2)
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2, scores=False)
+    return dict(block_m=64, block_n=64, num_warps=4, num_stages=2, scores=False)
 
 
 def prefill_attention_quant(q, cache, block_tables, q_start_loc, context_lens, max_q_len: int,
                             sm_scale: float | None = None, sliding_window: int = 0,
                             out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """q (T, Hq, D); cache an online QuantKVCache (triton_ops._kv_kernels_fit) holding every key, the new ones included;
+    """q (T, Hq, D), D a power of two; cache an online QuantKVCache with one quantizer per token and
+    kv head (group = head_dim: triton_ops._kv_kernels_fit) holding every key, the new ones included;
     block_tables (S, max_pages) int32; q_start_loc (S + 1,) int32; context_lens (S,) int32;
-    max_q_len (python int >= every q_len) only sizes the grid: no device sync."""
+    max_q_len (python int >= every q_len) only sizes the grid: no device sync. The result goes to
+    `out` ((T, Hq, D), unit stride along D) where given. `config` (tuning): block_m, block_n
+    (capped at the page's largest power-of-two divisor: tiles never straddle a block), num_warps,
+    num_stages, scores (per-token quantizers on the scores and weights, not on the tiles)."""
     from lmdepot.runtime.ops.kv_quant import hadamard_on
 
     T, Hq, D = q.shape
     kc, vc = cache.codes
     page, Hkv = kc.shape[1], kc.shape[2]
+    if cache.group != D:
+        raise ValueError(f"prefill attention over a quantized cache: one quantizer per head (group {D}), "
+                         f"got group {cache.group}")
+    if D & (D - 1):
+        raise ValueError(f"prefill attention over a quantized cache: head_dim {D} is not a power of two")
     groups = Hq // Hkv
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     rot = hadamard_on(D, str(q.device)) if cache.rotate else None
@@ -162,12 +240,13 @@ def prefill_attention_quant(q, cache, block_tables, q_start_loc, context_lens, m
     grid = (triton.cdiv(max(max_q_len, 1) * groups, cfg["block_m"]), block_tables.shape[0], Hkv)
     _kernel[grid](
         qr, y, kc, vc, ks, kz, vs, vz, kmin, ksink, block_tables, q_start_loc, context_lens, sm_scale * LOG2E,
-        sliding_window if sliding_window else NO_WINDOW,
-        qr.stride(0), qr.stride(1), y.stride(0), y.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        vs.stride(0), vs.stride(1), vs.stride(2), ch.stride(0), ch.stride(1), block_tables.stride(0),
-        GROUPS=groups, PAGE=page, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=cfg["block_m"],
-        BLOCK_N=cfg["block_n"], BITS=cache.bits, GROUP=cache.group, KEY_CHANNEL=cache.key_channel,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        sliding_window if sliding_window else NO_WINDOW, qr.stride(0), qr.stride(1), y.stride(0), y.stride(1),
+        kc.stride(0), vs.stride(0), ch.stride(0), ch.stride(1), block_tables.stride(0),
+        # the in-block strides are constants of the kernel (one build per model): tile offsets fold away
+        C_S=kc.stride(1), C_H=kc.stride(2), P_S=vs.stride(1), P_H=vs.stride(2), GROUPS=groups, PAGE=page, D=D,
+        BLOCK_M=cfg["block_m"], BLOCK_N=min(cfg["block_n"], page & -page), BITS=cache.bits,
+        KEY_CHANNEL=cache.key_channel, SCORES=cfg["scores"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
         y.copy_(y.float() @ rot)
     return y
