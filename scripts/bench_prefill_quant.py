@@ -24,10 +24,9 @@ from lmdepot.runtime.ops.kv_quant import store_kv_quant
 CASES = (("prefill 1x4096", [(4096, 4096)]), ("extend 4x1024 +1024 cached", [(1024, 2048)] * 4),
          ("mixed 4x512 + 64 decodes @2048", [(512, 512)] * 4 + [(1, 2048)] * 64))
 PAGE, HQ, HKV, D, DT = 64, 32, 8, 128, torch.float16
-# block_m x block_n tiles, warps, pipeline stages; scores: per-token quantizers on the scores and weights
-CONFIGS = [dict(block_m=m, block_n=n, num_warps=w, num_stages=st, scores=sc) for m, n, w, st, sc in (
-    (128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 32, 8, 2, False), (64, 64, 4, 2, False),
-    (64, 64, 4, 3, False), (64, 32, 4, 2, False), (128, 64, 8, 2, True), (128, 32, 8, 2, True))]
+# block_m x block_n tiles, warps, pipeline stages
+CONFIGS = [dict(block_m=m, block_n=n, num_warps=w, num_stages=st) for m, n, w, st in (
+    (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2))]
 
 
 def sweep(run, want) -> None:

@@ -120,20 +120,21 @@ def _sm90_build(bits: int, key_channel: bool, split: bool) -> dict:
     from lmdepot.runtime.kernels import paged_decode_attention_quant as m
     from tests.kernels.sm90 import build
 
+    cfg = m.default_config(bits, key_channel)
     const = dict(GROUPS=4, BLOCK_H=16, D=128, BLOCK_D=128, PAGE=64, BITS=bits, KEY_CHANNEL=key_channel,
-                 SUB=min(64, m.DECODE_SUB), SPLIT=split)
+                 SUB=cfg["sub"], SPLIT=split)
     types = {"q_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*u8",
              "vs_ptr": "*fp16", "vz_ptr": "*u8", "kmin_ptr": "*fp16", "ksink_ptr": "*fp16", "bt_ptr": "*i32",
              "lens_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp16", "sem_ptr": "*i32",
              "sm_scale": "fp32"}
     # the cache strides are multiples of 16 bytes, as a launch specializes them: 16-byte code loads
-    return build(m._split_kernel, const, types, 4, 3, divisible=("c_b", "c_s", "c_h", "ch_b", "ch_h", "p_b", "p_s"))
+    return build(m._split_kernel, const, types, cfg["num_warps"], cfg["num_stages"], divisible=("c_b", "c_s", "c_h", "ch_b", "ch_h", "p_b", "p_s"))
 
 
 @pytest.mark.parametrize("bits, key_channel", [(8, False), (4, False), (4, True)])
 @pytest.mark.parametrize("split", [False, True])
 def test_split_kernel_does_not_spill_on_sm90(bits, key_channel, split):
-    """Built for an H100/H200 (no GPU needed): tiles of DECODE_SUB keys fit in registers, with the merge
+    """Built for an H100/H200 (no GPU needed): the default tiles fit in registers, with the merge
     epilogue too, on tensor cores, and the code loads are pipelined (cp.async, 16 bytes a load): the
     first version, which dequantized codes in registers before the products, was never pipelined."""
     from tests.kernels.sm90 import run_build

@@ -14,7 +14,6 @@ SCHEMES = [(8, "plain"), (4, "plain"), (4, "rotate"), (4, "channel")]
 # Plain prefill (ctx == q), prefix hits / later chunks (ctx > q, odd lengths), decode rows (q = 1).
 MIXED = [(7, 7), (1, 23), (19, 40), (1, 1), (5, 70)]
 SMALL = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
-SCORES = dict(SMALL, scores=True)   # the per-token quantizers on the scores and weights, not the tiles
 NEW_KV = torch.empty(0, 2, 64)   # the ops' k/v arguments: only their kv head count is read (stored already)
 
 
@@ -59,9 +58,8 @@ def _check(seqs, bits, scheme, page, hq, hkv, d, dtype, window=0, config=SMALL, 
 
 @pytest.mark.parametrize("bits, scheme", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [SMALL, SCORES], ids=["tiles", "scores"])
-def test_mixed_batch_every_scheme(bits, scheme, dtype, config):
-    _check(MIXED, bits, scheme, 16, 4, 2, 64, dtype, config=config)
+def test_mixed_batch_every_scheme(bits, scheme, dtype):
+    _check(MIXED, bits, scheme, 16, 4, 2, 64, dtype, config=SMALL)
 
 
 @pytest.mark.parametrize("bits, scheme", [(8, "plain"), (4, "channel")])
@@ -236,10 +234,10 @@ def _sm90_build(rows: int, bits: int, key_channel: bool) -> dict:
     from lmdepot.runtime.kernels import prefill_attention_quant as m
     from tests.kernels.sm90 import build
 
-    cfg = m.default_config(rows, 128)
+    cfg = m.default_config(rows, 128, bits)
     row = 128 * bits // 8   # bytes of a cached row of codes
     const = dict(C_S=8 * row, C_H=row, P_S=8, P_H=1, GROUPS=4, PAGE=64, D=128, BLOCK_M=cfg["block_m"],
-                 BLOCK_N=cfg["block_n"], BITS=bits, KEY_CHANNEL=key_channel, SCORES=cfg["scores"])
+                 BLOCK_N=cfg["block_n"], BITS=bits, KEY_CHANNEL=key_channel)
     types = {"q_ptr": "*fp16", "o_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*u8",
              "vs_ptr": "*fp16", "vz_ptr": "*u8", "kmin_ptr": "*fp16", "ksink_ptr": "*fp16", "bt_ptr": "*i32",
              "qsl_ptr": "*i32", "lens_ptr": "*i32", "qk_scale": "fp32"}

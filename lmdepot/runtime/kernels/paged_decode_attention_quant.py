@@ -138,9 +138,14 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
                  SPLIT)
 
 
-# Keys per tile (a page of fewer keys is one tile). sm_90 builds (Triton 3.9, 4 warps, 3 stages): 32 keys take
-# 128 / 95 / 163 registers (int8 / int4 / int4 channel keys), 64 keys 219 / 166 / 241; both without spills.
-DECODE_SUB = 32
+def default_config(bits: int, key_channel: bool) -> dict:
+    """Keys per tile (a page of fewer keys is one tile), warps, pipeline stages: the fastest on an H200
+    (scripts/bench_decode_quant.py --sweep, 128 sequences x 3000 tokens, 32q/32kv and 32q/8kv; docs/
+    benchmarks.md). sm_90 builds (Triton 3.9) of these: 124 / 161 / 241 registers, no spills."""
+    if bits == 8:
+        return {"sub": 32, "num_warps": 4, "num_stages": 2}
+    return {"sub": 64, "num_warps": 4, "num_stages": 3 if key_channel else 2}
+
 
 
 def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: float | None = None,
@@ -158,8 +163,7 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
     if cache.group != D:
         raise ValueError(f"decode attention over a quantized cache: one quantizer per head (group {D}), "
                          f"got group {cache.group}")
-    cfg = config or {}
-    launch = {key: cfg[key] for key in ("num_warps", "num_stages") if cfg.get(key) is not None}
+    cfg = default_config(cache.bits, cache.key_channel) | (config or {})
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     rot = hadamard_on(D, str(q.device)) if cache.rotate else None
     if rot is not None and not cache.key_channel:   # rotated keys: score with the rotated query
@@ -174,7 +178,8 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
         y.stride(0), y.stride(1), num_splits, pages_per_split, Hq, Hkv,
         GROUPS=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), D=D,
         BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits,
-        KEY_CHANNEL=cache.key_channel, SUB=min(page, cfg.get("sub", DECODE_SUB)), SPLIT=num_splits > 1, **launch)
+        KEY_CHANNEL=cache.key_channel, SUB=min(page, cfg["sub"]), SPLIT=num_splits > 1,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
         y = (y.float() @ rot).to(y.dtype) if out is None else out.copy_(y.float() @ rot)
     return y

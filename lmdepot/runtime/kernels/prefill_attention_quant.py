@@ -11,14 +11,12 @@ quantizer is a few vectors per tile, never a parameter gathered per element:
   one rounding, as an fp16 cache holds the keys). On sm_90 a converted K or V tile goes back to
   shared memory for the tensor cores anyway (wgmma reads its second operand from there), so this
   is two packed fp16 ops per two codes. The decode kernel's alternative, the quantizers applied
-  to the scores and weights (q.k_t = scale_t (q.code_t - zero_t sum(q)); sum_t p_t v_t = sum_t
-  (p_t scale_t) code_t - sum_t p_t scale_t zero_t, a per-row correction), is `config["scores"]`:
-  with BLOCK_M rows of queries (not decode's 16 heads) each thread holds a quarter of the tile's
-  keys in the accumulator layout, so every param vector costs BLOCK_N / 4 loads and
-  conversions a thread and the (rows x keys) scale and correction work; sm_90 builds (Triton 3.9,
-  head dim 128, 128 x 64 tiles, 8 warps): int8 819 SASS in the masked loop (615 unmasked), 230
-  registers, against 1363 and 254 registers with 8 bytes spilled for the scores (the float kernel:
-  717 / 461);
+  to the scores and weights, was built and timed here too: with BLOCK_M rows of queries (not
+  decode's 16 heads) each thread holds a quarter of the tile's keys in the accumulator layout, so
+  each param vector costs BLOCK_N / 4 loads a thread plus (rows x keys) scale and correction work;
+  sm_90 (Triton 3.9, 128 x 64 tiles, 8 warps, int8): 1363 SASS in the masked loop and 8 bytes
+  spilled vs 819 on the tiles; on an H200 it was 5-27% slower in every case and scheme
+  (docs/benchmarks.md, sixth session), so it went;
 - per-channel keys (`key_channel`, per block, kv head and channel: k = code * scale + min; the
   block's first key exact in its fp16 sink row): (D,) vectors applied to the key tile and the
   sink row selected for the block's position 0. Applying them to q instead ((q * scale).code +
@@ -87,11 +85,11 @@ def _token_params(s_ptr, z_ptr, off, live, MASK: tl.constexpr):
 
 
 @triton.jit
-def _tile(acc, m_i, l_i, corr, q, q_sum, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, vc_ptr,
+def _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, vc_ptr,
           ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt, c_b, p_b, ch_b, ch_h,
           C_S: tl.constexpr, C_H: tl.constexpr, P_S: tl.constexpr, P_H: tl.constexpr, PAGE: tl.constexpr,
           D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
-          SCORES: tl.constexpr, MASK: tl.constexpr):
+          MASK: tl.constexpr):
     """The BLOCK_N keys from position `start`, all in one cache block; MASK=False: every key is
     visible to every row. Codes are loaded unmasked: the tile lies in a block of the sequence, and
     codes past its last key are finite and meet zero weights."""
@@ -113,13 +111,9 @@ def _tile(acc, m_i, l_i, corr, q, q_sum, start, qpos, hi, window, seq, kvh, bt_p
         qk = tl.dot(q, tl.trans(k)) * qk_scale
     else:
         k_scale, k_zero = _token_params(ks_ptr, kz_ptr, p_off, live, MASK)
-        if SCORES:   # q.k_t = scale_t (q.code_t - zero_t sum(q))
-            k_scale = k_scale.to(tl.float32) * qk_scale
-            qk = tl.dot(q, tl.trans(kc - 1024.0)) * k_scale[None, :] \
-                - q_sum[:, None] * (k_zero.to(tl.float32) * k_scale)[None, :]
-        else:   # (code - zero) * scale on the tile: an exact fp16 difference, one rounding
-            k = (kc - (k_zero.to(op_ty) + 1024.0)[:, None]) * k_scale.to(op_ty)[:, None]
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
+        # (code - zero) * scale on the tile: an exact fp16 difference, one rounding
+        k = (kc - (k_zero.to(op_ty) + 1024.0)[:, None]) * k_scale.to(op_ty)[:, None]
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
     if MASK:
         valid = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window) & live[None, :]
         qk = tl.where(valid, qk, float("-inf"))
@@ -128,14 +122,9 @@ def _tile(acc, m_i, l_i, corr, q, q_sum, start, qpos, hi, window, seq, kvh, bt_p
     p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v_scale, v_zero = _token_params(vs_ptr, vz_ptr, p_off, live, MASK)
-    if SCORES:   # sum_t p_t v_t = sum_t (p_t scale_t) code_t - sum_t p_t scale_t zero_t
-        w = (p * v_scale.to(tl.float32)[None, :]).to(op_ty)   # the correction takes the dot's rounded weights
-        corr = corr * alpha + tl.sum(w.to(tl.float32) * v_zero.to(tl.float32)[None, :], axis=1)
-        acc = acc * alpha[:, None] + tl.dot(w, vc - 1024.0)
-    else:
-        v = (vc - (v_zero.to(op_ty) + 1024.0)[:, None]) * v_scale.to(op_ty)[:, None]
-        acc = acc * alpha[:, None] + tl.dot(p.to(op_ty), v)
-    return acc, m_new, l_i, corr
+    v = (vc - (v_zero.to(op_ty) + 1024.0)[:, None]) * v_scale.to(op_ty)[:, None]
+    acc = acc * alpha[:, None] + tl.dot(p.to(op_ty), v)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -144,7 +133,7 @@ def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_p
             stride_qt, stride_qh, stride_ot, stride_oh, c_b, p_b, ch_b, ch_h, stride_bt,
             C_S: tl.constexpr, C_H: tl.constexpr, P_S: tl.constexpr, P_H: tl.constexpr, GROUPS: tl.constexpr,
             PAGE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
-            KEY_CHANNEL: tl.constexpr, SCORES: tl.constexpr):
+            KEY_CHANNEL: tl.constexpr):
     mblk, seq, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
@@ -162,7 +151,6 @@ def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_p
     offs_d = tl.arange(0, D)
     q_rows = (q_start + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptr + q_rows, mask=mask_m[:, None], other=0.0).to(op_ty)
-    q_sum = tl.sum(q.to(tl.float32), axis=1)   # of the operand's values (SCORES)
 
     # Key ranges as in prefill_attention.py: [lo, hi) needed, [full_lo, full_hi) seen whole by all rows.
     first_tok = (mblk * BLOCK_M) // GROUPS
@@ -174,39 +162,37 @@ def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_p
 
     m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    corr = tl.zeros((BLOCK_M,), dtype=tl.float32)   # SCORES: sum_t p_t scale_t zero_t of V
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     for start in range(lo, full_lo, BLOCK_N):
-        acc, m_i, l_i, corr = _tile(acc, m_i, l_i, corr, q, q_sum, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr,
-                                    vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
-                                    c_b, p_b, ch_b, ch_h, C_S, C_H, P_S, P_H, PAGE, D, BLOCK_N, BITS, KEY_CHANNEL,
-                                    SCORES, True)
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr,
+                              vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
+                              c_b, p_b, ch_b, ch_h, C_S, C_H, P_S, P_H, PAGE, D, BLOCK_N, BITS, KEY_CHANNEL, True)
     for start in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i, corr = _tile(acc, m_i, l_i, corr, q, q_sum, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr,
-                                    vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
-                                    c_b, p_b, ch_b, ch_h, C_S, C_H, P_S, P_H, PAGE, D, BLOCK_N, BITS, KEY_CHANNEL,
-                                    SCORES, False)
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr,
+                              vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
+                              c_b, p_b, ch_b, ch_h, C_S, C_H, P_S, P_H, PAGE, D, BLOCK_N, BITS, KEY_CHANNEL, False)
     for start in range(full_hi, hi, BLOCK_N):
-        acc, m_i, l_i, corr = _tile(acc, m_i, l_i, corr, q, q_sum, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr,
-                                    vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
-                                    c_b, p_b, ch_b, ch_h, C_S, C_H, P_S, P_H, PAGE, D, BLOCK_N, BITS, KEY_CHANNEL,
-                                    SCORES, True)
-    out = (acc - corr[:, None]) / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr,
+                              vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, qk_scale, stride_bt,
+                              c_b, p_b, ch_b, ch_h, C_S, C_H, P_S, P_H, PAGE, D, BLOCK_N, BITS, KEY_CHANNEL, True)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def default_config(rows: int, head_dim: int) -> dict:
-    """Tiles for an H100/H200-class GPU; rows = longest q_len x GQA group. sm_90 builds (head dim
-    128, int8 / int4 / int4 channel; tests/kernels/test_prefill_attention_quant.py checks no
-    spills): 128 x 64 tiles, 8 warps take 230 / 208 / 214 registers; 64 x 64, 4 warps 213 / 222 /
-    178; 128 x 64 with 4 warps spills 300+ bytes. Head dim 256: 128 x 32, 8 warps (238 / 250 for
-    int8 / channel; 64 x 64 spills 240 bytes)."""
+def default_config(rows: int, head_dim: int, bits: int) -> dict:
+    """Tiles for an H100/H200-class GPU; rows = longest q_len x GQA group. Timed on an H200
+    (scripts/bench_prefill_quant.py --sweep, docs/benchmarks.md): int8 is fastest with 64 x 64 tiles,
+    4 warps, 2 stages in every case (prefill 1 x 4096, extend, mixed); int4 with 128 x 64, 8 warps
+    for prefill and extend, 64 x 64 for mixed batches of short chunks. sm_90 builds (head dim 128,
+    int8 / int4 / int4 channel; tests/kernels/test_prefill_attention_quant.py checks no spills):
+    128 x 64, 8 warps 230 / 208 / 214 registers; 64 x 64, 4 warps 213 / 222 / 178. Head dim 256:
+    128 x 32, 8 warps (238 / 250 for int8 / channel; 64 x 64 spills 240 bytes)."""
     if head_dim > 128:
-        return dict(block_m=128, block_n=32, num_warps=8, num_stages=2, scores=False)
-    if rows >= 512:
-        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2, scores=False)
-    return dict(block_m=64, block_n=64, num_warps=4, num_stages=2, scores=False)
+        return dict(block_m=128, block_n=32, num_warps=8, num_stages=2)
+    if rows >= 512 and bits == 4:
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    return dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
 
 
 def prefill_attention_quant(q, cache, block_tables, q_start_loc, context_lens, max_q_len: int,
@@ -218,7 +204,7 @@ def prefill_attention_quant(q, cache, block_tables, q_start_loc, context_lens, m
     max_q_len (python int >= every q_len) only sizes the grid: no device sync. The result goes to
     `out` ((T, Hq, D), unit stride along D) where given. `config` (tuning): block_m, block_n
     (capped at the page's largest power-of-two divisor: tiles never straddle a block), num_warps,
-    num_stages, scores (per-token quantizers on the scores and weights, not on the tiles)."""
+    num_stages."""
     from lmdepot.runtime.ops.kv_quant import hadamard_on
 
     T, Hq, D = q.shape
@@ -233,7 +219,7 @@ def prefill_attention_quant(q, cache, block_tables, q_start_loc, context_lens, m
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     rot = hadamard_on(D, str(q.device)) if cache.rotate else None
     qr = (q.float() @ rot).to(q.dtype) if rot is not None and not cache.key_channel else q
-    cfg = default_config(max_q_len * groups, D)
+    cfg = default_config(max_q_len * groups, D, cache.bits)
     cfg.update(config or {})
     y = out if out is not None else torch.empty_like(q)
     ks, kz, kmin, ksink, vs, vz, ch = param_operands(cache)
@@ -245,7 +231,7 @@ def prefill_attention_quant(q, cache, block_tables, q_start_loc, context_lens, m
         # the in-block strides are constants of the kernel (one build per model): tile offsets fold away
         C_S=kc.stride(1), C_H=kc.stride(2), P_S=vs.stride(1), P_H=vs.stride(2), GROUPS=groups, PAGE=page, D=D,
         BLOCK_M=cfg["block_m"], BLOCK_N=min(cfg["block_n"], page & -page), BITS=cache.bits,
-        KEY_CHANNEL=cache.key_channel, SCORES=cfg["scores"], num_warps=cfg["num_warps"],
+        KEY_CHANNEL=cache.key_channel, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
         y.copy_(y.float() @ rot)
