@@ -17,3 +17,18 @@ def poison_scratch(monkeypatch):
 
 def poisoned(shape, dtype):
     return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
+
+
+def graph_replays(launch, x, check, replays: int = 3) -> None:
+    """Run `launch` once (compile, allocate), capture it in a CUDA graph, then `replays` times: new
+    random values into its input `x`, replay, `check()` (GPU only)."""
+    launch()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    for _ in range(replays):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        check()

@@ -11,7 +11,7 @@ from lmdepot.formats.int4 import dequantize_int4, quantize_int4_rtn
 from lmdepot.runtime.kernels import w4a16_dequant, w4a16_gemm, w4a16_gemv
 from lmdepot.runtime.kernels.scratch import _SEMAPHORES
 from lmdepot.runtime.ops import triton_ops
-from tests.kernels.conftest import DEVICE, DTYPES, poisoned
+from tests.kernels.conftest import DEVICE, DTYPES, graph_replays, poisoned
 
 # (K, N, group): K=200 pads the last group of 32 (rows 200..223 have no x); K=100 and 300 pad the
 # last group of 64 / 128 (SPAN 128 slot dots with masked x); N=47, 80 leave ragged tiles of 32 rows
@@ -237,14 +237,8 @@ def test_cuda_graph_replay():
     x = torch.randn(16, 4096, device=DEVICE, dtype=torch.float16)
     out = torch.empty(16, 4096, device=DEVICE, dtype=torch.float16)
     assert w4a16_gemm.heuristic_config(16, 4096, 4096, 128)["split_k"] > 1
-    w4a16_gemm.gemm(x, packed, out=out)   # compile and allocate before capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w4a16_gemm.gemm(x, packed, out=out)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
+    def check():
         _check(out, x, w)
         assert not _SEMAPHORES[x.device].any()
+
+    graph_replays(lambda: w4a16_gemm.gemm(x, packed, out=out), x, check)

@@ -10,7 +10,7 @@ from lmdepot.formats.int4 import quantize_int4_rtn, unpack_int4
 from lmdepot.runtime.kernels import w4a16_gemv
 from lmdepot.runtime.kernels.scratch import _SEMAPHORES
 from lmdepot.runtime.kernels.w4a16 import reference
-from tests.kernels.conftest import DEVICE, DTYPES, poisoned
+from tests.kernels.conftest import DEVICE, DTYPES, graph_replays, poisoned
 
 
 def _quantized(K, N, group, seed=0):
@@ -156,14 +156,8 @@ def test_cuda_graph_replay():
     packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
     x = torch.randn(1, 4096, device=DEVICE, dtype=torch.float16)
     out = torch.empty(1, 11008, device=DEVICE, dtype=torch.float16)
-    w4a16_gemv.gemv(x, packed, out=out)   # compile and allocate before capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w4a16_gemv.gemv(x, packed, out=out)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
+    def check():
         _check(out, x, q)
         assert not _SEMAPHORES[x.device].any()
+
+    graph_replays(lambda: w4a16_gemv.gemv(x, packed, out=out), x, check)
