@@ -19,16 +19,18 @@ def poisoned(shape, dtype):
     return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
 
 
-def graph_replays(launch, x, check, replays: int = 3) -> None:
+def graph_replays(launch, inputs, check, replays: int = 3) -> None:
     """Run `launch` once (compile, allocate), capture it in a CUDA graph, then `replays` times: new
-    random values into its input `x`, replay, `check()` (GPU only)."""
+    random values into each tensor of `inputs`, replay, `check(outputs the captured launch returned)`
+    (GPU only)."""
     launch()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        launch()
+        outs = launch()
     for _ in range(replays):
-        x.copy_(torch.randn_like(x))
+        for x in inputs:
+            x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        check()
+        check(outs)

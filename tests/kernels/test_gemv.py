@@ -6,7 +6,7 @@ import torch
 
 from lmdepot.runtime.kernels.gemv import MAX_M, gemv, heuristic_config, norm_reference, reference
 from lmdepot.runtime.kernels.scratch import _SEMAPHORES, k_split
-from tests.kernels.conftest import DEVICE, DTYPES, poisoned
+from tests.kernels.conftest import DEVICE, DTYPES, graph_replays, poisoned
 
 SMALL = {"block_n": 16, "block_k": 32}   # several N tiles and K tiles at interpreter sizes
 
@@ -151,17 +151,11 @@ def test_cuda_graph_replay():
         h = gemv(x, w1, config=split)
         return gemv(torch.cat([h, h, h[:, :2816]], -1), w2, b2, config=split)
 
-    step()   # compiles, allocates the semaphores outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = step()
-    for _ in range(2):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
+    def check(y):
         torch.testing.assert_close(y, step(), rtol=0, atol=0)
         assert not _SEMAPHORES[x.device].any()
+
+    graph_replays(step, [x], check, replays=2)   # the first call compiles, allocates the semaphores
 
 
 def test_default_routing_takes_one_row_unsplit_shapes(monkeypatch):
@@ -390,16 +384,9 @@ def test_cuda_graph_replay_norm():
         y2, h2 = gemv(gemv(y1[:, :4096], wo), w13, norm=(h1, nw, 1e-5))
         return y1, h1, y2, h2
 
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
-    for _ in range(2):
-        a.copy_(torch.randn_like(a))
-        r.copy_(torch.randn_like(r))
-        graph.replay()
-        torch.cuda.synchronize()
+    def check(outs):
         for got, want in zip(outs, step()):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
         torch.testing.assert_close(outs[1], gemv(a, wo) + r, rtol=0, atol=0)
+
+    graph_replays(step, [a, r], check, replays=2)

@@ -237,8 +237,8 @@ def test_cuda_graph_replay():
     x = torch.randn(16, 4096, device=DEVICE, dtype=torch.float16)
     out = torch.empty(16, 4096, device=DEVICE, dtype=torch.float16)
     assert w4a16_gemm.heuristic_config(16, 4096, 4096, 128)["split_k"] > 1
-    def check():
+    def check(_):
         _check(out, x, w)
         assert not _SEMAPHORES[x.device].any()
 
-    graph_replays(lambda: w4a16_gemm.gemm(x, packed, out=out), x, check)
+    graph_replays(lambda: w4a16_gemm.gemm(x, packed, out=out), [x], check)

@@ -156,8 +156,8 @@ def test_cuda_graph_replay():
     packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
     x = torch.randn(1, 4096, device=DEVICE, dtype=torch.float16)
     out = torch.empty(1, 11008, device=DEVICE, dtype=torch.float16)
-    def check():
+    def check(_):
         _check(out, x, q)
         assert not _SEMAPHORES[x.device].any()
 
-    graph_replays(lambda: w4a16_gemv.gemv(x, packed, out=out), x, check)
+    graph_replays(lambda: w4a16_gemv.gemv(x, packed, out=out), [x], check)
