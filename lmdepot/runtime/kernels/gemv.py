@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
+from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores, split_sum
 
 MAX_M = 4
 DOT_M = 16   # tl.dot's smallest operand dim: x is padded to it on the DOT path
@@ -185,18 +185,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, part_ptr, y_ptr, lock_ptr, r_ptr, nw_ptr, 
                         STAGES, GATED, r_ptr, nw_ptr, inv, NORM)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLITS > 1:
-        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
-        tl.debug_barrier()   # every thread's partial is written before the tile is counted in
-        lock = lock_ptr + pid_n
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(0, SPLITS):   # split order: the same sums on every run
-                acc += tl.load(part_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0,
-                               cache_modifier=".cg")
+        last, acc = split_sum(acc, part_ptr + offs_m[:, None] * N + offs_n[None, :], pid_k, M, N, mask,
+                              lock_ptr + pid_n, SPLITS)
+        if last:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(lock, 0)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

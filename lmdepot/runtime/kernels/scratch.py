@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 POISON = False
 
@@ -22,6 +24,23 @@ def k_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     tiles_k = -(-K // block_k)
     per_split = -(-tiles_k // max(1, min(split_k, tiles_k))) * block_k
     return per_split, -(-K // per_split)
+
+
+@triton.jit
+def split_sum(acc, part, pid_k, M, N, mask, lock, SPLITS: tl.constexpr):
+    """K splits of one output tile meeting in the kernel (gemv, w8a8, w4a16_gemm): store this split's
+    partial `acc` at `part` (the tile's pointers into split 0 of a (SPLITS, M, N) buffer), count it in
+    on the tile's semaphore `lock`, and return (whether this split came last, then the partials' sum in
+    split order: the same sums whichever split comes last). The last one stores the result and then
+    resets `lock` to zero (for the next launch and CUDA graph replays)."""
+    tl.store(part + pid_k * M * N, acc, mask=mask)
+    tl.debug_barrier()   # every thread's partial is written before the tile is counted in
+    last = tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for split in range(SPLITS):   # .cg: read past L1, other SMs wrote them
+            total += tl.load(part + split * M * N, mask=mask, other=0, cache_modifier=".cg")
+    return last, total
 
 
 _SEMAPHORES: dict[torch.device, torch.Tensor] = {}

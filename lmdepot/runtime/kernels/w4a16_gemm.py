@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
+from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores, split_sum
 from lmdepot.runtime.kernels.w4a16 import MAGIC_BITS
 from lmdepot.runtime.kernels.w4a16_dequant import reference as dequant_reference
 from lmdepot.runtime.kernels.w4a16_dequant import span_codes
@@ -126,16 +126,11 @@ def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, K_P
     if SPLITS == 1:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        part = part_ptr + offs_m[None, :] * N + offs_n[:, None]
-        tl.store(part + pid_k * M * N, acc, mask=mask)
-        tl.debug_barrier()   # every thread's partial is written before the tile is counted in
         lock = lock_ptr + pid_n * tl.num_programs(0) + pid_m
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for split in range(SPLITS):   # in split order: the same sums whichever split comes last
-                acc += tl.load(part + split * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+        last, acc = split_sum(acc, part_ptr + offs_m[None, :] * N + offs_n[:, None], pid_k, M, N, mask, lock, SPLITS)
+        if last:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(lock, 0)   # back to zero for the next launch (and CUDA graph replays)
+            tl.atomic_xchg(lock, 0)
 
 
 def gemm(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
+from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores, split_sum
 from lmdepot.runtime.ops.reference import linear_w8a8 as reference  # noqa: F401 (the semantics)
 
 
@@ -64,16 +64,11 @@ def _kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, M
         _epilogue(acc, mask, offs_m, offs_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, stride_cm, HAS_BIAS, RAW)
     else:
         # partials are exact integers, so the order the splits add up in cannot change the result
-        part = part_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part + pid_k * M * N, acc, mask=mask)
-        tl.debug_barrier()   # every thread's partial is written before the tile is counted in
-        lock = lock_ptr + pid
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for s in range(SPLITS):
-                acc += tl.load(part + s * M * N, mask=mask, other=0, cache_modifier=".cg")
+        last, acc = split_sum(acc, part_ptr + offs_m[:, None] * N + offs_n[None, :], pid_k, M, N, mask,
+                              lock_ptr + pid, SPLITS)
+        if last:
             _epilogue(acc, mask, offs_m, offs_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, stride_cm, HAS_BIAS, RAW)
-            tl.atomic_xchg(lock, 0)   # back to zero for the next launch (and CUDA graph replays)
+            tl.atomic_xchg(lock_ptr + pid, 0)
 
 
 @triton.jit
