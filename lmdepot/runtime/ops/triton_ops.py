@@ -88,17 +88,14 @@ def linear_int4_packed(x, packed, bias=None, out_dtype=None):
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], packed["qt"].shape[0]
-    out = None
-    if out_dtype is not None and out_dtype != x.dtype:
-        out = torch.empty(M, N, device=x.device, dtype=out_dtype)
     if M == 0:
         y = torch.empty(0, N, device=x.device, dtype=out_dtype or x.dtype)
-    elif M <= w4a16_gemv.MAX_M:
-        y = w4a16_gemv.gemv(x2, packed, out=out)
-    elif M < DEQUANT_MIN_M:
-        y = w4a16_gemm.gemm(x2, packed, out=out)
-    else:
+    elif M >= DEQUANT_MIN_M:
         y = reference.linear(x2, w4a16_dequant.dequantize(packed, K, x.dtype), None, out_dtype)
+    else:   # the kernels write the sums in out's dtype (float32: unrounded)
+        out = None if out_dtype in (None, x.dtype) else torch.empty(M, N, device=x.device, dtype=out_dtype)
+        kernel = w4a16_gemv.gemv if M <= w4a16_gemv.MAX_M else w4a16_gemm.gemm
+        y = kernel(x2, packed, out=out)
     y = y.view(*lead, N)
     return y if bias is None else y + bias.to(y.dtype)
 
