@@ -24,6 +24,10 @@ PAGE, D, DT = 64, 128, torch.float16
 SCHEMES = ((8, "plain"), (4, "rotate"), (4, "channel"))
 CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st} for sub, w, st in
            ((16, 4, 3), (32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3))]
+# one q head per kv head: the CUDA-core path (the default there) and, for comparison, the tensor-core one
+VECTOR_CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st} for sub, w, st in
+                  ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (64, 2, 3))] + \
+    [c | {"vector": False} for c in CONFIGS]
 
 
 def _nbytes(*tensors) -> int:
@@ -56,7 +60,7 @@ def case(hq: int, hkv: int, batch: int, ctx: int, bw: float, sweep: bool = False
               f"x{fb / qb:.2f} fewer bytes  max|diff| {err:.4f}")
         if sweep:
             times = []
-            for cfg in CONFIGS:
+            for cfg in VECTOR_CONFIGS if hq == hkv else CONFIGS:
                 try:
                     times.append((do_bench_cudagraph(lambda: paged_decode_attention_quant(q, cache, tables, lens, config=cfg),
                                                      rep=50) * 1e3, str(cfg)))

@@ -29,8 +29,9 @@ def _filled_cache(spec, num_blocks, page, hkv, d, lens, tables):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits, scheme", [(8, "plain"), (4, "plain"), (4, "rotate"), (4, "channel")])
-@pytest.mark.parametrize("hq, hkv, num_splits", [(9, 3, None), (4, 4, 2)])
-def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits):
+@pytest.mark.parametrize("hq, hkv, num_splits, vector", [(9, 3, None, False), (4, 4, 2, True), (4, 4, 2, False)])
+def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits, vector):
+    """vector: MHA on the CUDA-core path (the default for one q head per kv head), else tensor cores."""
     page, d, lens = 16, 32, [1, 15, 3 * 16 + 5]
     max_pages = max(-(-n // page) for n in lens)
     tables = torch.stack([torch.randperm(24)[:max_pages] for _ in lens]).to(torch.int32).to(DEVICE)
@@ -38,7 +39,7 @@ def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits):
     cache = _filled_cache(spec, 24, page, hkv, d, lens, tables)
     q = torch.randn(len(lens), hq, d, device=DEVICE, dtype=dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    y = paged_decode_attention_quant(q, cache, tables, seq_lens, num_splits=num_splits)
+    y = paged_decode_attention_quant(q, cache, tables, seq_lens, num_splits=num_splits, config={"vector": vector})
     ref = reference(q, cache, tables, seq_lens, d ** -0.5)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
@@ -114,31 +115,35 @@ def test_triton_ops_prefill_then_decode_match_reference_ops(bits, scheme):
         reset_context()
 
 
-def _sm90_build(bits: int, key_channel: bool, split: bool) -> dict:
-    """The split kernel built for sm_90 (tests/kernels/sm90.py): pages of 64 keys, head dim 128, GQA 4;
-    `split`: with the in-launch merge epilogue (SPLIT) or the direct store of one split."""
+def _sm90_build(bits: int, key_channel: bool, split: bool, groups: int = 4) -> dict:
+    """The split kernel built for sm_90 (tests/kernels/sm90.py): pages of 64 keys, head dim 128, 8 kv
+    heads, `groups` q heads each (1: the MHA vector path); `split`: with the in-launch merge epilogue
+    (SPLIT) or the direct store of one split."""
     from lmdepot.runtime.kernels import paged_decode_attention_quant as m
     from tests.kernels.sm90 import build
 
-    cfg = m.default_config(bits, key_channel)
-    const = dict(GROUPS=4, BLOCK_H=16, D=128, BLOCK_D=128, PAGE=64, BITS=bits, KEY_CHANNEL=key_channel,
-                 SUB=cfg["sub"], SPLIT=split)
+    cfg = m.default_config(bits, key_channel, groups == 1)
+    row = 128 * bits // 8
+    const = dict(GROUPS=groups, BLOCK_H=16, D=128, BLOCK_D=128, PAGE=64, BITS=bits, KEY_CHANNEL=key_channel,
+                 SUB=cfg["sub"], C_S=8 * row, C_H=row, P_S=8, P_H=1, VECTOR=groups == 1, STAGES=cfg["num_stages"],
+                 ASM=True, SPLIT=split)
     types = {"q_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*u8",
              "vs_ptr": "*fp16", "vz_ptr": "*u8", "kmin_ptr": "*fp16", "ksink_ptr": "*fp16", "bt_ptr": "*i32",
              "lens_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp16", "sem_ptr": "*i32",
              "sm_scale": "fp32"}
     # the cache strides are multiples of 16 bytes, as a launch specializes them: 16-byte code loads
-    return build(m._split_kernel, const, types, cfg["num_warps"], cfg["num_stages"], divisible=("c_b", "c_s", "c_h", "ch_b", "ch_h", "p_b", "p_s"))
+    return build(m._split_kernel, const, types, cfg["num_warps"], cfg["num_stages"], divisible=("c_b", "ch_b", "ch_h", "p_b"))
 
 
 @pytest.mark.parametrize("bits, key_channel", [(8, False), (4, False), (4, True)])
 @pytest.mark.parametrize("split", [False, True])
-def test_split_kernel_does_not_spill_on_sm90(bits, key_channel, split):
+@pytest.mark.parametrize("groups", [4, 1])
+def test_split_kernel_does_not_spill_on_sm90(bits, key_channel, split, groups):
     """Built for an H100/H200 (no GPU needed): the default tiles fit in registers, with the merge
     epilogue too, on tensor cores, and the code loads are pipelined (cp.async, 16 bytes a load): the
     first version, which dequantized codes in registers before the products, was never pipelined."""
     from tests.kernels.sm90 import run_build
 
     built = run_build(f"from tests.kernels.test_kv_quant_decode_attention import _sm90_build as f; "
-                      f"f({bits}, {key_channel}, {split})")
+                      f"f({bits}, {key_channel}, {split}, {groups})")
     assert built["stack"] == 0 and built["mma"] and built["cp_async"] and built["loop_vec16"]

@@ -9,13 +9,19 @@ applied to the (heads x keys) scores and weights, which are 64x smaller than a t
   sum_t p_t scale_t zero_t, a per-head correction subtracted once at the end;
 - per-channel keys (`key_channel`, per block, kv head and channel: k = code * scale + min): q.k =
   (q * scale).code + q.min, and the block's first key scores against its exact fp16 sink row.
-So the loop body is a load of codes, one conversion per code and the two tensor-core products, like
-the float kernel's: the codes feed tl.dot directly, so Triton pipelines their loads (cp.async) as it
-does the float cache's pages. The first version dequantized each (16-key) tile in registers, with a
-scale and zero gathered per element: 6.5% of copy bandwidth on an H200 (int8, 64 x 3000 tokens,
-scripts/bench_decode_quant.py), 8x slower than the float kernel reading twice the bytes.
-int4 codes sit two per byte (channel 2i in the low nibble): the low and high nibbles are two
-operands against the even and odd channels of q, and V's two halves are interleaved at the end.
+The codes become operands without an int-to-float conversion (a quarter-rate instruction, which with
+~8 other instructions per code kept the first rewrite at ~40% of copy bandwidth): a byte permute sets
+a code into the mantissa of 1024 (fp16 1024 + code, two codes per instruction; the offset is taken
+out with the zero point) or of 2**23 (float32, then one subtraction). Keys are scored on tensor cores;
+the weighted sum of the values is
+- on tensor cores for GQA (the group's heads are the tile's rows), the codes fed to tl.dot (Triton
+  pipelines their loads with cp.async);
+- on the CUDA cores for MHA (`VECTOR`): there 15 of a tensor-core tile's 16 rows would be padding and
+  the V operand a byte transpose through shared memory. Each thread keeps (key slot, channel)
+  partial sums for the whole loop, reduced once at the end; with one head the running max is a
+  scalar, so the partials are rescaled only on tiles that raise it.
+sm_90 SASS of the loop (Triton 3.9, 64 keys, int8): 1070 instructions a warp before (tensor cores,
+int-to-float), 858 with the byte permutes, ~650 on the MHA path.
 A Hadamard rotation is undone outside the kernel: q.k = (qH).(kH) for rotated keys, and sum p (vH) H
 = (sum p vH) H for rotated values. Operands are fp16 (codes 0..255 are exact; p * scale keeps 11
 bits where bf16 would keep 8), float32 for float32 queries (tests; TF32 on a GPU).
@@ -24,6 +30,7 @@ bits where bf16 would keep 8), float32 for float32 queries (tests; TF32 on a GPU
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -31,6 +38,11 @@ import triton.language as tl
 
 from lmdepot.runtime.kernels.kv_quant_tile import param_operands
 from lmdepot.runtime.kernels.paged_decode_attention import finish_split, split_buffers, split_plan
+
+# Triton's interpreter (CPU tests) runs no inline PTX: the bitwise conversions go the portable way there
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
+# LMDEPOT_KVQ_VECTOR=0 sends MHA models to the tensor-core path too (A/B runs); read once
+VECTOR_MHA = os.environ.get("LMDEPOT_KVQ_VECTOR", "1") != "0"
 
 
 def reference(q, cache, block_tables, seq_lens, sm_scale):
@@ -51,16 +63,172 @@ def reference(q, cache, block_tables, seq_lens, sm_scale):
 
 
 @triton.jit
+def _codes(x, op_ty: tl.constexpr, ASM: tl.constexpr):
+    """A tile of codes (uint8, at most 255) as tensor-core operands: fp16 1024 + code, exact: the code's
+    bits in the mantissa of 1024 (an int-to-float conversion is a quarter-rate instruction), on a GPU
+    (ASM) one byte permute per two codes; float32 operands (tests) hold the code itself."""
+    if op_ty == tl.float32:
+        return x.to(op_ty)
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+    return (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _f32(x, ASM: tl.constexpr):
+    """Codes (uint8, at most 255) as exact float32 without an int-to-float conversion: the code in the
+    mantissa of 2**23 (on a GPU one byte permute a code), then 2**23 off."""
+    if ASM:
+        magic = tl.inline_asm_elementwise(
+            "prmt.b32 $0, $4, 0x4B000000, 0x7540; prmt.b32 $1, $4, 0x4B000000, 0x7541; "
+            "prmt.b32 $2, $4, 0x4B000000, 0x7542; prmt.b32 $3, $4, 0x4B000000, 0x7543;",
+            "=r,=r,=r,=r,r", [x], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        magic = (x.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True)
+    return magic - 8388608.0
+
+
+@triton.jit
+def _key_scores(kc, q0, q1, qo0, qo1, q_sum, blk, pos, mask_s, p_off, kvh, ks_ptr, kz_ptr, kmin_ptr, ksink_ptr,
+                ch_b, ch_h, offs_w, mask_w, op_ty: tl.constexpr, OFF: tl.constexpr, BITS: tl.constexpr,
+                KEY_CHANNEL: tl.constexpr, ASM: tl.constexpr):
+    """(BLOCK_H, keys) q.k of a tile of key codes on tensor cores, unscaled (rows of padded heads: 0)."""
+    if KEY_CHANNEL:   # int4: per-block, per-channel params of this page, split by nibble
+        ch = blk * ch_b + kvh * ch_h + offs_w * 2
+        s0 = tl.load(ks_ptr + ch, mask=mask_w, other=0.0).to(tl.float32)
+        s1 = tl.load(ks_ptr + ch + 1, mask=mask_w, other=0.0).to(tl.float32)
+        lo = tl.sum(q0 * tl.load(kmin_ptr + ch, mask=mask_w, other=0.0).to(tl.float32)[None, :], axis=1) + \
+            tl.sum(q1 * tl.load(kmin_ptr + ch + 1, mask=mask_w, other=0.0).to(tl.float32)[None, :], axis=1)
+        sink = tl.sum(q0 * tl.load(ksink_ptr + ch, mask=mask_w, other=0.0).to(tl.float32)[None, :], axis=1) + \
+            tl.sum(q1 * tl.load(ksink_ptr + ch + 1, mask=mask_w, other=0.0).to(tl.float32)[None, :], axis=1)
+        qs0, qs1 = (q0 * s0[None, :]).to(op_ty), (q1 * s1[None, :]).to(op_ty)
+        raw = tl.dot(qs0, tl.trans(_codes(kc & 0xF, op_ty, ASM)))
+        raw += tl.dot(qs1, tl.trans(_codes(kc >> 4, op_ty, ASM)))
+        lo -= OFF * (tl.sum(qs0.to(tl.float32), axis=1) + tl.sum(qs1.to(tl.float32), axis=1))
+        score = tl.where(pos[None, :] == 0, sink[:, None], raw + lo[:, None])
+    else:
+        k_scale = tl.load(ks_ptr + p_off, mask=mask_s, other=0.0).to(tl.float32)
+        k_zero = tl.load(kz_ptr + p_off, mask=mask_s, other=0).to(tl.float32)
+        if BITS == 8:
+            raw = tl.dot(qo0, tl.trans(_codes(kc, op_ty, ASM)))
+        else:
+            raw = tl.dot(qo0, tl.trans(_codes(kc & 0xF, op_ty, ASM)))
+            raw += tl.dot(qo1, tl.trans(_codes(kc >> 4, op_ty, ASM)))
+        score = (raw - q_sum[:, None] * (k_zero + OFF)[None, :]) * k_scale[None, :]
+    return score
+
+
+@triton.jit
+def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, bt_ptr, b, kvh,
+          seq_len, t_first, t_last, c_b, p_b, ch_b, ch_h, stride_bt, sm_scale, C_S: tl.constexpr, C_H: tl.constexpr,
+          P_S: tl.constexpr, P_H: tl.constexpr, op_ty: tl.constexpr, OFF: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+          BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+          SUB: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+    """The split's keys, a tile of SUB at a time: scores on tensor cores (`_key_scores`), the online
+    softmax, and the weighted sum of the values: on tensor cores for the GQA heads of the kv head
+    (the codes as fp16 operands, `_codes`), or, with one q head (VECTOR: MHA, where 15 of a tensor-core
+    tile's 16 rows would be padding and the V operand a byte transpose through shared memory), on the
+    CUDA cores: each thread keeps (key slot, channel) partial sums for the whole loop, reduced once
+    at the end, and with one running max (a scalar) they are rescaled only on tiles that raise it."""
+    PACK: tl.constexpr = 8 // BITS
+    W: tl.constexpr = BLOCK_D // PACK
+    offs_w = tl.arange(0, W)
+    mask_w = offs_w < D // PACK
+    qo0, qo1 = q0.to(op_ty), q1.to(op_ty)
+    # over the operands as rounded: the 1024 offset cancels exactly against what the dot summed
+    q_sum = tl.sum(qo0.to(tl.float32), axis=1) + tl.sum(qo1.to(tl.float32), axis=1)
+    offs_s = tl.arange(0, SUB)
+    if VECTOR:
+        m = tl.full((), -1e30, dtype=tl.float32)
+        l = tl.zeros((SUB,), dtype=tl.float32)       # by key slot
+        corr = tl.zeros((SUB,), dtype=tl.float32)    # sum_t w_t zero_t of V, by key slot
+        acc0 = tl.zeros((SUB, W), dtype=tl.float32)  # int4: even channels; int8: all
+        acc1 = tl.zeros((SUB, W), dtype=tl.float32)  # int4: odd channels
+    else:
+        m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
+        l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        corr = tl.zeros((BLOCK_H,), dtype=tl.float32)    # sum_t w_t (zero_t + OFF) of V
+        acc0 = tl.zeros((BLOCK_H, W), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_H, W), dtype=tl.float32)
+    TILES: tl.constexpr = PAGE // SUB
+    for t in tl.range(t_first, t_last, num_stages=STAGES):
+        page = t // TILES
+        blk = tl.load(bt_ptr + b * stride_bt + page).to(tl.int64)
+        pos = (t % TILES) * SUB + offs_s   # key positions within the page
+        mask_s = page * PAGE + pos < seq_len
+        c_off = blk * c_b + kvh * C_H + pos[:, None] * C_S + offs_w[None, :]
+        c_mask = mask_s[:, None] & mask_w[None, :]
+        kc = tl.load(kc_ptr + c_off, mask=c_mask, other=0)
+        vc = tl.load(vc_ptr + c_off, mask=c_mask, other=0)
+        p_off = blk * p_b + kvh * P_H + pos * P_S
+        score = _key_scores(kc, q0, q1, qo0, qo1, q_sum, blk, pos, mask_s, p_off, kvh, ks_ptr, kz_ptr, kmin_ptr,
+                            ksink_ptr, ch_b, ch_h, offs_w, mask_w, op_ty, OFF, BITS, KEY_CHANNEL, ASM)
+        v_scale = tl.load(vs_ptr + p_off, mask=mask_s, other=0.0).to(tl.float32)
+        if VECTOR:
+            s = tl.where(mask_s, tl.sum(score, axis=0) * sm_scale, float("-inf"))   # row 0 (the rest: 0)
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            if m_new > m:
+                alpha = tl.exp(m - m_new)
+                acc0 *= alpha
+                acc1 *= alpha
+                l *= alpha
+                corr *= alpha
+                m = m_new
+            prob = tl.exp(s - m)
+            w = prob * v_scale
+            l += prob
+            corr += w * _f32(tl.load(vz_ptr + p_off, mask=mask_s, other=0), ASM)
+            if BITS == 8:
+                acc0 += w[:, None] * _f32(vc, ASM)
+            else:
+                acc0 += w[:, None] * _f32(vc & 0xF, ASM)
+                acc1 += w[:, None] * _f32(vc >> 4, ASM)
+        else:
+            s = tl.where(mask_s[None, :], score * sm_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            prob = tl.exp(s - m_new[:, None])
+            v_zero = tl.load(vz_ptr + p_off, mask=mask_s, other=0).to(tl.float32)
+            w = (prob * v_scale[None, :]).to(op_ty)
+            l = l * alpha + tl.sum(prob, axis=1)
+            corr = corr * alpha + tl.sum(w.to(tl.float32) * (v_zero + OFF)[None, :], axis=1)
+            if BITS == 8:
+                acc0 = acc0 * alpha[:, None] + tl.dot(w, _codes(vc, op_ty, ASM))
+            else:
+                acc0 = acc0 * alpha[:, None] + tl.dot(w, _codes(vc & 0xF, op_ty, ASM))
+                acc1 = acc1 * alpha[:, None] + tl.dot(w, _codes(vc >> 4, op_ty, ASM))
+            m = m_new
+    if VECTOR:   # one row: reshaped, not indexed with [None, :], which would hand the epilogue's store
+        # layout back to the loop's partial sums (one column a thread)
+        corr = tl.sum(corr, axis=0)
+        if BITS == 8:
+            acc = tl.reshape(tl.sum(acc0, axis=0) - corr, (1, BLOCK_D))
+        else:
+            acc = tl.reshape(tl.join(tl.sum(acc0, axis=0) - corr, tl.sum(acc1, axis=0) - corr), (1, BLOCK_D))
+        return acc, tl.zeros((1,), dtype=tl.float32) + m, tl.zeros((1,), dtype=tl.float32) + tl.sum(l, axis=0)
+    else:
+        if BITS == 8:
+            acc = acc0 - corr[:, None]
+        else:   # even and odd channels back in order
+            acc = tl.reshape(tl.join(acc0 - corr[:, None], acc1 - corr[:, None]), (BLOCK_H, BLOCK_D))
+        return acc, m, l
+
+
+@triton.jit
 def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr,
                   bt_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, sem_ptr, sm_scale,
-                  stride_qb, stride_qh, c_b, c_s, c_h, p_b, p_s, p_h, ch_b, ch_h,
+                  stride_qb, stride_qh, c_b, p_b, ch_b, ch_h,
                   stride_bt, stride_ob, stride_oh, NUM_SPLITS, PAGES_PER_SPLIT, Hq, Hkv,
                   GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   PAGE: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr, SUB: tl.constexpr,
-                  SPLIT: tl.constexpr):
+                  C_S: tl.constexpr, C_H: tl.constexpr, P_S: tl.constexpr, P_H: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
-    op_ty = tl.float32 if q_ptr.dtype.element_ty == tl.float32 else tl.float16
+    op_ty: tl.constexpr = tl.float32 if q_ptr.dtype.element_ty == tl.float32 else tl.float16
+    # fp16 operands hold codes as 1024 + code (_codes); float32 ones (tests) the code itself
+    OFF: tl.constexpr = 0.0 if q_ptr.dtype.element_ty == tl.float32 else 1024.0
     offs_h = tl.arange(0, BLOCK_H)
     heads = kvh * GROUPS + offs_h
     mask_h = offs_h < GROUPS
@@ -73,75 +241,29 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
     q_mask = mask_h[:, None] & mask_w[None, :]
     q0 = tl.load(q_rows, mask=q_mask, other=0.0).to(tl.float32)
     q1 = tl.load(q_rows + 1, mask=q_mask & (PACK == 2), other=0.0).to(tl.float32)
-    q_sum = tl.sum(q0, axis=1) + tl.sum(q1, axis=1)
-    m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
-    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    corr = tl.zeros((BLOCK_H,), dtype=tl.float32)    # sum_t p_t scale_t zero_t of V
-    acc0 = tl.zeros((BLOCK_H, W), dtype=tl.float32)  # int4: even channels; int8: all
-    acc1 = tl.zeros((BLOCK_H, W), dtype=tl.float32)  # int4: odd channels
-    offs_s = tl.arange(0, SUB)
     TILES: tl.constexpr = PAGE // SUB
     first = split * PAGES_PER_SPLIT
-    last = tl.minimum((first + PAGES_PER_SPLIT) * TILES, tl.cdiv(seq_len, SUB))
-    for t in range(first * TILES, last):
-        page = t // TILES
-        blk = tl.load(bt_ptr + b * stride_bt + page).to(tl.int64)
-        pos = (t % TILES) * SUB + offs_s   # key positions within the page
-        mask_s = page * PAGE + pos < seq_len
-        c_off = blk * c_b + pos[:, None] * c_s + kvh * c_h + offs_w[None, :]
-        c_mask = mask_s[:, None] & mask_w[None, :]
-        kc = tl.load(kc_ptr + c_off, mask=c_mask, other=0)
-        vc = tl.load(vc_ptr + c_off, mask=c_mask, other=0)
-        p_off = blk * p_b + pos * p_s + kvh * p_h
-        if KEY_CHANNEL:   # int4: per-block, per-channel params of this page, split by nibble
-            ch = blk * ch_b + kvh * ch_h + offs_w * 2
-            s0 = tl.load(ks_ptr + ch, mask=mask_w, other=0.0).to(tl.float32)
-            s1 = tl.load(ks_ptr + ch + 1, mask=mask_w, other=0.0).to(tl.float32)
-            lo = tl.sum(q0 * tl.load(kmin_ptr + ch, mask=mask_w, other=0.0).to(tl.float32)[None, :], axis=1) + \
-                tl.sum(q1 * tl.load(kmin_ptr + ch + 1, mask=mask_w, other=0.0).to(tl.float32)[None, :], axis=1)
-            sink = tl.sum(q0 * tl.load(ksink_ptr + ch, mask=mask_w, other=0.0).to(tl.float32)[None, :], axis=1) + \
-                tl.sum(q1 * tl.load(ksink_ptr + ch + 1, mask=mask_w, other=0.0).to(tl.float32)[None, :], axis=1)
-            raw = tl.dot((q0 * s0[None, :]).to(op_ty), tl.trans((kc & 0xF).to(op_ty)))
-            raw += tl.dot((q1 * s1[None, :]).to(op_ty), tl.trans((kc >> 4).to(op_ty)))
-            score = tl.where(pos[None, :] == 0, sink[:, None], raw + lo[:, None])
-        else:
-            k_scale = tl.load(ks_ptr + p_off, mask=mask_s, other=0.0).to(tl.float32)
-            k_zero = tl.load(kz_ptr + p_off, mask=mask_s, other=0).to(tl.float32)
-            if BITS == 8:
-                raw = tl.dot(q0.to(op_ty), tl.trans(kc.to(op_ty)))
-            else:
-                raw = tl.dot(q0.to(op_ty), tl.trans((kc & 0xF).to(op_ty)))
-                raw += tl.dot(q1.to(op_ty), tl.trans((kc >> 4).to(op_ty)))
-            score = (raw - q_sum[:, None] * k_zero[None, :]) * k_scale[None, :]
-        s = tl.where(mask_s[None, :], score * sm_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        prob = tl.exp(s - m_new[:, None])
-        v_scale = tl.load(vs_ptr + p_off, mask=mask_s, other=0.0).to(tl.float32)
-        v_zero = tl.load(vz_ptr + p_off, mask=mask_s, other=0).to(tl.float32)
-        w = prob * v_scale[None, :]
-        l = l * alpha + tl.sum(prob, axis=1)
-        corr = corr * alpha + tl.sum(w * v_zero[None, :], axis=1)
-        if BITS == 8:
-            acc0 = acc0 * alpha[:, None] + tl.dot(w.to(op_ty), vc.to(op_ty))
-        else:
-            acc0 = acc0 * alpha[:, None] + tl.dot(w.to(op_ty), (vc & 0xF).to(op_ty))
-            acc1 = acc1 * alpha[:, None] + tl.dot(w.to(op_ty), (vc >> 4).to(op_ty))
-        m = m_new
-    if BITS == 8:
-        acc = acc0 - corr[:, None]
-    else:   # even and odd channels back in order
-        acc = tl.reshape(tl.join(acc0 - corr[:, None], acc1 - corr[:, None]), (BLOCK_H, BLOCK_D))
+    t_first = first * TILES
+    t_last = tl.minimum((first + PAGES_PER_SPLIT) * TILES, tl.cdiv(seq_len, SUB))
+    acc, m, l = _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, bt_ptr, b, kvh,
+                      seq_len, t_first, t_last, c_b, p_b, ch_b, ch_h, stride_bt, sm_scale, C_S, C_H, P_S, P_H,
+                      op_ty, OFF, BLOCK_H, D, BLOCK_D, PAGE, BITS, KEY_CHANNEL, SUB, VECTOR, STAGES, ASM)
+    EPI_H: tl.constexpr = 1 if VECTOR else BLOCK_H   # the epilogue's rows
+    if VECTOR:
+        heads = kvh + tl.arange(0, 1)
+        mask_h = heads >= 0
     offs_d = tl.arange(0, BLOCK_D)
     finish_split(acc, m, l, o_ptr, lse_ptr, out_ptr, sem_ptr, b, kvh, split, seq_len, heads, mask_h, offs_d,
-                 offs_d < D, stride_ob, stride_oh, Hq, Hkv, NUM_SPLITS, PAGES_PER_SPLIT, D, BLOCK_H, BLOCK_D, PAGE,
+                 offs_d < D, stride_ob, stride_oh, Hq, Hkv, NUM_SPLITS, PAGES_PER_SPLIT, D, EPI_H, BLOCK_D, PAGE,
                  SPLIT)
 
 
-def default_config(bits: int, key_channel: bool) -> dict:
+def default_config(bits: int, key_channel: bool, vector: bool = False) -> dict:
     """Keys per tile (a page of fewer keys is one tile), warps, pipeline stages: the fastest on an H200
     (scripts/bench_decode_quant.py --sweep, 128 sequences x 3000 tokens, 32q/32kv and 32q/8kv; docs/
     benchmarks.md). sm_90 builds (Triton 3.9) of these: 124 / 161 / 241 registers, no spills."""
+    if vector:   # not measured yet
+        return {"sub": 64, "num_warps": 4, "num_stages": 3}
     if bits == 8:
         return {"sub": 32, "num_warps": 4, "num_stages": 2}
     return {"sub": 64, "num_warps": 4, "num_stages": 3 if key_channel else 2}
@@ -163,7 +285,8 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
     if cache.group != D:
         raise ValueError(f"decode attention over a quantized cache: one quantizer per head (group {D}), "
                          f"got group {cache.group}")
-    cfg = default_config(cache.bits, cache.key_channel) | (config or {})
+    vector = Hq == Hkv and (config or {}).get("vector", VECTOR_MHA)
+    cfg = default_config(cache.bits, cache.key_channel, vector) | (config or {})
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     rot = hadamard_on(D, str(q.device)) if cache.rotate else None
     if rot is not None and not cache.key_channel:   # rotated keys: score with the rotated query
@@ -173,12 +296,12 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
     ks, kz, kmin, ksink, vs, vz, ch = param_operands(cache)
     _split_kernel[(B, Hkv, num_splits)](
         q, kc, vc, ks, kz, vs, vz, kmin, ksink, block_tables, seq_lens, part_o, part_lse, y, sems, sm_scale,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        vs.stride(0), vs.stride(1), vs.stride(2), ch.stride(0), ch.stride(1), block_tables.stride(0),
+        q.stride(0), q.stride(1), kc.stride(0), vs.stride(0), ch.stride(0), ch.stride(1), block_tables.stride(0),
         y.stride(0), y.stride(1), num_splits, pages_per_split, Hq, Hkv,
         GROUPS=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), D=D,
-        BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits,
-        KEY_CHANNEL=cache.key_channel, SUB=min(page, cfg["sub"]), SPLIT=num_splits > 1,
+        BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits, KEY_CHANNEL=cache.key_channel,
+        SUB=min(page, cfg["sub"]), C_S=kc.stride(1), C_H=kc.stride(2), P_S=vs.stride(1), P_H=vs.stride(2),
+        VECTOR=vector, STAGES=cfg["num_stages"], ASM=not INTERPRETED, SPLIT=num_splits > 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
         y = (y.float() @ rot).to(y.dtype) if out is None else out.copy_(y.float() @ rot)
