@@ -6,7 +6,8 @@ feeds the heuristic_config functions by hand)
 plain: kernels/w4a16.py on the workspace layout (full grid for M <= 4, which also sweeps its x_tile
 and no_masks options). kmajor (M <= 4 only): kernels/w4a16_gemv.py on the repacked layout, a
 coordinate descent from its heuristic (one parameter at a time over its list, twice), since every
-config costs a compile. kmajor_gemm (5 <= M < 128, e.g. `16 64 --only kmajor_gemm`):
+config costs a compile. kmajor_gemm (M >= 5, e.g. `16 64 256 --only kmajor_gemm`; the engine takes
+it for 5-127 rows, dequantize + cuBLAS from 128):
 kernels/w4a16_gemm.py on the same layout, the same descent over KMAJOR_GEMM_GRID. Every config is
 checked against the float32 reference before it is timed; the copy bandwidth measured in the same run
 gives the roofline % of the int4 bytes (weights, scales, zeros).
@@ -26,7 +27,7 @@ from lmdepot.runtime.kernels.w4a16 import heuristic_config, reference, w4a16_lin
 SHAPES = [(4096, 11008), (11008, 4096)]
 KMAJOR_GRID = {"block_n": [16, 32, 64], "num_warps": [1, 2], "num_stages": [1, 2, 3, 4],
                "split_k": [4, 6, 7, 8, 12, 16, 24], "maxnreg": [None, 96, 128], "vec": [2, 4]}
-KMAJOR_GEMM_GRID = {"block_m": [16, 32, 64], "block_n": [64, 128, 256], "num_warps": [4, 8],
+KMAJOR_GEMM_GRID = {"block_m": [16, 32, 64, 128], "block_n": [64, 128, 256], "num_warps": [4, 8],
                     "num_stages": [2, 3, 4], "split_k": [1, 2, 3, 4, 6, 8]}
 
 
@@ -110,7 +111,7 @@ def main():
         if args.only in (None, "plain"):
             base, (us, cfg) = tune_plain(K, N, M, x, q, ref)
             print(f"{K}x{N} M={M} plain: heuristic {base:.1f} us, best {us:.1f} us ({pct(us)}) {cfg}", flush=True)
-        for name, fits in (("kmajor", M <= w4a16_gemv.MAX_M), ("kmajor_gemm", w4a16_gemv.MAX_M < M < 128)):
+        for name, fits in (("kmajor", M <= w4a16_gemv.MAX_M), ("kmajor_gemm", M > w4a16_gemv.MAX_M)):
             if args.only in (None, name) and fits:
                 base, (us, cfg) = tune_kmajor(K, N, M, x, q, ref, gemm=name == "kmajor_gemm")
                 head = "failed" if base is None else f"{base:.1f} us"
