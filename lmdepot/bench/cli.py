@@ -3,6 +3,7 @@
 import click
 
 from lmdepot.bench.shapes import SHAPES
+from lmdepot.runtime.cli_options import batched_tokens_option
 
 _SHAPES = click.Choice(list(SHAPES))
 
@@ -99,15 +100,17 @@ def kernels(as_json, only):
 @_hf_option
 @_eager_option
 @_cache_option
+@batched_tokens_option
 def generation(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, concurrency, cases, peer,
-               hf, eager, cache_max_entry_count):
+               hf, eager, cache_max_entry_count, max_num_batched_tokens):
     """First-token and per-token latency (p50/p90/p99), output tok/s and peak memory over a grid."""
     from lmdepot.bench.generation import run
     from lmdepot.bench.workload import parse_cases, parse_ints
 
     conc, grid = parse_ints(concurrency, "--concurrency"), parse_cases(cases)
     _, text = run(model, shape, layers, conc, grid, None if peer == "none" else peer, device, int(quant_policy),
-                  kv_scales, int4, cache_max_entry_count, json_path, hf, tp=tp, eager=eager)
+                  kv_scales, int4, cache_max_entry_count, json_path, hf, tp=tp, eager=eager,
+                  max_num_batched_tokens=max_num_batched_tokens)
     click.echo(text, nl=False)
 
 
@@ -120,15 +123,18 @@ def generation(model, shape, layers, int4, tp, device, json_path, quant_policy, 
 @_hf_option
 @_eager_option
 @_cache_option
+@batched_tokens_option
 def throughput(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
-               output_len, seed, dataset, max_batch_size, peer, hf, eager, cache_max_entry_count):
+               output_len, seed, dataset, max_batch_size, peer, hf, eager, cache_max_entry_count,
+               max_num_batched_tokens):
     """Offline request throughput (output tok/s, req/s) of N requests, optionally vs HF generate_batch."""
     from lmdepot.bench.throughput import run
     from lmdepot.bench.workload import parse_range
 
     _, text = run(model, shape, layers, num_prompts, parse_range(prompt_len, "--prompt"),
                   parse_range(output_len, "--output"), seed, dataset, None if peer == "none" else peer, device,
-                  int(quant_policy), kv_scales, int4, max_batch_size, cache_max_entry_count, json_path, hf, tp=tp, eager=eager)
+                  int(quant_policy), kv_scales, int4, max_batch_size, cache_max_entry_count, json_path, hf, tp=tp,
+                  eager=eager, max_num_batched_tokens=max_num_batched_tokens)
     click.echo(text, nl=False)
 
 
@@ -142,15 +148,17 @@ def throughput(model, shape, layers, int4, tp, device, json_path, quant_policy, 
 @click.option("--compare-offline", is_flag=True,
               help="Also run the same requests through the engine directly (after the server stops; with --url"
                    " the running server keeps its memory, so the second engine must fit beside it).")
+@batched_tokens_option
 def serving(model, shape, layers, int4, tp, device, json_path, quant_policy, kv_scales, num_prompts, prompt_len,
-            output_len, seed, dataset, max_batch_size, url, concurrency, compare_offline):
+            output_len, seed, dataset, max_batch_size, url, concurrency, compare_offline, max_num_batched_tokens):
     """Streaming requests through the HTTP server: TTFT, ITL (p50/p90/p99), output tok/s, req/s."""
     from lmdepot.bench.serving import run
     from lmdepot.bench.workload import parse_range
 
     _, text = run(model, shape, layers, url, num_prompts, parse_range(prompt_len, "--prompt"),
                   parse_range(output_len, "--output"), seed, dataset, concurrency, compare_offline, device,
-                  int(quant_policy), kv_scales, int4, max_batch_size, json_path, tp=tp)
+                  int(quant_policy), kv_scales, int4, max_batch_size, json_path, tp=tp,
+                  max_num_batched_tokens=max_num_batched_tokens)
     click.echo(text, nl=False)
 
 

@@ -72,7 +72,8 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         concurrency=tuple(DEFAULT_CONCURRENCY), cases=tuple(DEFAULT_CASES), peer: str | None = None,
         device: str = "auto", quant_policy: int = 0, kv_scales: str = "online", int4: bool = False,
         cache_max_entry_count: float | None = None, json_path: str | None = None,
-        hf: str | None = None, tp: int = 1, eager: bool = False) -> tuple[dict, str]:
+        hf: str | None = None, tp: int = 1, eager: bool = False,
+        max_num_batched_tokens: int | None = None) -> tuple[dict, str]:
     device = device_of(device)
     bw = bandwidth(device)
     rows = []
@@ -80,13 +81,14 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4, hf, tp=tp)
         session_len = max(p + o for p, o in cases) + 8
         llm = open_llm(ws, device, max(concurrency), session_len, quant_policy, kv_scales, cache_max_entry_count,
-                       eager=eager)
+                       eager=eager, max_num_batched_tokens=max_num_batched_tokens)
         try:
             vocab = llm.engine.cfg.vocab_size
             warmup(llm, vocab)
             weights, kv_token = step_bytes(llm)
             num_layer = llm.engine.cfg.num_layer
             ranks = llm.engine.ecfg.tp
+            budget = llm.engine.ecfg.max_num_batched_tokens
             for p, o in cases:
                 for c in concurrency:
                     rows.append(point(llm, device, bw, c, p, o, vocab))
@@ -106,7 +108,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
                     release(device)
                 del hf_model
     m = meta(device, bw, bench="generation", model=model or shape,
-             layers=num_layer, tp=ranks,
+             layers=num_layer, tp=ranks, max_num_batched_tokens=budget,
              quant_policy=quant_policy, kv_scales=kv_scales, int4=int4, weight_bytes=weights,
              kv_bytes_per_token=kv_token)
     result = {"meta": m, "rows": rows}
@@ -117,7 +119,8 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
 def render(result: dict) -> str:
     m = result["meta"]
     lines = header(m) + [f"model {m['model']} layers {m['layers']}  weights {m['weight_bytes'] / 1e9:.2f} GB"
-                         f"  KV {m['kv_bytes_per_token'] / 1e3:.1f} kB/token  quant_policy {m['quant_policy']}", "",
+                         f"  KV {m['kv_bytes_per_token'] / 1e3:.1f} kB/token  quant_policy {m['quant_policy']}"
+                         f"  step budget {m['max_num_batched_tokens']} tokens", "",
                          f"{'conc':>5} {'prompt':>7} {'output':>7} {'1st tok ms':>11} {'tok p50':>8} {'p90':>8}"
                          f" {'p99':>8} {'out tok/s':>10} {'roofline':>9} {'peak GB':>8} {'vs HF':>6}"]
     for r in result["rows"]:

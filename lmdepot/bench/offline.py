@@ -32,13 +32,15 @@ class Timing:
 
 
 def open_llm(ws: Path, device: str, max_batch_size: int, session_len: int | None = None, quant_policy: int = 0,
-             kv_scales: str = "online", cache_max_entry_count: float | None = None, eager: bool = False):
+             kv_scales: str = "online", cache_max_entry_count: float | None = None, eager: bool = False,
+             max_num_batched_tokens: int | None = None):
+    from lmdepot.runtime.cli_options import batched_tokens_kwargs
     from lmdepot.runtime.llm import LLM
 
     dtype = "fp16" if device.startswith("cuda") else "auto"
     return LLM(ws, dtype=dtype, device=device, max_batch_size=max_batch_size, session_len=session_len,
                quant_policy=quant_policy, kv_scales=kv_scales, cache_max_entry_count=cache_max_entry_count,
-               quiet=True, verify=False, eager=eager)
+               quiet=True, verify=False, eager=eager, **batched_tokens_kwargs(max_num_batched_tokens))
 
 
 def run_offline(llm, requests: list[Request], device: str) -> Timing:

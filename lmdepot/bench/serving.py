@@ -35,13 +35,16 @@ def free_port() -> int:
 
 
 def start_server(ws: Path, device: str, port: int, max_batch_size: int, session_len: int | None,
-                 quant_policy: int, kv_scales: str, queue: int, log: Path, timeout: float = 600.0):
+                 quant_policy: int, kv_scales: str, queue: int, log: Path, timeout: float = 600.0,
+                 max_num_batched_tokens: int | None = None):
     cmd = [sys.executable, "-m", "lmdepot.cli", "serve", "api_server", str(ws), "--server-name", "127.0.0.1",
            "--server-port", str(port), "--max-batch-size", str(max_batch_size), "--quant-policy", str(quant_policy),
            "--kv-scales", kv_scales, "--max-queued-requests", str(queue), "--log-level", "WARNING",
            "--model-name", "bench", "--dtype", "fp16" if device.startswith("cuda") else "auto"]
     if session_len:
         cmd += ["--session-len", str(session_len)]
+    if max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
     env = dict(os.environ, LMDEPOT_DEVICE=device)
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -120,11 +123,14 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         n: int = 256, prompt=(64, 512), output=(256, 256), seed: int = 0, dataset: str | None = None,
         concurrency: int = 64, compare_offline: bool = False, device: str = "auto", quant_policy: int = 0,
         kv_scales: str = "online", int4: bool = False, max_batch_size: int | None = None,
-        json_path: str | None = None, tp: int = 1) -> tuple[dict, str]:
+        json_path: str | None = None, tp: int = 1, max_num_batched_tokens: int | None = None) -> tuple[dict, str]:
     device = device_of(device)
     pairs = load_sharegpt(dataset) if dataset else None  # a bad file fails before a model is built
     if url and not model and (compare_offline or dataset):
         raise BenchError("--url: --dataset and --compare-offline need the workspace too; add --model")
+    if url and max_num_batched_tokens and not compare_offline:
+        raise BenchError("--max-num-batched-tokens: the server at --url keeps the budget it was started with"
+                         " (it applies here only to a server this bench starts, and to --compare-offline)")
     bw = bandwidth(device)
     batch = max_batch_size or concurrency
     with tempfile.TemporaryDirectory(prefix="lmdepot-bench-") as tmp:
@@ -142,7 +148,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             requests = make_requests(n, prompt, output, seed, 100, None, None, None)
         if not url:
             proc, url = start_server(ws, device, free_port(), batch, session_len, quant_policy, kv_scales, n,
-                                     Path(tmp) / "server.log")
+                                     Path(tmp) / "server.log", max_num_batched_tokens=max_num_batched_tokens)
         try:
             asyncio.run(_client(url, "bench" if proc else _served_model(url), requests[:2], 2))  # warmup
             results, elapsed = asyncio.run(_client(url, "bench" if proc else _served_model(url), requests,
@@ -157,7 +163,8 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
                     proc.wait()
         result = {"serving": summarize(results, elapsed)}
         if compare_offline:
-            llm = open_llm(ws, device, batch, session_len, quant_policy, kv_scales)
+            llm = open_llm(ws, device, batch, session_len, quant_policy, kv_scales,
+                           max_num_batched_tokens=max_num_batched_tokens)
             try:
                 warmup(llm, llm.engine.cfg.vocab_size)
                 result["offline"] = run_offline(llm, requests, device).summary()
@@ -167,10 +174,17 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             result["serving_vs_offline"] = result["serving"]["output_tok_s"] / result["offline"]["output_tok_s"]
     result["meta"] = meta(device, bw, bench="serving", model=model or url or shape, layers=layers,
                           requests=len(requests), concurrency=concurrency, max_batch_size=batch, dataset=dataset,
+                          max_num_batched_tokens=None if proc is None else max_num_batched_tokens or _default_budget(),
                           seed=seed, expected_output_tokens=sum(r.output_len for r in requests),
                           quant_policy=quant_policy, kv_scales=kv_scales, int4=int4)
     dump(result, json_path)
     return result, render(result)
+
+
+def _default_budget() -> int:
+    from lmdepot.runtime.config import EngineConfig
+
+    return EngineConfig.max_num_batched_tokens
 
 
 def _served_model(url: str) -> str:

@@ -87,7 +87,8 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         prompt=(64, 512), output=(256, 256), seed: int = 0, dataset: str | None = None, peer: str | None = None,
         device: str = "auto", quant_policy: int = 0, kv_scales: str = "online", int4: bool = False,
         max_batch_size: int | None = None, cache_max_entry_count: float | None = None,
-        json_path: str | None = None, hf: str | None = None, tp: int = 1, eager: bool = False) -> tuple[dict, str]:
+        json_path: str | None = None, hf: str | None = None, tp: int = 1, eager: bool = False,
+        max_num_batched_tokens: int | None = None) -> tuple[dict, str]:
     device = device_of(device)
     pairs = load_sharegpt(dataset) if dataset else None  # a bad file fails before a model is built
     bw = bandwidth(device)
@@ -95,7 +96,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         hf_dir, ws = prepare(model, shape, layers, Path(tmp), int4, hf, tp=tp)
         session_len = None if dataset else prompt[1] + output[1] + 8
         llm = open_llm(ws, device, max_batch_size or 256, session_len, quant_policy, kv_scales,
-                       cache_max_entry_count, eager=eager)
+                       cache_max_entry_count, eager=eager, max_num_batched_tokens=max_num_batched_tokens)
         try:
             vocab = llm.engine.cfg.vocab_size
             requests = make_requests(n, prompt, output, seed, vocab, pairs, llm.tokenizer, llm.engine.session_len)
@@ -106,6 +107,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             weights, kv_token = step_bytes(llm)
             num_layer = llm.engine.cfg.num_layer
             ranks = llm.engine.ecfg.tp
+            budget = llm.engine.ecfg.max_num_batched_tokens
             num_blocks, block_size = llm.engine.bm.num_blocks, llm.engine.bm.block_size
         finally:
             llm.close()
@@ -117,7 +119,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             if "output_tok_s" in result["hf"]:
                 result["engine_vs_hf"] = engine["output_tok_s"] / result["hf"]["output_tok_s"]
     result["meta"] = meta(device, bw, bench="throughput", model=model or shape,
-                          layers=num_layer, tp=ranks,
+                          layers=num_layer, tp=ranks, max_num_batched_tokens=budget,
                           requests=len(requests), dataset=dataset, seed=seed,
                           prompt_tokens=sum(len(r.prompt_ids) for r in requests),
                           expected_output_tokens=sum(r.output_len for r in requests),
@@ -132,7 +134,7 @@ def render(result: dict) -> str:
     lines = header(m) + [
         f"model {m['model']} layers {m['layers']}  {m['requests']} requests  prompt tokens {m['prompt_tokens']}"
         f"  output tokens {m['expected_output_tokens']}  quant_policy {m['quant_policy']}"
-        f"  KV cache {m['kv_cache_tokens']} tokens", "",
+        f"  KV cache {m['kv_cache_tokens']} tokens  step budget {m['max_num_batched_tokens']} tokens", "",
         f"{'':10} {'out tok/s':>10} {'req/s':>8} {'elapsed s':>10} {'TTFT p50 ms':>12} {'ITL p50 ms':>11}",
         f"{'lmdepot':10} {e['output_tok_s']:10.1f} {e['req_s']:8.2f} {e['elapsed_s']:10.2f}"
         f" {e['ttft_ms']['p50']:12.1f} {e['itl_ms']['p50']:11.2f}"]

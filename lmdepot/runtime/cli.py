@@ -9,7 +9,8 @@ import sys
 
 import click
 
-from lmdepot.runtime.cli_options import check_kv_options, kv_engine_kwargs, kv_options
+from lmdepot.runtime.cli_options import (batched_tokens_kwargs, batched_tokens_option, check_kv_options,
+                                         kv_engine_kwargs, kv_options)
 
 from lmdepot.runtime.errors import RequestError
 
@@ -38,7 +39,7 @@ def _runtime_options(fn):
     ]
     for opt in reversed(options):
         fn = opt(fn)
-    return kv_options(fn)
+    return kv_options(batched_tokens_option(fn))
 
 
 def _open(model, opts: dict):
@@ -48,7 +49,8 @@ def _open(model, opts: dict):
     check_kv_options(opts)
     return LLM(model, tp=opts["tp"], session_len=opts["session_len"], dtype=opts["dtype"],
                cache_max_entry_count=opts["cache_max_entry_count"], device=opts["device"],
-               cpu_memory_budget=int(opts["memory_budget"] * 2**30), eager=opts["eager"], **kv_engine_kwargs(opts))
+               cpu_memory_budget=int(opts["memory_budget"] * 2**30), eager=opts["eager"], **kv_engine_kwargs(opts),
+               **batched_tokens_kwargs(opts["max_num_batched_tokens"]))
 
 
 def _params(opts: dict):

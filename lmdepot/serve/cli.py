@@ -9,7 +9,8 @@ import sys
 import click
 
 from lmdepot.errors import LmdepotError
-from lmdepot.runtime.cli_options import check_kv_options, kv_engine_kwargs, kv_options
+from lmdepot.runtime.cli_options import (batched_tokens_kwargs, batched_tokens_option, check_kv_options,
+                                         kv_engine_kwargs, kv_options)
 
 from lmdepot.serve.tools import PARSERS
 
@@ -34,6 +35,7 @@ def serve():
 @click.option("--cache-max-entry-count", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of free memory (CPU: of --memory-budget) after weights given to KV blocks.")
 @click.option("--max-batch-size", default=None, type=click.IntRange(1), help="Sequences per engine step.")
+@batched_tokens_option
 @click.option("--session-len", default=None, type=click.IntRange(2), help="Max prompt + reply tokens.")
 @click.option("--model-name", default=None,
               help="Name served by /v1/models (default: MODEL as given; for a registry ref NAME:TAG, its NAME).")
@@ -52,7 +54,7 @@ def serve():
 @click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True,
               help="Compute/KV dtype.")
 @click.option("--eager", is_flag=True, help="CUDA: no CUDA graphs for decode steps (debugging, profiling).")
-def api_server(model, server_name, server_port, tp, cache_max_entry_count, max_batch_size,
+def api_server(model, server_name, server_port, tp, cache_max_entry_count, max_batch_size, max_num_batched_tokens,
                session_len, model_name, api_keys, tool_call_parser, max_queued_requests, log_level, allow_origins,
                memory_budget, dtype, eager, **kv):
     """OpenAI-compatible API server. MODEL: workspace dir or NAME:TAG.
@@ -69,7 +71,7 @@ def api_server(model, server_name, server_port, tp, cache_max_entry_count, max_b
     set_switch_interval()
     llm = AsyncLLM(model, tp=tp, session_len=session_len, max_batch_size=max_batch_size,
                    cache_max_entry_count=cache_max_entry_count, cpu_memory_budget=int(memory_budget * 2**30),
-                   dtype=dtype, eager=eager, **kv_engine_kwargs(kv))
+                   dtype=dtype, eager=eager, **kv_engine_kwargs(kv), **batched_tokens_kwargs(max_num_batched_tokens))
     cfg = ServeConfig(model_name=model_name or _default_model_name(model), api_keys=_split(api_keys), tool_call_parser=tool_call_parser,
                       max_queued_requests=max_queued_requests, allow_origins=_split(allow_origins))
     app = create_app(llm, cfg, owns_llm=True)
