@@ -23,11 +23,13 @@ from lmdepot.runtime.ops.kv_quant import store_kv_quant
 PAGE, D, DT = 64, 128, torch.float16
 SCHEMES = ((8, "plain"), (4, "rotate"), (4, "channel"))
 CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st} for sub, w, st in
-           ((16, 4, 3), (32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3))]
+           ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3))] + \
+    [{"sub": 64, "num_warps": 4, "num_stages": 2, "prefetch": True}, {"sub": 64, "num_warps": 4, "num_stages": 2, "asm": False}]
 # one q head per kv head: the CUDA-core path (the default there) and, for comparison, the tensor-core one
 VECTOR_CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st} for sub, w, st in
-                  ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (64, 2, 3))] + \
-    [c | {"vector": False} for c in CONFIGS]
+                  ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 2, 3))] + \
+    [{"sub": 64, "num_warps": 4, "num_stages": st, "prefetch": True} for st in (2, 3)] + \
+    [{"sub": 64, "num_warps": 4, "num_stages": 3, "asm": False}, {"sub": 64, "num_warps": 4, "num_stages": 2, "vector": False}]
 
 
 def _nbytes(*tensors) -> int:
@@ -62,12 +64,14 @@ def case(hq: int, hkv: int, batch: int, ctx: int, bw: float, sweep: bool = False
             times = []
             for cfg in VECTOR_CONFIGS if hq == hkv else CONFIGS:
                 try:
-                    times.append((do_bench_cudagraph(lambda: paged_decode_attention_quant(q, cache, tables, lens, config=cfg),
-                                                     rep=50) * 1e3, str(cfg)))
+                    fn = lambda: paged_decode_attention_quant(q, cache, tables, lens, config=cfg)  # noqa: E731, B023
+                    diff = (fn()[:4].float() - ref.float()).abs().max().item()
+                    times.append((do_bench_cudagraph(fn, rep=50) * 1e3, str(cfg), diff))
                 except Exception as exc:   # out of resources for a config: say so, go on
                     print(f"      {cfg}: {type(exc).__name__}")
-            for t, cfg in sorted(times):
-                print(f"      {t:9.1f} us  {qb / t / 1e-6 / bw:6.1%}  {cfg}{'  <- best' if t == min(times)[0] else ''}")
+            for t, cfg, diff in sorted(times):
+                print(f"      {t:9.1f} us  {qb / t / 1e-6 / bw:6.1%}  max|diff| {diff:.4f}  {cfg}"
+                      f"{'  <- best' if t == min(times)[0] else ''}")
 
 
 def main() -> None:

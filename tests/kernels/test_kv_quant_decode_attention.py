@@ -29,9 +29,11 @@ def _filled_cache(spec, num_blocks, page, hkv, d, lens, tables):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits, scheme", [(8, "plain"), (4, "plain"), (4, "rotate"), (4, "channel")])
-@pytest.mark.parametrize("hq, hkv, num_splits, vector", [(9, 3, None, False), (4, 4, 2, True), (4, 4, 2, False)])
-def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits, vector):
-    """vector: MHA on the CUDA-core path (the default for one q head per kv head), else tensor cores."""
+@pytest.mark.parametrize("hq, hkv, num_splits, config", [(9, 3, None, {}), (4, 4, 2, {}), (4, 4, 2, {"vector": False}),
+                                                         (9, 3, 2, {"prefetch": True}), (4, 4, 1, {"prefetch": True})])
+def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits, config):
+    """MHA (4/4) on the CUDA-core path by default, on tensor cores with vector=False; the per-token params
+    loaded one tile ahead (prefetch) on both paths."""
     page, d, lens = 16, 32, [1, 15, 3 * 16 + 5]
     max_pages = max(-(-n // page) for n in lens)
     tables = torch.stack([torch.randperm(24)[:max_pages] for _ in lens]).to(torch.int32).to(DEVICE)
@@ -39,7 +41,7 @@ def test_matches_reference(dtype, bits, scheme, hq, hkv, num_splits, vector):
     cache = _filled_cache(spec, 24, page, hkv, d, lens, tables)
     q = torch.randn(len(lens), hq, d, device=DEVICE, dtype=dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    y = paged_decode_attention_quant(q, cache, tables, seq_lens, num_splits=num_splits, config={"vector": vector})
+    y = paged_decode_attention_quant(q, cache, tables, seq_lens, num_splits=num_splits, config=config)
     ref = reference(q, cache, tables, seq_lens, d ** -0.5)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
@@ -126,7 +128,7 @@ def _sm90_build(bits: int, key_channel: bool, split: bool, groups: int = 4) -> d
     row = 128 * bits // 8
     const = dict(GROUPS=groups, BLOCK_H=16, D=128, BLOCK_D=128, PAGE=64, BITS=bits, KEY_CHANNEL=key_channel,
                  SUB=cfg["sub"], C_S=8 * row, C_H=row, P_S=8, P_H=1, VECTOR=groups == 1, STAGES=cfg["num_stages"],
-                 ASM=True, SPLIT=split)
+                 ASM=True, PREFETCH=False, SPLIT=split)
     types = {"q_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*u8",
              "vs_ptr": "*fp16", "vz_ptr": "*u8", "kmin_ptr": "*fp16", "ksink_ptr": "*fp16", "bt_ptr": "*i32",
              "lens_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp16", "sem_ptr": "*i32",

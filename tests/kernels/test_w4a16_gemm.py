@@ -162,7 +162,7 @@ def sm90_build(block_m: int, block_n: int, num_warps: int, stages: int, dtype: s
 def test_compiles_for_sm90_without_spills(M, dtype):
     """heuristic_config's launches: no spills, tensor cores, 16-byte cp.async weight loads, and a budget
     of SASS instructions a weight in the K loop (Triton 3.9, fp16 / bf16: 16 rows 5.8 / 5.9, 32 rows
-    6.2 / 6.3, 64 rows on 8 warps 8.9 / 9.2: the per-span zero/scale FMAs on the wider tile, over half
+    6.2 / 6.3, 64 rows (8.9 / 9.2 on 8 warps): the per-span zero/scale FMAs on the wider tile, over half
     the weights a thread; the decode alone is 2.5)."""
     from tests.kernels.sm90 import run_build
 

@@ -67,13 +67,15 @@ def _codes(x, op_ty: tl.constexpr, ASM: tl.constexpr):
     """A tile of codes (uint8, at most 255) as tensor-core operands: fp16 1024 + code, exact: the code's
     bits in the mantissa of 1024 (an int-to-float conversion is a quarter-rate instruction), on a GPU
     (ASM) one byte permute per two codes; float32 operands (tests) hold the code itself."""
-    if op_ty == tl.float32:
-        return x.to(op_ty)
-    if ASM:
-        return tl.inline_asm_elementwise(
+    if op_ty == tl.float32:   # one return: Triton 3.6 unifies the types of every return statement
+        y = x.to(op_ty)
+    elif ASM:
+        y = tl.inline_asm_elementwise(
             "prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
             "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
-    return (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        y = (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return y
 
 
 @triton.jit
@@ -91,8 +93,7 @@ def _f32(x, ASM: tl.constexpr):
 
 
 @triton.jit
-def _key_scores(kc, q0, q1, qo0, qo1, q_sum, blk, pos, mask_s, p_off, kvh, ks_ptr, kz_ptr, kmin_ptr, ksink_ptr,
-                ch_b, ch_h, offs_w, mask_w, op_ty: tl.constexpr, OFF: tl.constexpr, BITS: tl.constexpr,
+def _key_scores(kc, q0, q1, qo0, qo1, q_sum, blk, pos, k_scale, k_zero, kvh, ks_ptr, kmin_ptr, ksink_ptr, ch_b, ch_h, offs_w, mask_w, op_ty: tl.constexpr, OFF: tl.constexpr, BITS: tl.constexpr,
                 KEY_CHANNEL: tl.constexpr, ASM: tl.constexpr):
     """(BLOCK_H, keys) q.k of a tile of key codes on tensor cores, unscaled (rows of padded heads: 0)."""
     if KEY_CHANNEL:   # int4: per-block, per-channel params of this page, split by nibble
@@ -109,15 +110,34 @@ def _key_scores(kc, q0, q1, qo0, qo1, q_sum, blk, pos, mask_s, p_off, kvh, ks_pt
         lo -= OFF * (tl.sum(qs0.to(tl.float32), axis=1) + tl.sum(qs1.to(tl.float32), axis=1))
         score = tl.where(pos[None, :] == 0, sink[:, None], raw + lo[:, None])
     else:
-        k_scale = tl.load(ks_ptr + p_off, mask=mask_s, other=0.0).to(tl.float32)
-        k_zero = tl.load(kz_ptr + p_off, mask=mask_s, other=0).to(tl.float32)
         if BITS == 8:
             raw = tl.dot(qo0, tl.trans(_codes(kc, op_ty, ASM)))
         else:
             raw = tl.dot(qo0, tl.trans(_codes(kc & 0xF, op_ty, ASM)))
             raw += tl.dot(qo1, tl.trans(_codes(kc >> 4, op_ty, ASM)))
-        score = (raw - q_sum[:, None] * (k_zero + OFF)[None, :]) * k_scale[None, :]
+        score = (raw - q_sum[:, None] * (k_zero.to(tl.float32) + OFF)[None, :]) * k_scale[None, :]
     return score
+
+
+@triton.jit
+def _tile_params(t, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr, kz_ptr, vs_ptr, vz_ptr, p_b, offs_s,
+                 P_S: tl.constexpr, P_H: tl.constexpr, PAGE: tl.constexpr, SUB: tl.constexpr,
+                 KEY_CHANNEL: tl.constexpr):
+    """Tile t's keys' per-token (scale float32, zero code) of K (placeholders with per-channel keys) and
+    V; past the split's last tile nothing is loaded."""
+    TILES: tl.constexpr = PAGE // SUB
+    blk = tl.load(bt_ptr + b * stride_bt + tl.minimum(t, t_last - 1) // TILES).to(tl.int64)   # (in the table)
+    pos = (t % TILES) * SUB + offs_s
+    mask_s = t * SUB + offs_s < tl.minimum(seq_len, t_last * SUB)
+    p_off = blk * p_b + kvh * P_H + pos * P_S
+    v_scale = tl.load(vs_ptr + p_off, mask=mask_s, other=0.0).to(tl.float32)
+    v_zero = tl.load(vz_ptr + p_off, mask=mask_s, other=0)
+    if KEY_CHANNEL:
+        k_scale, k_zero = v_scale, v_zero
+    else:
+        k_scale = tl.load(ks_ptr + p_off, mask=mask_s, other=0.0).to(tl.float32)
+        k_zero = tl.load(kz_ptr + p_off, mask=mask_s, other=0)
+    return k_scale, k_zero, v_scale, v_zero
 
 
 @triton.jit
@@ -125,7 +145,8 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
           seq_len, t_first, t_last, c_b, p_b, ch_b, ch_h, stride_bt, sm_scale, C_S: tl.constexpr, C_H: tl.constexpr,
           P_S: tl.constexpr, P_H: tl.constexpr, op_ty: tl.constexpr, OFF: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
           BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
-          SUB: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+          SUB: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+          PREFETCH: tl.constexpr):
     """The split's keys, a tile of SUB at a time: scores on tensor cores (`_key_scores`), the online
     softmax, and the weighted sum of the values: on tensor cores for the GQA heads of the kv head
     (the codes as fp16 operands, `_codes`), or, with one q head (VECTOR: MHA, where 15 of a tensor-core
@@ -153,19 +174,32 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
         acc0 = tl.zeros((BLOCK_H, W), dtype=tl.float32)
         acc1 = tl.zeros((BLOCK_H, W), dtype=tl.float32)
     TILES: tl.constexpr = PAGE // SUB
+    # PREFETCH: the per-token params loaded one tile ahead (1-2 bytes a thread cannot go through
+    # cp.async, so the pipeliner leaves them as plain loads, waited for by the tile that issues them)
+    if PREFETCH:
+        k_scale, k_zero, v_scale, v_zero = _tile_params(t_first, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr,
+                                                        kz_ptr, vs_ptr, vz_ptr, p_b, offs_s, P_S, P_H, PAGE, SUB,
+                                                        KEY_CHANNEL)
     for t in tl.range(t_first, t_last, num_stages=STAGES):
-        page = t // TILES
-        blk = tl.load(bt_ptr + b * stride_bt + page).to(tl.int64)
+        blk = tl.load(bt_ptr + b * stride_bt + t // TILES).to(tl.int64)
         pos = (t % TILES) * SUB + offs_s   # key positions within the page
-        mask_s = page * PAGE + pos < seq_len
+        mask_s = (t // TILES) * PAGE + pos < seq_len
         c_off = blk * c_b + kvh * C_H + pos[:, None] * C_S + offs_w[None, :]
         c_mask = mask_s[:, None] & mask_w[None, :]
         kc = tl.load(kc_ptr + c_off, mask=c_mask, other=0)
         vc = tl.load(vc_ptr + c_off, mask=c_mask, other=0)
-        p_off = blk * p_b + kvh * P_H + pos * P_S
-        score = _key_scores(kc, q0, q1, qo0, qo1, q_sum, blk, pos, mask_s, p_off, kvh, ks_ptr, kz_ptr, kmin_ptr,
+        if PREFETCH:
+            cur_ks, cur_kz, cur_vs, cur_vz = k_scale, k_zero, v_scale, v_zero
+            k_scale, k_zero, v_scale, v_zero = _tile_params(t + 1, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr,
+                                                            kz_ptr, vs_ptr, vz_ptr, p_b, offs_s, P_S, P_H, PAGE,
+                                                            SUB, KEY_CHANNEL)
+        else:
+            cur_ks, cur_kz, cur_vs, cur_vz = _tile_params(t, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr,
+                                                          kz_ptr, vs_ptr, vz_ptr, p_b, offs_s, P_S, P_H, PAGE, SUB,
+                                                          KEY_CHANNEL)
+        score = _key_scores(kc, q0, q1, qo0, qo1, q_sum, blk, pos, cur_ks, cur_kz, kvh, ks_ptr, kmin_ptr,
                             ksink_ptr, ch_b, ch_h, offs_w, mask_w, op_ty, OFF, BITS, KEY_CHANNEL, ASM)
-        v_scale = tl.load(vs_ptr + p_off, mask=mask_s, other=0.0).to(tl.float32)
+        v_scale_t, v_zero_t = cur_vs, cur_vz
         if VECTOR:
             s = tl.where(mask_s, tl.sum(score, axis=0) * sm_scale, float("-inf"))   # row 0 (the rest: 0)
             m_new = tl.maximum(m, tl.max(s, axis=0))
@@ -177,9 +211,9 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
                 corr *= alpha
                 m = m_new
             prob = tl.exp(s - m)
-            w = prob * v_scale
+            w = prob * v_scale_t
             l += prob
-            corr += w * _f32(tl.load(vz_ptr + p_off, mask=mask_s, other=0), ASM)
+            corr += w * _f32(v_zero_t, ASM)
             if BITS == 8:
                 acc0 += w[:, None] * _f32(vc, ASM)
             else:
@@ -190,10 +224,9 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)
             prob = tl.exp(s - m_new[:, None])
-            v_zero = tl.load(vz_ptr + p_off, mask=mask_s, other=0).to(tl.float32)
-            w = (prob * v_scale[None, :]).to(op_ty)
+            w = (prob * v_scale_t[None, :]).to(op_ty)
             l = l * alpha + tl.sum(prob, axis=1)
-            corr = corr * alpha + tl.sum(w.to(tl.float32) * (v_zero + OFF)[None, :], axis=1)
+            corr = corr * alpha + tl.sum(w.to(tl.float32) * (v_zero_t.to(tl.float32) + OFF)[None, :], axis=1)
             if BITS == 8:
                 acc0 = acc0 * alpha[:, None] + tl.dot(w, _codes(vc, op_ty, ASM))
             else:
@@ -223,7 +256,8 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
                   stride_bt, stride_ob, stride_oh, NUM_SPLITS, PAGES_PER_SPLIT, Hq, Hkv,
                   GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   PAGE: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr, SUB: tl.constexpr,
-                  C_S: tl.constexpr, C_H: tl.constexpr, P_S: tl.constexpr, P_H: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr):
+                  C_S: tl.constexpr, C_H: tl.constexpr, P_S: tl.constexpr, P_H: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
+                  SPLIT: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
     op_ty: tl.constexpr = tl.float32 if q_ptr.dtype.element_ty == tl.float32 else tl.float16
@@ -247,7 +281,7 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
     t_last = tl.minimum((first + PAGES_PER_SPLIT) * TILES, tl.cdiv(seq_len, SUB))
     acc, m, l = _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, bt_ptr, b, kvh,
                       seq_len, t_first, t_last, c_b, p_b, ch_b, ch_h, stride_bt, sm_scale, C_S, C_H, P_S, P_H,
-                      op_ty, OFF, BLOCK_H, D, BLOCK_D, PAGE, BITS, KEY_CHANNEL, SUB, VECTOR, STAGES, ASM)
+                      op_ty, OFF, BLOCK_H, D, BLOCK_D, PAGE, BITS, KEY_CHANNEL, SUB, VECTOR, STAGES, ASM, PREFETCH)
     EPI_H: tl.constexpr = 1 if VECTOR else BLOCK_H   # the epilogue's rows
     if VECTOR:
         heads = kvh + tl.arange(0, 1)
@@ -276,7 +310,8 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
     """q (B, Hq, D), cache an online QuantKVCache with one quantizer per token and kv head (group =
     head_dim; what the engine routes here) whose K/V code tensors share one layout; the result goes
     to `out` ((B, Hq, D), unit stride along D) where given. `config` (tuning): `sub` keys per tile,
-    `num_warps`, `num_stages`."""
+    `num_warps`, `num_stages`, `vector` (MHA on the CUDA-core path), `asm` (the byte-permute code
+    conversions; False: the portable bitwise ones)."""
     from lmdepot.runtime.ops.kv_quant import hadamard_on
 
     B, Hq, D = q.shape
@@ -301,7 +336,8 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
         GROUPS=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), D=D,
         BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits, KEY_CHANNEL=cache.key_channel,
         SUB=min(page, cfg["sub"]), C_S=kc.stride(1), C_H=kc.stride(2), P_S=vs.stride(1), P_H=vs.stride(2),
-        VECTOR=vector, STAGES=cfg["num_stages"], ASM=not INTERPRETED, SPLIT=num_splits > 1,
+        VECTOR=vector, STAGES=cfg["num_stages"], ASM=cfg.get("asm", not INTERPRETED),
+        PREFETCH=cfg.get("prefetch", False), SPLIT=num_splits > 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
         y = (y.float() @ rot).to(y.dtype) if out is None else out.copy_(y.float() @ rot)
