@@ -128,7 +128,7 @@ def _sm90_build(bits: int, key_channel: bool, split: bool, groups: int = 4) -> d
     row = 128 * bits // 8
     const = dict(GROUPS=groups, BLOCK_H=16, D=128, BLOCK_D=128, PAGE=64, BITS=bits, KEY_CHANNEL=key_channel,
                  SUB=cfg["sub"], C_S=8 * row, C_H=row, P_S=8, P_H=1, VECTOR=groups == 1, STAGES=cfg["num_stages"],
-                 ASM=True, PREFETCH=False, SPLIT=split)
+                 ASM=True, PREFETCH=cfg["prefetch"], SPLIT=split)
     types = {"q_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*u8",
              "vs_ptr": "*fp16", "vz_ptr": "*u8", "kmin_ptr": "*fp16", "ksink_ptr": "*fp16", "bt_ptr": "*i32",
              "lens_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp16", "sem_ptr": "*i32",

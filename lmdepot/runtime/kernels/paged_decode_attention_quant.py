@@ -93,6 +93,17 @@ def _f32(x, ASM: tl.constexpr):
 
 
 @triton.jit
+def _v_nibbles(x):
+    """int4 value codes loaded as (keys, 2W) with byte i in columns i and W + i: the low nibbles (even
+    channels) then the high ones (odd channels). One product over all channels in this permuted
+    order, un-permuted at the store, where two products over the halves would need a join +
+    reshape of the (heads, channels) sums, which Triton 3.6 built wrong on an H200 (max|diff| 0.08,
+    session 7; the CPU interpreter got it right)."""
+    W: tl.constexpr = x.shape[1] // 2
+    return (x >> ((tl.arange(0, x.shape[1]) // W) * 4).to(tl.uint8)[None, :]) & 0xF
+
+
+@triton.jit
 def _key_scores(kc, q0, q1, qo0, qo1, q_sum, blk, pos, k_scale, k_zero, kvh, ks_ptr, kmin_ptr, ksink_ptr, ch_b, ch_h, offs_w, mask_w, op_ty: tl.constexpr, OFF: tl.constexpr, BITS: tl.constexpr,
                 KEY_CHANNEL: tl.constexpr, ASM: tl.constexpr):
     """(BLOCK_H, keys) q.k of a tile of key codes on tensor cores, unscaled (rows of padded heads: 0)."""
@@ -120,16 +131,9 @@ def _key_scores(kc, q0, q1, qo0, qo1, q_sum, blk, pos, k_scale, k_zero, kvh, ks_
 
 
 @triton.jit
-def _tile_params(t, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr, kz_ptr, vs_ptr, vz_ptr, p_b, offs_s,
-                 P_S: tl.constexpr, P_H: tl.constexpr, PAGE: tl.constexpr, SUB: tl.constexpr,
-                 KEY_CHANNEL: tl.constexpr):
-    """Tile t's keys' per-token (scale float32, zero code) of K (placeholders with per-channel keys) and
-    V; past the split's last tile nothing is loaded."""
-    TILES: tl.constexpr = PAGE // SUB
-    blk = tl.load(bt_ptr + b * stride_bt + tl.minimum(t, t_last - 1) // TILES).to(tl.int64)   # (in the table)
-    pos = (t % TILES) * SUB + offs_s
-    mask_s = t * SUB + offs_s < tl.minimum(seq_len, t_last * SUB)
-    p_off = blk * p_b + kvh * P_H + pos * P_S
+def _tile_params(p_off, mask_s, ks_ptr, kz_ptr, vs_ptr, vz_ptr, KEY_CHANNEL: tl.constexpr):
+    """A tile's keys' per-token (scale float32, zero code) of K (placeholders with per-channel keys)
+    and V."""
     v_scale = tl.load(vs_ptr + p_off, mask=mask_s, other=0.0).to(tl.float32)
     v_zero = tl.load(vz_ptr + p_off, mask=mask_s, other=0)
     if KEY_CHANNEL:
@@ -138,6 +142,19 @@ def _tile_params(t, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr, kz_ptr, 
         k_scale = tl.load(ks_ptr + p_off, mask=mask_s, other=0.0).to(tl.float32)
         k_zero = tl.load(kz_ptr + p_off, mask=mask_s, other=0)
     return k_scale, k_zero, v_scale, v_zero
+
+
+@triton.jit
+def _params_of(t, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr, kz_ptr, vs_ptr, vz_ptr, p_b, offs_s,
+               P_S: tl.constexpr, P_H: tl.constexpr, PAGE: tl.constexpr, SUB: tl.constexpr,
+               KEY_CHANNEL: tl.constexpr):
+    """_tile_params of tile t, its block looked up here (PREFETCH); past the split's last tile nothing
+    is loaded."""
+    TILES: tl.constexpr = PAGE // SUB
+    blk = tl.load(bt_ptr + b * stride_bt + tl.minimum(t, t_last - 1) // TILES).to(tl.int64)   # (in the table)
+    mask_s = t * SUB + offs_s < tl.minimum(seq_len, t_last * SUB)
+    return _tile_params(blk * p_b + kvh * P_H + ((t % TILES) * SUB + offs_s) * P_S, mask_s, ks_ptr, kz_ptr, vs_ptr,
+                        vz_ptr, KEY_CHANNEL)
 
 
 @triton.jit
@@ -171,15 +188,15 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
         m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
         l = tl.zeros((BLOCK_H,), dtype=tl.float32)
         corr = tl.zeros((BLOCK_H,), dtype=tl.float32)    # sum_t w_t (zero_t + OFF) of V
-        acc0 = tl.zeros((BLOCK_H, W), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_H, W), dtype=tl.float32)
+        acc0 = tl.zeros((BLOCK_H, BLOCK_D if BITS == 4 else W), dtype=tl.float32)   # int4: channels permuted
+        acc1 = acc0
     TILES: tl.constexpr = PAGE // SUB
     # PREFETCH: the per-token params loaded one tile ahead (1-2 bytes a thread cannot go through
     # cp.async, so the pipeliner leaves them as plain loads, waited for by the tile that issues them)
     if PREFETCH:
-        k_scale, k_zero, v_scale, v_zero = _tile_params(t_first, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr,
-                                                        kz_ptr, vs_ptr, vz_ptr, p_b, offs_s, P_S, P_H, PAGE, SUB,
-                                                        KEY_CHANNEL)
+        k_scale, k_zero, v_scale, v_zero = _params_of(t_first, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr,
+                                                      kz_ptr, vs_ptr, vz_ptr, p_b, offs_s, P_S, P_H, PAGE, SUB,
+                                                      KEY_CHANNEL)
     for t in tl.range(t_first, t_last, num_stages=STAGES):
         blk = tl.load(bt_ptr + b * stride_bt + t // TILES).to(tl.int64)
         pos = (t % TILES) * SUB + offs_s   # key positions within the page
@@ -187,16 +204,20 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
         c_off = blk * c_b + kvh * C_H + pos[:, None] * C_S + offs_w[None, :]
         c_mask = mask_s[:, None] & mask_w[None, :]
         kc = tl.load(kc_ptr + c_off, mask=c_mask, other=0)
-        vc = tl.load(vc_ptr + c_off, mask=c_mask, other=0)
+        if BITS == 4 and not VECTOR:   # every byte twice: (keys, channels [even..., odd...]) (see _v_nibbles)
+            vcols = tl.arange(0, BLOCK_D) % W
+            vc = tl.load(vc_ptr + blk * c_b + kvh * C_H + pos[:, None] * C_S + vcols[None, :],
+                         mask=mask_s[:, None] & (vcols < D // PACK)[None, :], other=0)
+        else:
+            vc = tl.load(vc_ptr + c_off, mask=c_mask, other=0)
         if PREFETCH:
             cur_ks, cur_kz, cur_vs, cur_vz = k_scale, k_zero, v_scale, v_zero
-            k_scale, k_zero, v_scale, v_zero = _tile_params(t + 1, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr,
-                                                            kz_ptr, vs_ptr, vz_ptr, p_b, offs_s, P_S, P_H, PAGE,
-                                                            SUB, KEY_CHANNEL)
-        else:
-            cur_ks, cur_kz, cur_vs, cur_vz = _tile_params(t, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr,
+            k_scale, k_zero, v_scale, v_zero = _params_of(t + 1, t_last, b, kvh, seq_len, bt_ptr, stride_bt, ks_ptr,
                                                           kz_ptr, vs_ptr, vz_ptr, p_b, offs_s, P_S, P_H, PAGE, SUB,
                                                           KEY_CHANNEL)
+        else:
+            cur_ks, cur_kz, cur_vs, cur_vz = _tile_params(blk * p_b + kvh * P_H + pos * P_S, mask_s, ks_ptr, kz_ptr,
+                                                          vs_ptr, vz_ptr, KEY_CHANNEL)
         score = _key_scores(kc, q0, q1, qo0, qo1, q_sum, blk, pos, cur_ks, cur_kz, kvh, ks_ptr, kmin_ptr,
                             ksink_ptr, ch_b, ch_h, offs_w, mask_w, op_ty, OFF, BITS, KEY_CHANNEL, ASM)
         v_scale_t, v_zero_t = cur_vs, cur_vz
@@ -230,8 +251,7 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
             if BITS == 8:
                 acc0 = acc0 * alpha[:, None] + tl.dot(w, _codes(vc, op_ty, ASM))
             else:
-                acc0 = acc0 * alpha[:, None] + tl.dot(w, _codes(vc & 0xF, op_ty, ASM))
-                acc1 = acc1 * alpha[:, None] + tl.dot(w, _codes(vc >> 4, op_ty, ASM))
+                acc0 = acc0 * alpha[:, None] + tl.dot(w, _codes(_v_nibbles(vc), op_ty, ASM))
             m = m_new
     if VECTOR:   # one row: reshaped, not indexed with [None, :], which would hand the epilogue's store
         # layout back to the loop's partial sums (one column a thread)
@@ -242,10 +262,7 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
             acc = tl.reshape(tl.join(tl.sum(acc0, axis=0) - corr, tl.sum(acc1, axis=0) - corr), (1, BLOCK_D))
         return acc, tl.zeros((1,), dtype=tl.float32) + m, tl.zeros((1,), dtype=tl.float32) + tl.sum(l, axis=0)
     else:
-        if BITS == 8:
-            acc = acc0 - corr[:, None]
-        else:   # even and odd channels back in order
-            acc = tl.reshape(tl.join(acc0 - corr[:, None], acc1 - corr[:, None]), (BLOCK_H, BLOCK_D))
+        acc = acc0 - corr[:, None]   # int4: channels [even..., odd...], stored by _split_kernel's `chan`
         return acc, m, l
 
 
@@ -287,21 +304,23 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
         heads = kvh + tl.arange(0, 1)
         mask_h = heads >= 0
     offs_d = tl.arange(0, BLOCK_D)
-    finish_split(acc, m, l, o_ptr, lse_ptr, out_ptr, sem_ptr, b, kvh, split, seq_len, heads, mask_h, offs_d,
-                 offs_d < D, stride_ob, stride_oh, Hq, Hkv, NUM_SPLITS, PAGES_PER_SPLIT, D, EPI_H, BLOCK_D, PAGE,
+    if BITS == 4 and not VECTOR:   # the tensor-core sums' channels are [even..., odd...] (_v_nibbles)
+        chan = 2 * (offs_d % (BLOCK_D // 2)) + offs_d // (BLOCK_D // 2)
+    else:
+        chan = offs_d
+    finish_split(acc, m, l, o_ptr, lse_ptr, out_ptr, sem_ptr, b, kvh, split, seq_len, heads, mask_h, chan,
+                 chan < D, stride_ob, stride_oh, Hq, Hkv, NUM_SPLITS, PAGES_PER_SPLIT, D, EPI_H, BLOCK_D, PAGE,
                  SPLIT)
 
 
 def default_config(bits: int, key_channel: bool, vector: bool = False) -> dict:
-    """Keys per tile (a page of fewer keys is one tile), warps, pipeline stages: the fastest on an H200
-    (scripts/bench_decode_quant.py --sweep, 128 sequences x 3000 tokens, 32q/32kv and 32q/8kv; docs/
-    benchmarks.md). sm_90 builds (Triton 3.9) of these: 124 / 161 / 241 registers, no spills."""
-    if vector:   # not measured yet
-        return {"sub": 64, "num_warps": 4, "num_stages": 3}
-    if bits == 8:
-        return {"sub": 32, "num_warps": 4, "num_stages": 2}
-    return {"sub": 64, "num_warps": 4, "num_stages": 3 if key_channel else 2}
-
+    """Keys per tile (a page of fewer keys is one tile), warps, pipeline stages, per-token params one
+    tile ahead: the fastest on an H200 (scripts/bench_decode_quant.py --sweep, 128 sequences x 3000
+    tokens, 32q/32kv on the CUDA-core path, 32q/8kv on tensor cores; docs/benchmarks.md, seventh
+    session). sm_90 builds (Triton 3.9) of these spill nothing (tests)."""
+    if vector:
+        return {"sub": 64, "num_warps": 4, "num_stages": 3 if bits == 8 else 2, "prefetch": False}
+    return {"sub": 64, "num_warps": 4, "num_stages": 2, "prefetch": True}
 
 
 def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: float | None = None,
@@ -337,7 +356,7 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
         BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits, KEY_CHANNEL=cache.key_channel,
         SUB=min(page, cfg["sub"]), C_S=kc.stride(1), C_H=kc.stride(2), P_S=vs.stride(1), P_H=vs.stride(2),
         VECTOR=vector, STAGES=cfg["num_stages"], ASM=cfg.get("asm", not INTERPRETED),
-        PREFETCH=cfg.get("prefetch", False), SPLIT=num_splits > 1,
+        PREFETCH=cfg["prefetch"], SPLIT=num_splits > 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
         y = (y.float() @ rot).to(y.dtype) if out is None else out.copy_(y.float() @ rot)
