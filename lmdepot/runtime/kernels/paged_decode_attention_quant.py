@@ -247,11 +247,12 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
             prob = tl.exp(s - m_new[:, None])
             w = (prob * v_scale_t[None, :]).to(op_ty)
             l = l * alpha + tl.sum(prob, axis=1)
-            corr = corr * alpha + tl.sum(w.to(tl.float32) * (v_zero_t.to(tl.float32) + OFF)[None, :], axis=1)
             if BITS == 8:
+                corr = corr * alpha + tl.sum(w.to(tl.float32) * (v_zero_t.to(tl.float32) + OFF)[None, :], axis=1)
                 acc0 = acc0 * alpha[:, None] + tl.dot(w, _codes(vc, op_ty, ASM))
-            else:
-                acc0 = acc0 * alpha[:, None] + tl.dot(w, _codes(_v_nibbles(vc), op_ty, ASM))
+            else:   # code - zero exact on the operand (|.| <= 15): no 1024 carrier through the products
+                v = _codes(_v_nibbles(vc), op_ty, ASM) - (v_zero_t.to(op_ty) + OFF)[:, None]
+                acc0 = acc0 * alpha[:, None] + tl.dot(w, v)
             m = m_new
     if VECTOR:   # one row: reshaped, not indexed with [None, :], which would hand the epilogue's store
         # layout back to the loop's partial sums (one column a thread)
