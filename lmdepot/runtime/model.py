@@ -241,8 +241,9 @@ class DecoderLayer(nn.Module):
         and itself in one op (ops.add_rms_norm_linear: at batch-1 decode on the GPU the GEMV computes
         the add and the norm in its input loads, one launch less per norm), a Partial summed first
         unless the all-reduce kernel itself fuses the norm (LMDEPOT_ALLREDUCE=fused); otherwise
-        self.norm, then the linear."""
-        if residual is not None and (linear.plain or linear.w4_fused) and not (isinstance(x, Partial) and tp.all_reduce_fuses_norm()):
+        self.norm, then the linear. An int4 weight takes that op too with LMDEPOT_W4_FUSED=1 (Linear.w4_fused)."""
+        fusable = linear.plain or linear.w4_fused
+        if residual is not None and fusable and not (isinstance(x, Partial) and tp.all_reduce_fuses_norm()):
             return linear.forward_normed(x.summed() if isinstance(x, Partial) else x, residual, weight, self.eps)
         h, residual = self.norm(x, residual, weight)
         return linear(h), residual

@@ -29,8 +29,8 @@ so the launch replaces that kernel without changing a bit of the GEMV's input): 
 (kernels/silu_mul.py) for the down projection; NORM (one row), the residual add + RMSNorm
 (kernels/rms_norm.py: every program first sums the squares of h = x + residual over the row, program
 (0, 0) also writes h). The x side is shared by the rows of a thread, so these cost per weight about
-(work per input) / (rows a thread): sm_90 build at Llama-2-7B shapes, NORM 5.6-5.9 and GATED 7.3-7.7 SASS instructions a weight
-(the exact division of the silu), against 3.9-4.6 plain. Switched on in the engine by LMDEPOT_W4_FUSED=1
+(work per input) / (rows a thread): sm_90 build at Llama-2-7B shapes, NORM 5.6-5.9 and GATED 7.3-7.7
+SASS instructions a weight (the exact division of the silu), against 3.9-4.6 plain. Switched on in the engine by LMDEPOT_W4_FUSED=1
 (ops/triton_ops.py), off by default until timed on a GPU.
 """
 
