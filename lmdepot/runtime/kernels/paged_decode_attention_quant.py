@@ -10,9 +10,9 @@ applied to the (heads x keys) scores and weights, which are 64x smaller than a t
 - per-channel keys (`key_channel`, per block, kv head and channel: k = code * scale + min): q.k =
   (q * scale).code + q.min, and the block's first key scores against its exact fp16 sink row.
 The codes become operands without an int-to-float conversion (a quarter-rate instruction, which with
-~8 other instructions per code kept the first rewrite at ~40% of copy bandwidth): a byte permute sets
-a code into the mantissa of 1024 (fp16 1024 + code, two codes per instruction; the offset is taken
-out with the zero point) or of 2**23 (float32, then one subtraction). Keys are scored on tensor cores;
+~8 other instructions per code kept the first rewrite at ~40% of copy bandwidth; kv_quant_tile:
+fp16 1024 + code for tensor cores, the offset taken out with the zero point, float32 for the CUDA
+cores). Keys are scored on tensor cores;
 the weighted sum of the values is
 - on tensor cores for GQA (the group's heads are the tile's rows), the codes fed to tl.dot (Triton
   pipelines their loads with cp.async);
@@ -36,11 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.kv_quant_tile import param_operands
+from lmdepot.runtime.kernels.kv_quant_tile import INTERPRETED, channels, codes_f16, codes_f32, nibbles, param_operands
 from lmdepot.runtime.kernels.paged_decode_attention import finish_split, split_buffers, split_plan
 
-# Triton's interpreter (CPU tests) runs no inline PTX: the bitwise conversions go the portable way there
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 # LMDEPOT_KVQ_VECTOR=0 sends MHA models to the tensor-core path too (A/B runs); read once
 VECTOR_MHA = os.environ.get("LMDEPOT_KVQ_VECTOR", "1") != "0"
 
@@ -64,43 +62,13 @@ def reference(q, cache, block_tables, seq_lens, sm_scale):
 
 @triton.jit
 def _codes(x, op_ty: tl.constexpr, ASM: tl.constexpr):
-    """A tile of codes (uint8, at most 255) as tensor-core operands: fp16 1024 + code, exact: the code's
-    bits in the mantissa of 1024 (an int-to-float conversion is a quarter-rate instruction), on a GPU
-    (ASM) one byte permute per two codes; float32 operands (tests) hold the code itself."""
+    """Codes as tensor-core operands: fp16 1024 + code (codes_f16); float32 operands (tests) hold the
+    code itself."""
     if op_ty == tl.float32:   # one return: Triton 3.6 unifies the types of every return statement
         y = x.to(op_ty)
-    elif ASM:
-        y = tl.inline_asm_elementwise(
-            "prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
-            "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
     else:
-        y = (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+        y = codes_f16(x, ASM)
     return y
-
-
-@triton.jit
-def _f32(x, ASM: tl.constexpr):
-    """Codes (uint8, at most 255) as exact float32 without an int-to-float conversion: the code in the
-    mantissa of 2**23 (on a GPU one byte permute a code), then 2**23 off."""
-    if ASM:
-        magic = tl.inline_asm_elementwise(
-            "prmt.b32 $0, $4, 0x4B000000, 0x7540; prmt.b32 $1, $4, 0x4B000000, 0x7541; "
-            "prmt.b32 $2, $4, 0x4B000000, 0x7542; prmt.b32 $3, $4, 0x4B000000, 0x7543;",
-            "=r,=r,=r,=r,r", [x], dtype=tl.float32, is_pure=True, pack=4)
-    else:
-        magic = (x.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True)
-    return magic - 8388608.0
-
-
-@triton.jit
-def _v_nibbles(x):
-    """int4 value codes loaded as (keys, 2W) with byte i in columns i and W + i: the low nibbles (even
-    channels) then the high ones (odd channels). One product over all channels in this permuted
-    order, un-permuted at the store, where two products over the halves would need a join +
-    reshape of the (heads, channels) sums, which Triton 3.6 built wrong on an H200 (max|diff| 0.08,
-    session 7; the CPU interpreter got it right)."""
-    W: tl.constexpr = x.shape[1] // 2
-    return (x >> ((tl.arange(0, x.shape[1]) // W) * 4).to(tl.uint8)[None, :]) & 0xF
 
 
 @triton.jit
@@ -220,7 +188,7 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
         c_off = blk * c_b + kvh * C_H + pos[:, None] * C_S + offs_w[None, :]
         c_mask = mask_s[:, None] & mask_w[None, :]
         kc = tl.load(kc_ptr + c_off, mask=c_mask, other=0)
-        if BITS == 4 and not VECTOR:   # every byte twice: (keys, channels [even..., odd...]) (see _v_nibbles)
+        if BITS == 4 and not VECTOR:   # every byte twice: (keys, channels [even..., odd...]) (kv_quant_tile)
             vcols = tl.arange(0, BLOCK_D) % W
             vc = tl.load(vc_ptr + blk * c_b + kvh * C_H + pos[:, None] * C_S + vcols[None, :],
                          mask=mask_s[:, None] & (vcols < D // PACK)[None, :], other=0)
@@ -259,12 +227,12 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
             prob = tl.exp(s - m)
             w = prob * v_scale_t
             l += prob
-            corr += w * _f32(v_zero_t, ASM)
+            corr += w * codes_f32(v_zero_t, ASM)
             if BITS == 8:
-                acc0 += w[:, None] * _f32(vc, ASM)
+                acc0 += w[:, None] * codes_f32(vc, ASM)
             else:
-                acc0 += w[:, None] * _f32(vc & 0xF, ASM)
-                acc1 += w[:, None] * _f32(vc >> 4, ASM)
+                acc0 += w[:, None] * codes_f32(vc & 0xF, ASM)
+                acc1 += w[:, None] * codes_f32(vc >> 4, ASM)
         else:
             s = tl.where(mask_s[None, :], score * sm_scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -276,7 +244,7 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
                 corr = corr * alpha + tl.sum(w.to(tl.float32) * (v_zero_t.to(tl.float32) + OFF)[None, :], axis=1)
                 acc0 = acc0 * alpha[:, None] + tl.dot(w, _codes(vc, op_ty, ASM))
             else:   # code - zero exact on the operand (|.| <= 15): no 1024 carrier through the products
-                v = _codes(_v_nibbles(vc), op_ty, ASM) - (v_zero_t.to(op_ty) + OFF)[:, None]
+                v = _codes(nibbles(vc), op_ty, ASM) - (v_zero_t.to(op_ty) + OFF)[:, None]
                 acc0 = acc0 * alpha[:, None] + tl.dot(w, v)
             m = m_new
     if VECTOR:   # one row: reshaped, not indexed with [None, :], which would hand the epilogue's store
@@ -330,8 +298,8 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
         heads = kvh + tl.arange(0, 1)
         mask_h = heads >= 0
     offs_d = tl.arange(0, BLOCK_D)
-    if BITS == 4 and not VECTOR:   # the tensor-core sums' channels are [even..., odd...] (_v_nibbles)
-        chan = 2 * (offs_d % (BLOCK_D // 2)) + offs_d // (BLOCK_D // 2)
+    if BITS == 4 and not VECTOR:   # the tensor-core sums' channels are [even..., odd...] (kv_quant_tile.channels)
+        chan = channels(BLOCK_D, BITS)
     else:
         chan = offs_d
     finish_split(acc, m, l, o_ptr, lse_ptr, out_ptr, sem_ptr, b, kvh, split, seq_len, heads, mask_h, chan,

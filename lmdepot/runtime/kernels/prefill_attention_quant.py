@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdepot.runtime.kernels.kv_quant_tile import param_operands
+from lmdepot.runtime.kernels.kv_quant_tile import channels, codes_f16, nibbles, param_operands
 from lmdepot.runtime.kernels.prefill_attention import LOG2E, NO_WINDOW
 
 
@@ -63,27 +63,12 @@ def reference(q, cache, block_tables, q_start_loc, context_lens, sm_scale, slidi
 
 
 @triton.jit
-def _channels(D: tl.constexpr, BITS: tl.constexpr):
-    """The head's channels in the order the kernel holds them: int4 tiles are (rows, [even channels,
-    odd channels]) (`_codes`), so q is loaded and the output stored in that order; int8 in order."""
-    j = tl.arange(0, D)
-    if BITS == 4:
-        j = 2 * (j % (D // 2)) + j // (D // 2)
-    return j
-
-
-@triton.jit
 def _codes(x, BITS: tl.constexpr):
-    """A tile of cached rows as fp16 (N, D) of 1024 + code, exact: the code's bits in the mantissa of
-    1024 (one bitwise op where an int-to-float conversion is a quarter-rate instruction). int4: x is
-    (N, D) bytes with byte i in columns i and D/2 + i (loaded twice), giving its low nibble (channel
-    2i) then its high one (2i + 1), the `_channels` order. (Splitting (N, D/2) bytes and interleaving
-    the nibbles with join + reshape was built wrong by Triton 3.6 on an H200, session 7; the CPU
-    interpreter got it right.)"""
-    x = x.to(tl.uint16)
+    """A tile of cached rows as fp16 (N, D) of 1024 + code (kv_quant_tile; int4: x holds each byte
+    twice, the channels come out in `channels` order)."""
     if BITS == 4:
-        x = (x >> ((tl.arange(0, x.shape[1]) // (x.shape[1] // 2)) * 4).to(tl.uint16)[None, :]) & 0xF
-    return (x | 0x6400).to(tl.float16, bitcast=True)
+        x = nibbles(x)
+    return codes_f16(x, False)
 
 
 @triton.jit
@@ -118,7 +103,7 @@ def _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, v
     vc = _codes(tl.load(vc_ptr + c_off), BITS).to(op_ty)
     p_off = blk * p_b + first * P_S + kvh * P_H + offs_n * P_S
     if KEY_CHANNEL:   # the block's per-channel (scale, min) on the key tile; its first key exact
-        ch = blk * ch_b + kvh * ch_h + _channels(D, BITS)
+        ch = blk * ch_b + kvh * ch_h + channels(D, BITS)
         k = (kc - 1024.0) * tl.load(ks_ptr + ch).to(op_ty)[None, :] + tl.load(kmin_ptr + ch).to(op_ty)[None, :]
         k = tl.where((first + offs_n == 0)[:, None], tl.load(ksink_ptr + ch).to(op_ty)[None, :], k)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -161,7 +146,7 @@ def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_p
     head = kvh * GROUPS + rows % GROUPS
     mask_m = tok < q_len
     qpos = past + tok
-    offs_d = _channels(D, BITS)
+    offs_d = channels(D, BITS)
     q_rows = (q_start + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptr + q_rows, mask=mask_m[:, None], other=0.0).to(op_ty)
 
