@@ -170,10 +170,9 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
         acc0 = tl.zeros((BLOCK_H, BLOCK_D if BITS == 4 else W), dtype=tl.float32)   # int4: channels permuted
         acc1 = acc0
     TILES: tl.constexpr = PAGE // SUB
-    # PREFETCH: the per-token params loaded one tile ahead (1-2 bytes a thread cannot go through
-    # cp.async, so the pipeliner leaves them as plain loads, waited for by the tile that issues them;
-    # GQA int8 on an H200: 410 -> 353 us)
-    # (and with per-channel keys the block's channel params too)
+    # PREFETCH: the per-token params (and per-channel keys' block vectors) loaded one tile ahead: 1-2
+    # bytes a thread cannot go through cp.async, so the pipeliner leaves them as plain loads, waited for
+    # by the tile that issues them (GQA int8 on an H200: 410 -> 353 us)
     if PREFETCH:
         nblk = _block_of(t_first, t_last, b, bt_ptr, stride_bt, TILES)
         k_scale, k_zero, v_scale, v_zero = _params_of(t_first, t_last, nblk, kvh, seq_len, ks_ptr, kz_ptr, vs_ptr,
@@ -213,7 +212,6 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
             s0, s1, min0, min1, sink0, sink1 = cur_ks, cur_ks, cur_ks, cur_ks, cur_ks, cur_ks
         score = _key_scores(kc, q0, q1, qo0, qo1, q_sum, pos, cur_ks, cur_kz, s0, s1, min0, min1, sink0, sink1,
                             op_ty, OFF, BITS, KEY_CHANNEL, ASM)
-        v_scale_t, v_zero_t = cur_vs, cur_vz
         if VECTOR:
             s = tl.where(mask_s, tl.sum(score, axis=0) * sm_scale, float("-inf"))   # row 0 (the rest: 0)
             m_new = tl.maximum(m, tl.max(s, axis=0))
@@ -225,9 +223,9 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
                 corr *= alpha
                 m = m_new
             prob = tl.exp(s - m)
-            w = prob * v_scale_t
+            w = prob * cur_vs
             l += prob
-            corr += w * codes_f32(v_zero_t, ASM)
+            corr += w * codes_f32(cur_vz, ASM)
             if BITS == 8:
                 acc0 += w[:, None] * codes_f32(vc, ASM)
             else:
@@ -238,13 +236,13 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)
             prob = tl.exp(s - m_new[:, None])
-            w = (prob * v_scale_t[None, :]).to(op_ty)
+            w = (prob * cur_vs[None, :]).to(op_ty)
             l = l * alpha + tl.sum(prob, axis=1)
             if BITS == 8:
-                corr = corr * alpha + tl.sum(w.to(tl.float32) * (v_zero_t.to(tl.float32) + OFF)[None, :], axis=1)
+                corr = corr * alpha + tl.sum(w.to(tl.float32) * (cur_vz.to(tl.float32) + OFF)[None, :], axis=1)
                 acc0 = acc0 * alpha[:, None] + tl.dot(w, _codes(vc, op_ty, ASM))
             else:   # code - zero exact on the operand (|.| <= 15): no 1024 carrier through the products
-                v = _codes(nibbles(vc), op_ty, ASM) - (v_zero_t.to(op_ty) + OFF)[:, None]
+                v = _codes(nibbles(vc), op_ty, ASM) - (cur_vz.to(op_ty) + OFF)[:, None]
                 acc0 = acc0 * alpha[:, None] + tl.dot(w, v)
             m = m_new
     if VECTOR:   # one row: reshaped, not indexed with [None, :], which would hand the epilogue's store
