@@ -22,14 +22,17 @@ from lmdepot.runtime.ops.kv_quant import store_kv_quant
 
 PAGE, D, DT = 64, 128, torch.float16
 SCHEMES = ((8, "plain"), (4, "rotate"), (4, "channel"))
-CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st} for sub, w, st in
-           ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3))] + \
-    [{"sub": 64, "num_warps": 4, "num_stages": 2, "prefetch": True}, {"sub": 64, "num_warps": 4, "num_stages": 2, "asm": False}]
-# one q head per kv head: the CUDA-core path (the default there) and, for comparison, the tensor-core one
-VECTOR_CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st} for sub, w, st in
-                  ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 2, 3))] + \
-    [{"sub": 64, "num_warps": 4, "num_stages": st, "prefetch": True} for st in (2, 3)] + \
-    [{"sub": 64, "num_warps": 4, "num_stages": 3, "asm": False}, {"sub": 64, "num_warps": 4, "num_stages": 2, "vector": False}]
+# each merged over default_config; maxnreg caps registers a thread for more programs an SM
+CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st} for sub, w, st in ((32, 4, 3), (64, 4, 2), (64, 4, 3))] + \
+    [{"sub": 64, "num_warps": 4, "num_stages": 3, "maxnreg": r} for r in (128, 168)] + \
+    [{"sub": 64, "num_warps": 4, "num_stages": st, "asm": a} for st in (2, 3) for a in (False, True)]
+# one q head per kv head: the CUDA-core path and the tensor-core one
+VECTOR_CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st, "vector": True} for sub, w, st in
+                  ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 2, 3), (64, 2, 2))] + \
+    [{"sub": 64, "num_warps": 4, "num_stages": 2, "vector": True, "maxnreg": 168}] + \
+    [{"sub": 64, "num_warps": 4, "num_stages": st, "vector": False} for st in (2, 3)] + \
+    [{"sub": 64, "num_warps": 4, "num_stages": 2, "vector": False, "maxnreg": r} for r in (128, 168)] + \
+    [{"sub": 64, "num_warps": 4, "num_stages": 2, "vector": False, "asm": False}]
 
 
 def _nbytes(*tensors) -> int:

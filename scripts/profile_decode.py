@@ -1,6 +1,6 @@
 """Where a decode step's time goes: GPU kernel time per step by kernel, against the step's wall time.
 
-    python scripts/profile_decode.py WORKSPACE [--batch 1,16] [--steps 20] [--eager] [--sync]
+    python scripts/profile_decode.py WORKSPACE [--batch 1,16] [--steps 20] [--eager] [--sync] [--tp 2]
 
 Runs `batch` sequences (prompt 128 tokens unless --prompt) into steady decode, then records `steps` decode steps
 with torch.profiler (CUDA activity; kernels inside CUDA graph replays are recorded too) and prints,
@@ -69,9 +69,11 @@ def main():
     ap.add_argument("--sync", action="store_true", help="no asynchronous decode steps (async_steps=False)")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence (the context decode reads)")
     ap.add_argument("--kv", default=None, help="quant_policy of the KV cache: 8 or 4 (default fp16)")
+    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: the workspace's); "
+                    "the profile is rank 0's")
     args = ap.parse_args()
     batches = [int(x) for x in args.batch.split(",")]
-    kw = {"quant_policy": int(args.kv)} if args.kv else {}
+    kw = ({"quant_policy": int(args.kv)} if args.kv else {}) | ({"tp": args.tp} if args.tp else {})
     llm = LLM(args.workspace, eager=args.eager, async_steps=not args.sync, verify=False,
               max_batch_size=max(batches), **kw)
     try:

@@ -100,7 +100,7 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
         try:
             vocab = llm.engine.cfg.vocab_size
             requests = make_requests(n, prompt, output, seed, vocab, pairs, llm.tokenizer, llm.engine.session_len)
-            warmup(llm, vocab)
+            warmup(llm, vocab, requests)
             reset_peak(device)
             engine = run_offline(llm, requests, device).summary()
             engine["peak_memory_GB"] = peak_memory(device) / 1e9

@@ -50,15 +50,13 @@ class Linear(nn.Module):
         """out_dtype=float32: the sums unrounded (a row-parallel rank's partial, see reduce_partial).
         gated: x is a fused gate/up output and the input is silu(gate) * up (a plain weight takes it
         in one op, which a kernel may fuse)."""
-        if gated and (self.int8 or (self.int4 and not self.w4_fused)):
+        if gated and (self.int8 or self.int4):
             x, gated = ops.silu_mul(x), False
         if self.int8:
             # x comes already quantized, (codes, per-token scales), from the fused norm; else quantize here.
             xq, xs = x if isinstance(x, tuple) else ops.quant_per_token(x)
             return ops.linear_w8a8(xq, xs, self.qweight, self.scales, self.bias, out_dtype or self.dtype)
         if self.int4:
-            if gated:
-                return ops.silu_mul_linear(x, self.int4_weight, self.bias, out_dtype)
             return ops.linear_int4(x, self.int4_weight, self.in_features, self.bias, out_dtype)
         if gated:
             return ops.silu_mul_linear(x, self.weight, self.bias, out_dtype)
@@ -68,22 +66,10 @@ class Linear(nn.Module):
     def plain(self) -> bool:
         return not (self.int8 or self.int4)
 
-    @property
-    def w4_fused(self) -> bool:
-        """A repacked int4 weight (GPU) with LMDEPOT_W4_FUSED=1 (ops/triton_ops.py): it takes the norm
-        and silu·mul ops that a plain weight takes (forward_normed, gated), whose one-row int4 GEMV
-        computes them in its loads."""
-        if not self.int4 or "qt" not in self.int4_weight:
-            return False
-        from lmdepot.runtime.ops import triton_ops
-
-        return triton_ops.W4_FUSED
-
     def forward_normed(self, x, residual, norm_weight, eps: float):
-        """(self(rms_norm(x + residual) * norm_weight), x + residual) for a plain weight (or w4_fused),
-        in one op (ops.add_rms_norm_linear), which a kernel may fuse."""
-        weight = self.int4_weight if self.int4 else self.weight
-        return ops.add_rms_norm_linear(x, residual, norm_weight, eps, weight, self.bias)
+        """(self(rms_norm(x + residual) * norm_weight), x + residual) for a plain weight, in one op
+        (ops.add_rms_norm_linear), which a kernel may fuse."""
+        return ops.add_rms_norm_linear(x, residual, norm_weight, eps, self.weight, self.bias)
 
 
 class Partial:
@@ -241,9 +227,8 @@ class DecoderLayer(nn.Module):
         and itself in one op (ops.add_rms_norm_linear: at batch-1 decode on the GPU the GEMV computes
         the add and the norm in its input loads, one launch less per norm), a Partial summed first
         unless the all-reduce kernel itself fuses the norm (LMDEPOT_ALLREDUCE=fused); otherwise
-        self.norm, then the linear. An int4 weight takes that op too with LMDEPOT_W4_FUSED=1 (Linear.w4_fused)."""
-        fusable = linear.plain or linear.w4_fused
-        if residual is not None and fusable and not (isinstance(x, Partial) and tp.all_reduce_fuses_norm()):
+        self.norm, then the linear."""
+        if residual is not None and linear.plain and not (isinstance(x, Partial) and tp.all_reduce_fuses_norm()):
             return linear.forward_normed(x.summed() if isinstance(x, Partial) else x, residual, weight, self.eps)
         h, residual = self.norm(x, residual, weight)
         return linear(h), residual

@@ -119,7 +119,7 @@ def test_triton_ops_prefill_then_decode_match_reference_ops(bits, scheme):
 
 def _sm90_build(bits: int, key_channel: bool, split: bool, groups: int = 4) -> dict:
     """The split kernel built for sm_90 (tests/kernels/sm90.py): pages of 64 keys, head dim 128, 8 kv
-    heads, `groups` q heads each (1: the MHA vector path); `split`: with the in-launch merge epilogue
+    heads, `groups` q heads each (1: MHA, its default path); `split`: with the in-launch merge epilogue
     (SPLIT) or the direct store of one split."""
     from lmdepot.runtime.kernels import paged_decode_attention_quant as m
     from tests.kernels.sm90 import build
@@ -127,8 +127,8 @@ def _sm90_build(bits: int, key_channel: bool, split: bool, groups: int = 4) -> d
     cfg = m.default_config(bits, key_channel, groups == 1)
     row = 128 * bits // 8
     const = dict(GROUPS=groups, BLOCK_H=16, D=128, BLOCK_D=128, PAGE=64, BITS=bits, KEY_CHANNEL=key_channel,
-                 SUB=cfg["sub"], C_S=8 * row, C_H=row, P_S=8, P_H=1, VECTOR=groups == 1, STAGES=cfg["num_stages"],
-                 ASM=True, PREFETCH=cfg["prefetch"], SPLIT=split)
+                 SUB=cfg["sub"], C_S=8 * row, C_H=row, P_S=8, P_H=1, VECTOR=cfg["vector"], STAGES=cfg["num_stages"],
+                 ASM=cfg.get("asm", True), PREFETCH=cfg["prefetch"], SPLIT=split)
     types = {"q_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*u8",
              "vs_ptr": "*fp16", "vz_ptr": "*u8", "kmin_ptr": "*fp16", "ksink_ptr": "*fp16", "bt_ptr": "*i32",
              "lens_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp16", "sem_ptr": "*i32",
@@ -148,7 +148,10 @@ def test_split_kernel_does_not_spill_on_sm90(bits, key_channel, split, groups):
 
     built = run_build(f"from tests.kernels.test_kv_quant_decode_attention import _sm90_build as f; "
                       f"f({bits}, {key_channel}, {split}, {groups})")
-    assert built["stack"] == 0 and built["mma"] and built["cp_async"] and built["loop_vec16"]
+    # MHA int4 runs 2 warps of (key, channel) partial sums: 64 KB of them on 64 threads spill some (48
+    # bytes, Triton 3.9), and it is still the fastest config on the H200 (1,280 us; 4 warps: 1,593)
+    spill_ok = 64 if (groups, bits, key_channel) == (1, 4, False) else 0
+    assert built["stack"] <= spill_ok and built["mma"] and built["cp_async"] and built["loop_vec16"]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")

@@ -98,105 +98,16 @@ def test_rejects_more_rows_or_other_k():
         w4a16_gemv.gemv(torch.zeros(1, 128, device=DEVICE), packed)
 
 
-# --- fused input transforms: silu·mul (gated) and the residual add + RMSNorm (norm) in the loads -----
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K, N, group", [(200, 47, 32), (192, 80, 64), (333, 40, 128)])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_gated_input_is_silu_mul_of_gate_up(dtype, K, N, group, split_k):
-    """gated=True: x is a fused (gate | up) row of 2K columns (odd K 333 and K 200 pad the last group);
-    bit-identical to the unfused path (the silu_mul kernel, then the GEMV) and close to the float32
-    reference of silu_mul's output times the dequantized weight."""
-    from lmdepot.runtime.kernels import silu_mul
-
-    q = _quantized(K, N, group, seed=K)
-    packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
-    gate_up = torch.randn(1, 2 * K, device=DEVICE).mul(2).to(dtype)
-    cfg = {"block_n": 16, "split_k": split_k}
-    out = poisoned((1, N), dtype)
-    y = w4a16_gemv.gemv(gate_up, packed, out=out, config=cfg, gated=True)
-    assert y.data_ptr() == out.data_ptr()
-    act = silu_mul.silu_mul(gate_up)
-    assert torch.equal(y, w4a16_gemv.gemv(act, packed, config=cfg))
-    _check(y, act, q)
-    assert not _SEMAPHORES[gate_up.device].any()
-
-
-def _norm_case(K, dtype, x_dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(1, K, generator=g) * 0.7).to(DEVICE, x_dtype)
-    r = torch.randn(1, K, generator=g).to(DEVICE, dtype)
-    nw = (1 + 0.2 * torch.randn(K, generator=g)).to(DEVICE, dtype)
-    return x, r, nw
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("f32_x", [False, True])
-@pytest.mark.parametrize("K, N, group", [(200, 47, 32), (192, 80, 64), (333, 40, 128)])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_norm_input_is_add_rms_norm(dtype, f32_x, K, N, group, split_k):
-    """norm=(residual, norm_weight, eps): the new residual bit-equal to kernels/rms_norm.py's, y within
-    one ulp of the normed input (1/rms may differ in its last bit: the sum of squares runs in 64-column
-    steps here) of the unfused path (rms_norm kernel, then the GEMV); an fp32 tensor-parallel sum as
-    x; y and the new residual written into poisoned buffers."""
-    from lmdepot.runtime.kernels import rms_norm
-
-    eps = 1e-5
-    x, r, nw = _norm_case(K, dtype, torch.float32 if f32_x else dtype, seed=K + split_k)
-    q = _quantized(K, N, group, seed=K)
-    packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
-    cfg = {"block_n": 16, "split_k": split_k, "norm_block": 64}
-    out, h_out = poisoned((1, N), dtype), poisoned((1, K), dtype)
-    x0, r0 = x.clone(), r.clone()
-    y, h = w4a16_gemv.gemv(x, packed, out=out, config=cfg, norm=(r, nw, eps, h_out))
-    assert y.data_ptr() == out.data_ptr() and h.data_ptr() == h_out.data_ptr() and y.dtype == dtype
-    assert torch.equal(x, x0) and torch.equal(r, r0)
-    normed, unfused_h = rms_norm.rms_norm(x, r, nw, eps)
-    assert torch.equal(h, unfused_h)
-    unfused = w4a16_gemv.gemv(normed, packed, config=cfg)
-    # one ulp of each normed element times |W| (dequantized), plus one rounding of y
-    w = reference(torch.eye(K, device=DEVICE), q["qweight"], q["scales"], q["zeros"]).double()
-    ulp = torch.finfo(dtype).eps
-    bound = ulp * normed.double().abs() @ w.abs() + ulp * unfused.double().abs() + 1e-6
-    assert ((y.double() - unfused.double()).abs() <= bound).all(), (y.double() - unfused.double()).abs().max()
-    _check(y, normed, q)
-    assert not _SEMAPHORES[x.device].any()
-    # the default residual_out is a fresh buffer with the same values
-    y2, h2 = w4a16_gemv.gemv(x, packed, config=cfg, norm=(r, nw, eps))
-    assert torch.equal(y2, y) and torch.equal(h2, h) and h2.data_ptr() != h.data_ptr()
-
-
-def test_fused_inputs_reject_misuse():
-    """norm takes one row and a residual_out apart from x and the residual; gated and norm do not mix."""
-    K, N = 64, 16
-    q = _quantized(K, N, 32)
-    packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
-    x, r, nw = _norm_case(K, torch.float16, torch.float16)
-    with pytest.raises(ValueError, match="one contiguous row"):
-        w4a16_gemv.gemv(x.expand(2, K), packed, norm=(r.expand(2, K), nw, 1e-5))
-    with pytest.raises(ValueError, match="overlaps neither x nor the residual"):
-        w4a16_gemv.gemv(x, packed, norm=(r, nw, 1e-5, r))
-    with pytest.raises(ValueError, match="gated and norm inputs do not combine"):
-        w4a16_gemv.gemv(torch.zeros(1, 2 * K, device=DEVICE), packed, gated=True, norm=(r, nw, 1e-5))
-    with pytest.raises(ValueError, match=r"needs <= 4 rows and 33..64 input features"):
-        w4a16_gemv.gemv(torch.zeros(1, 2 * 30, device=DEVICE), packed, gated=True)
-
-
 def sm90_build(block_n: int, num_warps: int, stages: int, vec: int = 4, dtype: str = "fp16",
-               maxnreg: int | None = None, variant: str = "plain", x_type: str | None = None,
-               splits: int = 8) -> dict:
+               maxnreg: int | None = None) -> dict:
     """The Llama-2-7B MLP-up shape's launch (K 4096, group 128) built for sm_90 (tests/kernels/sm90.py),
-    with the integer args a real launch specializes as 16-divisible. variant "gated" or "norm": that
-    input transform in the loads (x_type: x's pointer type, a float32 tensor-parallel sum for norm)."""
+    with the integer args a real launch specializes as 16-divisible."""
     from tests.kernels.sm90 import build
 
-    const = {"GROUP": 128, "SPAN": 128, "BLOCK_N": block_n, "SPLITS": splits,
-             "SPLITS_POW2": 1 << (splits - 1).bit_length(),
-             "STAGES": stages, "EVEN_K": True, "VEC": vec, "GATED": variant == "gated", "NORM": variant == "norm",
-             "NORM_BLOCK": w4a16_gemv.NORM_BLOCK}
-    types = {"x_ptr": x_type or f"*{dtype}", "qt_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-             "part_ptr": "*fp32", "y_ptr": f"*{dtype}", "lock_ptr": "*i32", "r_ptr": f"*{dtype}",
-             "nw_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "eps": "fp32", "MASK_HI": "i32", "MASK_LO": "i32"}
+    const = {"GROUP": 128, "SPAN": 128, "BLOCK_N": block_n, "SPLITS": 8, "SPLITS_POW2": 8, "STAGES": stages,
+             "EVEN_K": True, "VEC": vec}
+    types = {"x_ptr": f"*{dtype}", "qt_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "part_ptr": "*fp32",
+             "y_ptr": f"*{dtype}", "lock_ptr": "*i32", "MASK_HI": "i32", "MASK_LO": "i32"}
     return build(w4a16_gemv._kernel, const, types, num_warps, stages,
                  divisible=("N", "K", "K_PADDED", "K_PER_SPLIT", "KW", "SPLIT_WORDS"), maxnreg=maxnreg)
 
@@ -220,27 +131,6 @@ def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, maxnr
     assert (b["stack"], b["mma"], b["cp_async"], b["loop_vec16"]) == (0, False, stages > 1, vec == 4), b
     assert b["loop_sass"] / weights <= (5.4 if block_n == 16 else 4.2), b   # 16 rows: 2 a thread share the x work
     assert b["regs"] <= (maxnreg or 128), b
-
-
-@pytest.mark.parametrize("variant, K, N, dtype, x_type", [
-    ("norm", 4096, 12288, "fp16", None), ("norm", 4096, 12288, "fp16", "*fp32"),   # q/k/v, x a tp sum
-    ("gated", 11008, 4096, "fp16", None), ("gated", 11008, 4096, "bf16", None)])   # down
-def test_fused_variants_compile_for_sm90_without_spills(variant, K, N, dtype, x_type):
-    """The fused launches heuristic_config gives at Llama-2-7B's shapes (norm: q/k/v, 4096 -> 12288;
-    gated: down, 11008 -> 4096), built for sm_90: no spills, 16-byte weight loads (cp.async where
-    STAGES > 1), and the x-side work a weight bounded (plain: 3.9-4.6 SASS instructions a weight;
-    norm 5.6-5.9; gated 7.3-7.7, the silu's exact division and exp)."""
-    from tests.kernels.sm90 import run_build
-
-    cfg = w4a16_gemv.heuristic_config(1, N, K, 128, variant)
-    splits = w4a16_gemv.k_split(K, 128, cfg["split_k"])[1]
-    b = run_build(f"from tests.kernels.test_w4a16_gemv import sm90_build as f; "
-                  f"f({cfg['block_n']}, {cfg['num_warps']}, {cfg['num_stages']}, {cfg['vec']}, '{dtype}', "
-                  f"{cfg['maxnreg']}, '{variant}', {x_type!r}, {splits})")
-    weights = cfg["block_n"] * 128 // (32 * cfg["num_warps"])
-    assert (b["stack"], b["mma"], b["cp_async"], b["loop_vec16"]) == (0, False, cfg["num_stages"] > 1, True), b
-    assert b["loop_sass"] / weights <= (6.2 if variant == "norm" else 8.0), b
-    assert b["regs"] <= cfg["maxnreg"], b
 
 
 GPU = pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
@@ -271,32 +161,3 @@ def test_cuda_graph_replay():
         assert not _SEMAPHORES[x.device].any()
 
     graph_replays(lambda: w4a16_gemv.gemv(x, packed, out=out), [x], check)
-
-
-@GPU
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_real_size_fused_inputs(dtype):
-    """The fused launches heuristic_config gives at Llama-2-7B's shapes against the unfused kernels:
-    down with silu·mul in the loads bit-identical to silu_mul then the GEMV; q/k/v with the residual
-    add + norm in the loads: the new residual bit-equal to rms_norm.py's, y within one ulp of the
-    normed input (times |W|) of the unfused path."""
-    from lmdepot.runtime.kernels import rms_norm, silu_mul
-
-    q = _quantized(11008, 4096, 128)
-    packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
-    gate_up = torch.randn(1, 2 * 11008, device=DEVICE).to(dtype)
-    y = w4a16_gemv.gemv(gate_up, packed, out=poisoned((1, 4096), dtype), gated=True)
-    torch.testing.assert_close(y, w4a16_gemv.gemv(silu_mul.silu_mul(gate_up), packed), rtol=0, atol=0)
-    q = _quantized(4096, 12288, 128, seed=1)
-    packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
-    for x_dtype in (dtype, torch.float32):
-        x, r, nw = _norm_case(4096, dtype, x_dtype)
-        y, h = w4a16_gemv.gemv(x, packed, out=poisoned((1, 12288), dtype), norm=(r, nw, 1e-5))
-        normed, unfused_h = rms_norm.rms_norm(x, r, nw, 1e-5)
-        unfused = w4a16_gemv.gemv(normed, packed)
-        assert torch.equal(h, unfused_h)
-        w = reference(torch.eye(4096, device=DEVICE, dtype=torch.float32), q["qweight"], q["scales"], q["zeros"])
-        ulp = torch.finfo(dtype).eps
-        bound = ulp * normed.float().abs() @ w.abs() + ulp * unfused.float().abs() + 1e-5
-        assert ((y.float() - unfused.float()).abs() <= bound).all()
-    assert not _SEMAPHORES[x.device].any()

@@ -100,49 +100,6 @@ def test_repacked_int4_path_matches_dequantized_reference(tiny, tmp_path, monkey
         llm.close()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the GPU kernels through the CPU interpreter")
-def test_w4_fused_decode_matches_unfused(tiny, tmp_path, monkeypatch):
-    """LMDEPOT_W4_FUSED=1 (triton_ops.W4_FUSED, patched): batch-1 decode steps of the repacked int4 path
-    take the residual add + norm (q/k/v of every layer but the first, gate/up of every layer) and
-    silu·mul (down) inside the int4 GEMV, through the interpreter; the greedy tokens equal those with
-    the switch off (add_rms_norm, silu_mul, then the plain GEMV) and HF's on the dequantized weights.
-    Prefill rows (40) take the unfused ops either way."""
-    from lmdepot.runtime import ops
-    from lmdepot.runtime.kernels import w4a16_gemv
-    from lmdepot.runtime.model import Linear
-    from lmdepot.runtime.ops import triton_ops
-
-    ws, ref = _int4_workspace(tiny, tmp_path, 64)
-    for name in ("linear_int4", "add_rms_norm_linear", "silu_mul_linear"):
-        monkeypatch.setitem(ops._TABLE, name, getattr(triton_ops, name))
-    launches = []
-    plain_gemv = w4a16_gemv.gemv
-    monkeypatch.setattr(w4a16_gemv, "gemv", lambda *a, **k: launches.append(
-        "gated" if k.get("gated") else "norm" if k.get("norm") else "plain") or plain_gemv(*a, **k))
-    llm = LLM(ws, dtype="fp32", num_kv_blocks=10, cache_block_seq_len=16, quiet=True)
-    try:
-        for lin in (m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)):
-            lin.int4_weight = triton_ops.int4_layout(lin.int4_weight)
-        ids, steps = list(range(10, 50)), 6
-        tokens = {}
-        for fused in (False, True):
-            monkeypatch.setattr(triton_ops, "W4_FUSED", fused)
-            launches.clear()
-            out = llm.generate(ids, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True))
-            tokens[fused] = out.token_ids
-            layers = len(llm.engine.runner.model.layers)
-            decode_steps = steps - 1   # the first token comes from the prefill
-            if fused:   # per decode step: 2 * layers - 1 normed GEMVs, `layers` gated ones, `layers` plain (o)
-                assert launches.count("norm") == decode_steps * (2 * layers - 1)
-                assert launches.count("gated") == decode_steps * layers
-                assert launches.count("plain") == decode_steps * (layers + 1)
-            else:
-                assert launches.count("plain") == decode_steps * 4 * layers and len(launches) == launches.count("plain")
-        assert tokens[True] == tokens[False] == hf_greedy(ref, ids, steps)
-    finally:
-        llm.close()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 def test_gpu_keeps_one_repacked_copy(tiny, tmp_path, group):

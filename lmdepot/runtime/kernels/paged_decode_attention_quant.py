@@ -305,15 +305,25 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
                  SPLIT)
 
 
-def default_config(bits: int, key_channel: bool, vector: bool = False) -> dict:
+def default_config(bits: int, key_channel: bool, mha: bool = False) -> dict:
     """Keys per tile (a page of fewer keys is one tile), warps, pipeline stages, per-token params one
-    tile ahead: the fastest on an H200 (scripts/bench_decode_quant.py --sweep, 128 sequences x 3000
-    tokens, 32q/32kv on the CUDA-core path, 32q/8kv on tensor cores; docs/benchmarks.md, seventh
-    session). sm_90 builds (Triton 3.9) of these spill nothing (tests)."""
-    if vector:
-        # per-channel keys: their six per-block vectors ahead too (not measured: the H200 sweep predates it)
-        return {"sub": 64, "num_warps": 4, "num_stages": 3 if bits == 8 else 2, "prefetch": key_channel}
-    return {"sub": 64, "num_warps": 4, "num_stages": 2, "prefetch": True}
+    tile ahead (`prefetch`), byte-permute conversions (`asm`), and for MHA (one q head per kv head) the
+    CUDA-core path (`vector`): the fastest on an H200 (scripts/bench_decode_quant.py --sweep, 128
+    sequences x 3000 tokens, 32q/32kv and 32q/8kv; docs/benchmarks.md, eighth session). sm_90 builds
+    (Triton 3.9) of these spill nothing (tests)."""
+    if mha and bits == 8:   # tensor cores 1417 us, the CUDA-core path 1470 (2 stages) / 2073 (3 stages)
+        return {"sub": 64, "num_warps": 4, "num_stages": 2, "prefetch": True, "vector": False}
+    if mha:   # int4 rotate 1280 us with 2 warps (4 warps: 1593-2187); per-channel keys 2394 (4 warps)
+        return {"sub": 64, "num_warps": 4 if key_channel else 2, "num_stages": 3, "prefetch": key_channel,
+                "vector": True}
+    # GQA: int8 343 us at 3 stages (2: 353); int4 the bitwise conversions (444 vs 472, 738 vs 794 us)
+    return {"sub": 64, "num_warps": 4, "num_stages": 3 if bits == 8 else 2, "prefetch": True, "vector": False,
+            "asm": bits == 8}
+
+
+def _register_cap(cfg: dict) -> dict:
+    """`maxnreg` (tuning): a register cap per thread, for more programs an SM; not under the interpreter."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not INTERPRETED else {}
 
 
 def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: float | None = None,
@@ -322,8 +332,8 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
     """q (B, Hq, D), cache an online QuantKVCache with one quantizer per token and kv head (group =
     head_dim; what the engine routes here) whose K/V code tensors share one layout; the result goes
     to `out` ((B, Hq, D), unit stride along D) where given. `config` (tuning): `sub` keys per tile,
-    `num_warps`, `num_stages`, `vector` (MHA on the CUDA-core path), `asm` (the byte-permute code
-    conversions; False: the portable bitwise ones)."""
+    `num_warps`, `num_stages`, `prefetch`, `vector` (MHA on the CUDA-core path; LMDEPOT_KVQ_VECTOR=0
+    never), `asm` (the byte-permute code conversions; False: the portable bitwise ones), `maxnreg`."""
     from lmdepot.runtime.ops.kv_quant import hadamard_on
 
     B, Hq, D = q.shape
@@ -332,8 +342,8 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
     if cache.group != D:
         raise ValueError(f"decode attention over a quantized cache: one quantizer per head (group {D}), "
                          f"got group {cache.group}")
-    vector = Hq == Hkv and (config or {}).get("vector", VECTOR_MHA)
-    cfg = default_config(cache.bits, cache.key_channel, vector) | (config or {})
+    cfg = default_config(cache.bits, cache.key_channel, Hq == Hkv) | (config or {})
+    vector = Hq == Hkv and VECTOR_MHA and cfg["vector"]
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     rot = hadamard_on(D, str(q.device)) if cache.rotate else None
     if rot is not None and not cache.key_channel:   # rotated keys: score with the rotated query
@@ -348,9 +358,9 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
         GROUPS=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), D=D,
         BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits, KEY_CHANNEL=cache.key_channel,
         SUB=min(page, cfg["sub"]), C_S=kc.stride(1), C_H=kc.stride(2), P_S=vs.stride(1), P_H=vs.stride(2),
-        VECTOR=vector, STAGES=cfg["num_stages"], ASM=cfg.get("asm", not INTERPRETED),
+        VECTOR=vector, STAGES=cfg["num_stages"], ASM=cfg.get("asm", True) and not INTERPRETED,
         PREFETCH=cfg["prefetch"], SPLIT=num_splits > 1,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg))
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
         y = (y.float() @ rot).to(y.dtype) if out is None else out.copy_(y.float() @ rot)
     return y

@@ -23,15 +23,6 @@ sm_90 build (tests/kernels/test_w4a16_gemv.py, Triton 3.9): ~3.9 SASS instructio
 K loop at the default launch (the workspace-layout kernel: 6.2), 96 registers, no spills.
 
 Split-K partial sums meet in the kernel as in w4a16.py (per-tile semaphore, last split adds them).
-
-Fused input transforms (dense gemv.py's two, each computed per x value exactly as its own kernel does,
-so the launch replaces that kernel without changing a bit of the GEMV's input): GATED, silu(gate) * up
-(kernels/silu_mul.py) for the down projection; NORM (one row), the residual add + RMSNorm
-(kernels/rms_norm.py: every program first sums the squares of h = x + residual over the row, program
-(0, 0) also writes h). The x side is shared by the rows of a thread, so these cost per weight about
-(work per input) / (rows a thread): sm_90 build at Llama-2-7B shapes, NORM 5.6-5.9 and GATED 7.3-7.7
-SASS instructions a weight (the exact division of the silu), against 3.9-4.6 plain. Switched on in the engine by LMDEPOT_W4_FUSED=1
-(ops/triton_ops.py), off by default until timed on a GPU.
 """
 
 from __future__ import annotations
@@ -41,15 +32,11 @@ import triton
 import triton.language as tl
 
 from lmdepot.formats.int4 import unpack_int4
-from lmdepot.runtime.kernels.gemv import _norm_args, _norm_prologue
 from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores
 from lmdepot.runtime.kernels.w4a16 import store_row
 
 MAX_M = 4
 MAX_SPAN = 128
-# Columns per step of the NORM prologue's sum of squares: 16 a thread of a one-warp program (hidden
-# 4096: 8 steps); gemv.py's 2048 would hold 64 float32 a thread beside the K loop's registers.
-NORM_BLOCK = 512
 # Bit offset of slot s's code in a stored word: rotated left by 8 * (s // 2) it lands at 19 (even
 # slots, u = 1 + q/16) or 15 (odd slots, u = 16 + q/16). Offset 31 wraps (bits 31, 0, 1, 2).
 SLOT_OFFSETS = (19, 15, 11, 7, 3, 31, 27, 23)
@@ -104,46 +91,19 @@ def _unit(r, mask, HI: tl.constexpr):
 
 
 @triton.jit
-def _load(p, off: tl.constexpr, kk, K, EVEN_K: tl.constexpr):
-    """p[off] (p: a pointer tensor at columns kk); zero where kk + off >= K."""
+def _x_slot(xb, s: tl.constexpr, kk, K, SPAN: tl.constexpr, EVEN_K: tl.constexpr):
+    """x at input rows kk + s * SPAN/8 (the words' slot s) as float32; zero past K."""
     if EVEN_K:
-        return tl.load(p + off)
-    return tl.load(p + off, mask=kk + off < K, other=0.0)
+        return tl.load(xb + s * (SPAN // 8)).to(tl.float32)
+    return tl.load(xb + s * (SPAN // 8), mask=kk + s * (SPAN // 8) < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _x_slot(xb, s: tl.constexpr, kk, K, SPAN: tl.constexpr, EVEN_K: tl.constexpr, rb, nwb, inv,
-            GATED: tl.constexpr, NORM: tl.constexpr):
-    """The input at columns kk + s * SPAN/8 (the words' slot s) as float32; zero past K. xb, rb, nwb:
-    x's row, the residual and the norm weight at columns kk (pointers built once a step: per-slot
-    offsets from kk cost the plain build ~20 more address instructions a step).
-    GATED: silu(gate) * up of a fused gate/up row (up K columns after gate), rounded to x's dtype as
-    kernels/silu_mul.py does. NORM (one row): norm_weight * (h * inv) with h = x + residual, rounded
-    as kernels/rms_norm.py does (gemv.py's _x_row, whose numbers the unfused path has)."""
-    off: tl.constexpr = s * (SPAN // 8)
-    if NORM:
-        dt = rb.dtype.element_ty
-        h = (_load(xb, off, kk, K, EVEN_K).to(dt).to(tl.float32) + _load(rb, off, kk, K, EVEN_K).to(tl.float32)).to(dt)
-        x = _load(nwb, off, kk, K, EVEN_K).to(dt) * (h.to(tl.float32) * inv).to(dt)
-    elif GATED:
-        g = _load(xb, off, kk, K, EVEN_K).to(tl.float32)
-        u = _load(xb + K, off, kk, K, EVEN_K).to(tl.float32)
-        x = (g / (1.0 + tl.exp(-g)) * u).to(xb.dtype.element_ty)
-    else:
-        x = _load(xb, off, kk, K, EVEN_K)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, r_ptr, nw_ptr, h_ptr, eps, M, N, K, K_PADDED,
-            stride_xm, stride_ym, K_PER_SPLIT, KW, SPLIT_WORDS, MASK_HI, MASK_LO, GROUP: tl.constexpr,
-            SPAN: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
-            STAGES: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, GATED: tl.constexpr = False,
-            NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 512):
+def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_PADDED, stride_xm, stride_ym,
+            K_PER_SPLIT, KW, SPLIT_WORDS, MASK_HI, MASK_LO, GROUP: tl.constexpr, SPAN: tl.constexpr,
+            BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, STAGES: tl.constexpr,
+            EVEN_K: tl.constexpr, VEC: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    inv = 1.0
-    if NORM:   # one row: every program sums the squares of its h = x + residual; program (0, 0) stores h
-        inv = _norm_prologue(x_ptr, r_ptr, h_ptr, K, eps, K - K * tl.minimum(pid_n + pid_k, 1), NORM_BLOCK)
     WORDS: tl.constexpr = SPAN // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -163,16 +123,14 @@ def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, r_ptr, nw_pt
         zc = tl.load(z_ptr + rows * groups + g).to(tl.float32)
         kk = k0 + offs_w
         xb = x_ptr + m * stride_xm + kk
-        rb = r_ptr + kk
-        nwb = nw_ptr + kk
-        x0 = _x_slot(xb, 0, kk, K, SPAN, EVEN_K, rb, nwb, inv, GATED, NORM)
-        x1 = _x_slot(xb, 1, kk, K, SPAN, EVEN_K, rb, nwb, inv, GATED, NORM)
-        x2 = _x_slot(xb, 2, kk, K, SPAN, EVEN_K, rb, nwb, inv, GATED, NORM)
-        x3 = _x_slot(xb, 3, kk, K, SPAN, EVEN_K, rb, nwb, inv, GATED, NORM)
-        x4 = _x_slot(xb, 4, kk, K, SPAN, EVEN_K, rb, nwb, inv, GATED, NORM)
-        x5 = _x_slot(xb, 5, kk, K, SPAN, EVEN_K, rb, nwb, inv, GATED, NORM)
-        x6 = _x_slot(xb, 6, kk, K, SPAN, EVEN_K, rb, nwb, inv, GATED, NORM)
-        x7 = _x_slot(xb, 7, kk, K, SPAN, EVEN_K, rb, nwb, inv, GATED, NORM)
+        x0 = _x_slot(xb, 0, kk, K, SPAN, EVEN_K)
+        x1 = _x_slot(xb, 1, kk, K, SPAN, EVEN_K)
+        x2 = _x_slot(xb, 2, kk, K, SPAN, EVEN_K)
+        x3 = _x_slot(xb, 3, kk, K, SPAN, EVEN_K)
+        x4 = _x_slot(xb, 4, kk, K, SPAN, EVEN_K)
+        x5 = _x_slot(xb, 5, kk, K, SPAN, EVEN_K)
+        x6 = _x_slot(xb, 6, kk, K, SPAN, EVEN_K)
+        x7 = _x_slot(xb, 7, kk, K, SPAN, EVEN_K)
         even = (x0 + x2) + (x4 + x6)
         odd = (x1 + x3) + (x5 + x7)
         carrier = odd * 16.0 + even        # sum of x * u over the word's 8 slots at q = 0
@@ -212,49 +170,26 @@ def operands(x: torch.Tensor, packed: dict, kernel: str, max_m: int | None = Non
     return lead, x2, shape, K, group
 
 
-def gemv(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config: dict | None = None,
-         gated: bool = False, norm: tuple | None = None):
+def gemv(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x (..., K) fp16/bf16/fp32 with at most MAX_M rows, `packed` from repack -> (..., N) in x's dtype
-    (or into `out`, whose dtype it keeps). `config` overrides heuristic_config (tuning, tests).
-    Input transforms computed in the loads, each with its own kernel's numbers (dense gemv.py's two):
-    gated: x is (..., 2K), a fused gate/up output, and the input is silu(gate) * up (kernels/silu_mul.py);
-    norm = (residual, norm_weight, eps[, residual_out]): one row, the input is rms_norm(x + residual) *
-    norm_weight (kernels/rms_norm.py), the output in the residual's dtype by default, and the call
-    returns (y, x + residual), the latter written to residual_out (a fresh buffer by default; it must
-    not overlap x or the residual). x may then be a float32 tensor-parallel sum."""
-    if gated:   # operands check the gate half; the kernel finds up K columns after it in the same row
-        gu = x.reshape(-1, x.shape[-1])
-        if gu.stride(-1) != 1:
-            gu = gu.contiguous()
-        lead, x2, (N, kw), K, group = operands(gu[:, :x.shape[-1] // 2], packed, "gemv", MAX_M)
-        lead = x.shape[:-1]
-    else:
-        lead, x2, (N, kw), K, group = operands(x, packed, "gemv", MAX_M)
+    (or into `out`, whose dtype it keeps). `config` overrides heuristic_config (tuning, tests)."""
+    lead, x2, (N, kw), K, group = operands(x, packed, "gemv", MAX_M)
     qt, M, k_padded = packed["qt"], x2.shape[0], kw * 8
     span = span_of(group)
-    cfg = heuristic_config(M, N, k_padded, group, "gated" if gated else "norm" if norm is not None else None) \
-        | (config or {})
+    cfg = heuristic_config(M, N, k_padded, group) | (config or {})
     per_split, splits = k_split(k_padded, span, cfg["split_k"])
     tiles_n = triton.cdiv(N, cfg["block_n"])
-    r2 = nw = h = None
-    if norm is not None:
-        if gated:
-            raise ValueError("w4a16 gemv: gated and norm inputs do not combine")
-        r2, nw, h = _norm_args(x2, *norm)
-    dtype = r2.dtype if norm is not None else x.dtype
-    y = out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=dtype)
+    y = out.view(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
     partial = scratch((splits, M, N), x.device, torch.float32) if splits > 1 else y
     _kernel[(tiles_n, splits, M)](
         x2, qt, packed["scales"], packed["zeros"], partial, y,
         semaphores(x.device, M * tiles_n if splits > 1 else 1),
-        *((r2, nw, h, float(norm[2])) if norm is not None else (y, y, y, 0.0)),
         M, N, K, k_padded, x2.stride(0), y.stride(0), per_split, kw, per_split // 8, 0x00780000, 0x00078000,
         GROUP=group, SPAN=span, BLOCK_N=cfg["block_n"], SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits),
-        STAGES=cfg["num_stages"], EVEN_K=K == k_padded, VEC=cfg.get("vec", 4), GATED=gated, NORM=norm is not None,
-        NORM_BLOCK=min(triton.next_power_of_2(K), cfg.get("norm_block", NORM_BLOCK)), num_warps=cfg["num_warps"],
+        STAGES=cfg["num_stages"],
+        EVEN_K=K == k_padded, VEC=cfg.get("vec", 4), num_warps=cfg["num_warps"],
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
-    y = y.view(*lead, N)
-    return y if norm is None else (y, h.view(x.shape))
+    return y.view(*lead, N)
 
 
 SMS = 132   # H100 / H200
@@ -266,25 +201,16 @@ TUNED = {(4096, 11008): {"block_n": 32, "num_warps": 1, "num_stages": 1, "split_
          (11008, 4096): {"block_n": 16, "num_warps": 1, "num_stages": 1, "split_k": 8, "vec": 4, "maxnreg": 128}}
 
 
-def heuristic_config(M: int, N: int, K: int, group: int, fused: str | None = None) -> dict:
+def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
     """TUNED where measured (one row, group 128); elsewhere (not timed on a GPU): one-warp programs of
     32 rows (4 rows x 4 words a thread per step) with a 3-stage cp.async pipeline, capped at 104
     registers a thread: the sm_90 build takes 96 with Triton 3.9 but 128 with 3.6 (the device image),
     where 104 is the least without a spill in the K loop (96: one local load a step). That lets 19
     programs stay resident a SM; K is split until the programs just fill that one wave. (The tuned
-    configs ran best with one stage, i.e. no cp.async pipeline, and 128 registers.)
-    fused ("gated", "norm": gemv's input transforms; not timed on a GPU): 128 registers (the NORM
-    build spills at 104) and, gated, 32 rows a program: 4 rows a thread share each silu (the precise
-    division and exp cost ~20 instructions an input; 16 rows: 14.7 SASS instructions a weight, 32: 7.6)."""
+    configs ran best with one stage, i.e. no cp.async pipeline, and 128 registers.)"""
     if M == 1 and group == 128 and (K, N) in TUNED:
-        cfg = dict(TUNED[K, N])
-    else:
-        maxnreg, block_n = (128 if fused else 104), 32
-        resident = SMS * (65536 // (maxnreg * 32))
-        split_k = max(1, min(K // span_of(group), resident // (triton.cdiv(N, block_n) * M)))
-        cfg = {"block_n": block_n, "num_warps": 1, "num_stages": 3, "split_k": split_k, "vec": 4, "maxnreg": maxnreg}
-    if fused:
-        cfg["maxnreg"] = max(cfg["maxnreg"], 128)
-        if fused == "gated":
-            cfg["block_n"] = max(cfg["block_n"], 32)
-    return cfg
+        return dict(TUNED[K, N])
+    maxnreg, block_n = 104, 32
+    resident = SMS * (65536 // (maxnreg * 32))
+    split_k = max(1, min(K // span_of(group), resident // (triton.cdiv(N, block_n) * M)))
+    return {"block_n": block_n, "num_warps": 1, "num_stages": 3, "split_k": split_k, "vec": 4, "maxnreg": maxnreg}

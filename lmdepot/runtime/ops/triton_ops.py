@@ -135,20 +135,15 @@ def linear_gemv(x, weight, bias=None, out_dtype=None):
 
 def silu_mul_linear(gate_up, weight, bias=None, out_dtype=None):
     """Down projection of the activation: where the GEMV applies, silu·mul is computed in its input
-    loads (one launch less per layer, the same numbers as the silu_mul kernel + the GEMV). An int4
-    weight (a repacked dict): silu_mul_linear_int4."""
+    loads (one launch less per layer, the same numbers as the silu_mul kernel + the GEMV)."""
     from lmdepot.runtime.kernels.gemv import gemv
 
-    if isinstance(weight, dict):
-        return silu_mul_linear_int4(gate_up, weight, bias, out_dtype)
     if gate_up.is_cuda and gate_up.shape[-1] == 2 * weight.shape[-1] and _gemv_applies(gate_up, weight, bias):
         return gemv(gate_up, weight, bias, out_dtype, gated=True)
     return ops.linear(ops.silu_mul(gate_up), weight, bias, out_dtype)
 
 
 def add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias=None, out_dtype=None):
-    if isinstance(weight, dict):
-        return add_rms_norm_linear_int4(x, residual, norm_weight, eps, weight, bias, out_dtype)
     if not x.is_cuda:
         return ops.norm_then_linear(x, residual, norm_weight, eps, weight, bias, out_dtype)
     return add_rms_norm_linear_gemv(x, residual, norm_weight, eps, weight, bias, out_dtype)
@@ -161,57 +156,10 @@ def add_rms_norm_linear_gemv(x, residual, norm_weight, eps, weight, bias=None, o
     Runs wherever the tensors are (the CPU tests drive it through Triton's interpreter)."""
     from lmdepot.runtime.kernels.gemv import gemv
 
-    if isinstance(weight, dict):
-        return add_rms_norm_linear_int4(x, residual, norm_weight, eps, weight, bias, out_dtype)
     if (x.numel() == residual.numel() == x.shape[-1] and x.is_contiguous() and norm_weight.is_contiguous()
             and x.dtype in (residual.dtype, torch.float32) and _gemv_applies(residual, weight, bias)):
         return gemv(x, weight, bias, out_dtype, norm=(residual, norm_weight, eps))
     return ops.norm_then_linear(x, residual, norm_weight, eps, weight, bias, out_dtype)
-
-
-# One-row inputs of repacked int4 weights (w4a16_gemv.py) with the same two input transforms in the
-# GEMV's loads as the dense GEMV: the residual add + RMSNorm before q/k/v and gate/up, silu·mul before
-# down (one launch less each, two per layer). Read once, at import; off by default until an A/B on a
-# GPU shows the fused GEMVs (more x-side work a weight) win: LMDEPOT_W4_FUSED=1 turns it on. The model
-# hands int4 weights to add_rms_norm_linear / silu_mul_linear only while it is on (Linear.w4_fused).
-W4_FUSED = os.environ.get("LMDEPOT_W4_FUSED", "") == "1"
-
-
-def _w4_fused_applies(x, packed) -> bool:
-    """LMDEPOT_W4_FUSED=1, a repacked weight and one contiguous row (anything else: the unfused ops)."""
-    return (W4_FUSED and "qt" in packed and x.numel() == x.shape[-1] and x.is_contiguous()
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
-
-
-def add_rms_norm_linear_int4(x, residual, norm_weight, eps, packed, bias=None, out_dtype=None):
-    """add_rms_norm_linear for an int4 weight dict: one row with LMDEPOT_W4_FUSED=1 in one int4 GEMV
-    launch (kernels/rms_norm.py's rounding; only the order of the sum of squares differs), else
-    ops.add_rms_norm, then ops.linear_int4. Runs wherever the tensors are (the CPU tests drive it
-    through Triton's interpreter)."""
-    from lmdepot.runtime.kernels import w4a16_gemv
-
-    if (_w4_fused_applies(x, packed) and residual.numel() == x.shape[-1] and residual.is_contiguous()
-            and norm_weight.is_contiguous() and x.dtype in (residual.dtype, torch.float32)):
-        out = None if out_dtype in (None, residual.dtype) else \
-            torch.empty(1, packed["qt"].shape[0], device=x.device, dtype=out_dtype)
-        y, h = w4a16_gemv.gemv(x, packed, out=out, norm=(residual, norm_weight, eps))
-        return (y if bias is None else y + bias.to(y.dtype)), h
-    h, res = ops.add_rms_norm(x, residual, norm_weight, eps)
-    return ops.linear_int4(h, packed, h.shape[-1], bias, out_dtype), res
-
-
-def silu_mul_linear_int4(gate_up, packed, bias=None, out_dtype=None):
-    """silu_mul_linear for an int4 weight dict: one row with LMDEPOT_W4_FUSED=1 in one int4 GEMV launch
-    (kernels/silu_mul.py's numbers, bit for bit), else ops.silu_mul, then ops.linear_int4. Runs
-    wherever the tensors are."""
-    from lmdepot.runtime.kernels import w4a16_gemv
-
-    if _w4_fused_applies(gate_up, packed):
-        out = None if out_dtype in (None, gate_up.dtype) else \
-            torch.empty(1, packed["qt"].shape[0], device=gate_up.device, dtype=out_dtype)
-        y = w4a16_gemv.gemv(gate_up, packed, out=out, gated=True)
-        return y if bias is None else y + bias.to(y.dtype)
-    return ops.linear_int4(ops.silu_mul(gate_up), packed, gate_up.shape[-1] // 2, bias, out_dtype)
 
 
 # --- attention: fused rope + KV write, paged prefill/extend and decode attention -------------------
@@ -442,7 +390,6 @@ def install() -> None:
         ops.register(name, fn)
     if DENSE_GEMV_ROWS:
         ops.register("linear", linear)
-    if DENSE_GEMV_ROWS or W4_FUSED:   # dense weights: the GEMV only with DENSE_GEMV_ROWS (_gemv_applies)
         ops.register("silu_mul_linear", silu_mul_linear)
     _install_attention()
     _install_w8a8()
