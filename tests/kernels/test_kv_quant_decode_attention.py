@@ -134,7 +134,8 @@ def _sm90_build(bits: int, key_channel: bool, split: bool, groups: int = 4) -> d
              "lens_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp16", "sem_ptr": "*i32",
              "sm_scale": "fp32"}
     # the cache strides are multiples of 16 bytes, as a launch specializes them: 16-byte code loads
-    return build(m._split_kernel, const, types, cfg["num_warps"], cfg["num_stages"], divisible=("c_b", "ch_b", "ch_h", "p_b"))
+    return build(m._split_kernel, const, types, cfg["num_warps"], cfg["num_stages"], divisible=("c_b", "ch_b", "ch_h", "p_b"),
+                 maxnreg=cfg.get("maxnreg"))
 
 
 @pytest.mark.parametrize("bits, key_channel", [(8, False), (4, False), (4, True)])

@@ -310,13 +310,15 @@ def default_config(bits: int, key_channel: bool, mha: bool = False) -> dict:
     tile ahead (`prefetch`), byte-permute conversions (`asm`), and for MHA (one q head per kv head) the
     CUDA-core path (`vector`): the fastest on an H200 (scripts/bench_decode_quant.py --sweep, 128
     sequences x 3000 tokens, 32q/32kv and 32q/8kv; docs/benchmarks.md, eighth session). sm_90 builds
-    (Triton 3.9) of these spill nothing (tests)."""
-    if mha and bits == 8:   # tensor cores 1417 us, the CUDA-core path 1470 (2 stages) / 2073 (3 stages)
-        return {"sub": 64, "num_warps": 4, "num_stages": 2, "prefetch": True, "vector": False}
-    if mha:   # int4 rotate 1280 us with 2 warps (4 warps: 1593-2187); per-channel keys 2394 (4 warps)
-        return {"sub": 64, "num_warps": 4 if key_channel else 2, "num_stages": 3, "prefetch": key_channel,
-                "vector": True}
-    # GQA: int8 343 us at 3 stages (2: 353); int4 the bitwise conversions (444 vs 472, 738 vs 794 us)
+    (Triton 3.9) of these spill nothing but MHA int4 rotate's 2 warps, a little (tests)."""
+    if mha and bits == 8:   # CUDA cores, 168 registers (3 programs an SM): 1202 us; 206 registers: 1470-1489,
+        # 3 stages 2073; tensor cores 1417-1615 (two sweeps)
+        return {"sub": 64, "num_warps": 4, "num_stages": 2, "prefetch": False, "vector": True, "maxnreg": 168}
+    if mha:   # int4 rotate 1280-1287 us with 2 warps (4 warps: 1583-2187); per-channel keys 2395-2407 (4 warps)
+        return {"sub": 64, "num_warps": 4 if key_channel else 2, "num_stages": 2 if key_channel else 3,
+                "prefetch": key_channel, "vector": True}
+    # GQA: int8 343-349 us at 3 stages (2: 353); int4 the bitwise conversions (444-446 vs 472-475, 735-738
+    # vs 794-800 us)
     return {"sub": 64, "num_warps": 4, "num_stages": 3 if bits == 8 else 2, "prefetch": True, "vector": False,
             "asm": bits == 8}
 
