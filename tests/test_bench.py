@@ -138,8 +138,31 @@ def test_throughput_synthetic_and_kv_int8(hf, tmp_path):
     assert m["prompt_tokens"] == sum(len(r.prompt_ids) for r in workload.synthetic(5, (3, 9), (4, 4), 250, 1))
     assert e["output_tok_s"] == pytest.approx(20 / e["elapsed_s"]) and e["req_s"] == pytest.approx(5 / e["elapsed_s"])
     assert m["quant_policy"] == 8 and m["kv_bytes_per_token"] < 2 * 2 * 4 * 8 * 4
-    assert set(json.loads((tmp_path / "t.json").read_text())) == {"engine", "meta"}
+    assert set(json.loads((tmp_path / "t.json").read_text())) == {"engine", "meta"}   # no peer: no "hf"
     assert "lmdepot" in text
+
+
+def test_warmup_runs_the_workload_shapes_without_priming_its_prefix_cache(hf, tmp_path):
+    """bench's warmup runs requests of the workload's prompt lengths (cut to one step's budget) with other
+    tokens: their blocks land in the prefix cache, the timed requests' blocks do not."""
+    from lmdepot.bench.models import prepare
+    from lmdepot.bench.offline import open_llm, warmup
+    from lmdepot.runtime.block_manager import chain_hash
+
+    _, ws = prepare(str(hf), None, None, tmp_path)
+    llm = open_llm(ws, "cpu", 8, 160, max_num_batched_tokens=80)
+    try:
+        bs, vocab = llm.engine.bm.block_size, llm.engine.cfg.vocab_size
+        requests = workload.synthetic(6, (90, 120), (4, 4), vocab, seed=3)
+        assert bs <= 80
+        first_block = lambda ids: chain_hash(None, ids[:bs])   # noqa: E731
+        warmup(llm, vocab, requests)
+        cached = set(llm.engine.bm.by_hash)
+        span = vocab - 3
+        assert all(first_block([3 + (t + 1) % span for t in r.prompt_ids[:80]]) in cached for r in requests)
+        assert not any(first_block(list(r.prompt_ids)) in cached for r in requests)
+    finally:
+        llm.close()
 
 
 def test_throughput_sharegpt(hf, tmp_path):

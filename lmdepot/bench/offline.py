@@ -13,7 +13,10 @@ from pathlib import Path
 from lmdepot.bench.workload import Request, percentiles, sync
 
 
-WARMUP_REQUESTS = 16   # of the workload, in `warmup`
+# `warmup` on the workload: up to this many of its requests, prompts cut to one step's token budget,
+# at most this many steps' worth of prompt tokens in all, and enough new tokens each that 16+
+# sequences decode beside prefill chunks (the mixed steps' decode-kernel split)
+WARMUP_REQUESTS, WARMUP_STEPS, WARMUP_TOKENS = 64, 16, 24
 
 
 @dataclass
@@ -71,11 +74,10 @@ def warmup(llm, vocab: int, requests: list[Request] = ()) -> None:
     """Short requests first, so that first-call costs (kernel compilation, allocator growth) stay out of
     the numbers. Prompt lengths of both parities and multiples of 16 or not: Triton specializes
     kernels on the divisibility of their integer arguments and compiles each variant on first use.
-    Then requests of the workload's first prompt lengths together, cut to a few tokens: the batched
-    prefill, mixed prefill + decode steps and multi-sequence attention compile their variants too (a
-    fresh GPU machine's first 256-request run spent seconds compiling inside the timed run: 6,363
-    against ~9,400 out tok/s). Their tokens differ from the workload's, so the prefix cache gives
-    the timed run nothing."""
+    Then requests of the workload's first prompt lengths together (WARMUP_*): the batched prefill,
+    mixed prefill + decode steps and multi-sequence attention compile their variants too (a fresh GPU
+    machine's first 256-request runs: TTFT p50 3.7-4.1 s against ~1 s warm). Their tokens differ
+    from the workload's, so the prefix cache gives the timed run nothing."""
     from lmdepot.runtime.sequence import SamplingParams
 
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -84,8 +86,17 @@ def warmup(llm, vocab: int, requests: list[Request] = ()) -> None:
             continue
         llm.generate([[3 + i % max(1, vocab - 3) for i in range(n)]], params)
     if requests:
-        span = max(1, vocab - 3)
-        llm.generate([[3 + (t + 1) % span for t in r.prompt_ids] for r in requests[:WARMUP_REQUESTS]], params)
+        budget, span = llm.engine.ecfg.max_num_batched_tokens, max(1, vocab - 3)
+        prompts, total = [], 0
+        for r in requests[:WARMUP_REQUESTS]:
+            ids = [3 + (t + 1) % span for t in r.prompt_ids[:budget]]
+            if total + len(ids) > WARMUP_STEPS * budget:
+                break
+            prompts.append(ids)
+            total += len(ids)
+        room = llm.engine.session_len - max((len(p) for p in prompts), default=llm.engine.session_len)
+        if room >= 1:
+            llm.generate(prompts, SamplingParams(max_tokens=min(WARMUP_TOKENS, room), temperature=0, ignore_eos=True))
 
 
 def step_bytes(llm) -> tuple[int, int]:

@@ -9,6 +9,7 @@ Requests come from a seeded distribution (the issue's anchor: 256 requests, prom
 from __future__ import annotations
 
 import inspect
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -113,18 +114,22 @@ def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int |
             llm.close()
             release(device)
         result = {"engine": engine}
+        result["meta"] = meta(device, bw, bench="throughput", model=model or shape,
+                              layers=num_layer, tp=ranks, max_num_batched_tokens=budget,
+                              requests=len(requests), dataset=dataset, seed=seed,
+                              prompt_tokens=sum(len(r.prompt_ids) for r in requests),
+                              expected_output_tokens=sum(r.output_len for r in requests),
+                              quant_policy=quant_policy, kv_scales=kv_scales, int4=int4, weight_bytes=weights,
+                              kv_bytes_per_token=kv_token, kv_cache_tokens=num_blocks * block_size)
         if peer == "hf":
+            # the engine's numbers first: the peer takes minutes, and a run cut short keeps them
+            dump(result, json_path)
+            print(f"[lmdepot] engine: {engine['output_tok_s']:.1f} out tok/s in {engine['elapsed_s']:.2f} s;"
+                  " running the HF peer", file=sys.stderr, flush=True)
             result["hf"] = hf_generate_batch(hf_dir, requests, device) if hf_dir is not None else \
                 {"error": "the HF peer needs an HF checkpoint (--shape, --hf, or --model pointing at one)"}
             if "output_tok_s" in result["hf"]:
                 result["engine_vs_hf"] = engine["output_tok_s"] / result["hf"]["output_tok_s"]
-    result["meta"] = meta(device, bw, bench="throughput", model=model or shape,
-                          layers=num_layer, tp=ranks, max_num_batched_tokens=budget,
-                          requests=len(requests), dataset=dataset, seed=seed,
-                          prompt_tokens=sum(len(r.prompt_ids) for r in requests),
-                          expected_output_tokens=sum(r.output_len for r in requests),
-                          quant_policy=quant_policy, kv_scales=kv_scales, int4=int4, weight_bytes=weights,
-                          kv_bytes_per_token=kv_token, kv_cache_tokens=num_blocks * block_size)
     dump(result, json_path)
     return result, render(result)
 
