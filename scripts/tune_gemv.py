@@ -1,7 +1,11 @@
 """Tune the dense decode GEMV (kernels/gemv.py) on the GPU; print the best config per (shape, M) beside
 cuBLAS (F.linear, the runtime's dense path) and the % of the measured copy bandwidth.
 
-python scripts/tune_gemv.py [M ...]   (device run, ~2 min on an H200; feeds heuristic_config by hand)
+python scripts/tune_gemv.py [M ...] [--tp N]   (device run, ~2 min on an H200; feeds heuristic_config by hand)
+
+--tp N: one rank's shapes at N-way tensor parallelism (qkv, gate/up and the vocab-parallel lm_head split
+along N, o and down along K): the shapes a tp=2 decode step's GEMVs run at (session 8's profile: 81% of
+copy bandwidth at tp=2 against 86% at tp=1).
 
 bf16 is swept (coordinate descent from the heuristic: one parameter at a time over its list, keeping
 the best, which keeps the run to ~20 configs per case instead of the full product); fp16 moves the
@@ -19,9 +23,11 @@ from triton.testing import do_bench_cudagraph
 from lmdepot.bench.kernels import copy_bandwidth
 from lmdepot.runtime.kernels.gemv import gemv, heuristic_config, reference
 
-SHAPES = [(4096, 12288, "qkv"), (4096, 4096, "o"), (4096, 22016, "gate/up"), (11008, 4096, "down"),
-          (4096, 32000, "lm_head")]   # Llama-2-7B (K, N)
-MS = [int(m) for m in sys.argv[1:]] or [1, 2, 4]
+SHAPES = [(4096, 12288, "qkv", "n"), (4096, 4096, "o", "k"), (4096, 22016, "gate/up", "n"), (11008, 4096, "down", "k"),
+          (4096, 32000, "lm_head", "n")]   # Llama-2-7B (K, N, the dimension tensor parallelism splits)
+_args = sys.argv[1:]
+TP = int(_args[_args.index("--tp") + 1]) if "--tp" in _args else 1
+MS = [int(m) for i, m in enumerate(_args) if m != "--tp" and (i == 0 or _args[i - 1] != "--tp")] or [1, 2, 4]
 GRID = {"block_k": [128, 256, 512], "block_n": [8, 16, 32, 64], "num_warps": [4, 8], "split_k": [1, 2, 4, 8, 16],
         "num_stages": [2, 3, 4], "use_dot": [False, True]}
 
@@ -65,7 +71,9 @@ def main():
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (1 GiB copy, read + write)\n")
     print(f"{'shape (KxN)':22} {'M':>2} {'dtype':5} {'cuBLAS us':>9} {'%bw':>5} {'heur us':>8} {'best us':>8} "
           f"{'%bw':>5} {'speedup':>7}  best config")
-    for K, N, name in SHAPES:
+    for K, N, name, split in SHAPES:
+        K, N = (K // TP, N) if split == "k" else (K, N // TP)
+        name = f"{name}/tp{TP}" if TP > 1 else name
         w16 = (torch.randn(N, K, device="cuda") * 0.02)
         for M in MS:
             best_cfg = None
