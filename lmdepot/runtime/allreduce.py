@@ -18,6 +18,8 @@ LMDEPOT_ALLREDUCE picks the path:
   LMDEPOT_ALLREDUCE_FUSED_BYTES), else as auto; a failed symmetric-memory setup is an error. Opt-in
   until it is measured inside the engine: on 2 x H200 the kernel passed its GPU test and took 6.1 us
   per call against 8.8 us for one-shot + norm (docs/benchmarks.md), but no engine ran it on GPUs yet;
+- `push`: as `fused`, each rank's partial stored into its peers' slots rather than read from its own
+  by them (kernels/allreduce_rms_norm.py, PUSH); opt-in until timed on GPUs;
 - `symm`: no fused norm (one-shot + the separate norm kernel), a failed setup is an error;
 - `nccl`: always NCCL.
 Another value is taken as `auto`, with a note.
@@ -34,7 +36,8 @@ import torch.distributed as dist
 
 
 _ONE_SHOT_DTYPES = (torch.float32, torch.bfloat16)
-_MODES = ("auto", "fused", "symm", "nccl")
+_MODES = ("auto", "fused", "push", "symm", "nccl")
+FUSED_MODES = ("fused", "push")
 _MAX_FUSED_ROWS = 128   # one program per row, all resident at once: a waiting program never blocks a peer's
 
 
@@ -93,7 +96,9 @@ class AllReduce:
         if self.fused_buffer is None or x.dim() != 2 or x.dtype != torch.float32:
             return None
         rows, world = x.shape[0], len(self.pad_ptrs)
-        if not (0 < rows <= _MAX_FUSED_ROWS and x.numel() * 4 <= self.slot_bytes and rows * world <= self.pad_cells):
+        push = self.mode == "push"   # then a slot holds every rank's rows
+        if not (0 < rows <= _MAX_FUSED_ROWS and x.numel() * 4 * (world if push else 1) <= self.slot_bytes
+                and rows * world <= self.pad_cells):
             return None
         if not (x.is_contiguous() and residual.is_contiguous() and residual.shape == x.shape):
             return None
@@ -109,7 +114,8 @@ class AllReduce:
         # steps and graph replays of any bucket can follow each other in any order.
         slot = self.next_slot
         self.next_slot ^= 1
-        return all_reduce_rms_norm(x, self.slot_ptrs[slot], self.pad_ptrs, self.rank, residual, weight, eps)
+        return all_reduce_rms_norm(x, self.slot_ptrs[slot], self.pad_ptrs, self.rank, residual, weight, eps,
+                                   push=push)
 
     def _setup(self, device: torch.device) -> None:
         self.tried = True
@@ -125,17 +131,11 @@ class AllReduce:
             buffer = symm.empty(self.max_bytes, dtype=torch.uint8, device=device)
             symm.rendezvous(buffer, group)
             self.buffer = buffer
-            if self.mode == "fused":
-                try:
-                    self._setup_fused(symm, group, device)
-                except Exception as exc:  # noqa: BLE001 - the one-shot path stays
-                    self.fused_buffer = None
-                    if self.mode == "fused":
-                        raise
-                    _note("fused all-reduce + norm unavailable", exc, "using the one-shot all-reduce")
+            if self.mode in FUSED_MODES:   # a failure is an error (below)
+                self._setup_fused(symm, group, device)
         except Exception as exc:  # noqa: BLE001 - any failure leaves NCCL in charge
             self.buffer = self.fused_buffer = None
-            if self.mode in ("symm", "fused"):
+            if self.mode in ("symm", *FUSED_MODES):
                 raise RuntimeError(f"symmetric-memory all-reduce unavailable: {exc}") from exc
             _note("one-shot all-reduce unavailable", exc, "using NCCL")
         # every rank takes the same path, or a sum would wait forever for a peer on the other one

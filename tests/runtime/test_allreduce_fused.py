@@ -16,8 +16,8 @@ def fused(monkeypatch):
     returns (it, the slots its kernel launches got)."""
     launched = []
 
-    def record(x, slot_ptrs, pad_ptrs, rank, residual, weight, eps):
-        launched.append(int(slot_ptrs[0]))
+    def record(x, slot_ptrs, pad_ptrs, rank, residual, weight, eps, push):
+        launched.append(int(slot_ptrs[0]) + (1000 if push else 0))
         return "y", "h"
 
     monkeypatch.setattr(allreduce_rms_norm, "all_reduce_rms_norm", record)
@@ -46,7 +46,7 @@ def test_consecutive_calls_alternate_slots_and_a_collective_restarts_at_the_firs
         dist.destroy_process_group()
     call(ar)
     call(ar)
-    assert launched == [100, 200, 100, 100, 200]
+    assert launched == [100, 200, 100, 100, 200]   # (+1000: push mode)
 
 
 @pytest.mark.parametrize("case", [dict(rows=17),                  # 17 x 64 float32 > the 4 KiB slot
@@ -59,6 +59,14 @@ def test_what_does_not_fit_falls_back_without_using_a_slot(fused, case):
     assert launched == [] and ar.next_slot == 0
 
 
+def test_push_mode_needs_room_for_every_ranks_rows(fused):
+    """LMDEPOT_ALLREDUCE=push: a slot holds both ranks' rows (4 KiB: 8 of 64 float32, not 16)."""
+    ar, launched = fused
+    ar.mode = "push"
+    assert call(ar, rows=16) is None and launched == []
+    assert call(ar, rows=8) == ("y", "h") and launched == [1100]
+
+
 def test_no_fused_setup_falls_back(fused):
     ar, launched = fused
     ar.fused_buffer = None
@@ -66,10 +74,12 @@ def test_no_fused_setup_falls_back(fused):
 
 
 # --- two real processes, the interpreter's kernel on a shared mapping -------------------------------
-def test_two_processes_on_a_shared_mapping_sum_and_leave_the_flags_clear(tmp_path):
+@pytest.mark.parametrize("mode", ["fused", "push"])
+def test_two_processes_on_a_shared_mapping_sum_and_leave_the_flags_clear(tmp_path, mode):
     """Symmetric memory stand-in: one file mapped by both ranks (each sees every rank's slots and
     signal pad at its own addresses). The ranks run the real kernel (interpreted) through
-    AllReduce.add_rms_norm, out of step, with a gloo collective in between."""
+    AllReduce.add_rms_norm, out of step, with a gloo collective in between; `push`: each rank stores
+    its rows into the peer's slot."""
     import os
     import subprocess
     import sys
@@ -80,7 +90,7 @@ def test_two_processes_on_a_shared_mapping_sum_and_leave_the_flags_clear(tmp_pat
     path.write_bytes(bytes(2 * PER_RANK))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(path), port], env=env,
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(path), port, mode], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:
         results = [(p.wait(timeout=120), p.stdout.read()) for p in procs]
@@ -91,11 +101,11 @@ def test_two_processes_on_a_shared_mapping_sum_and_leave_the_flags_clear(tmp_pat
         assert rc == 0 and "ok" in out, out[-3000:]
 
 
-SLOT_BYTES, CELLS = 16 * 200 * 4, 64
+SLOT_BYTES, CELLS = 2 * 16 * 200 * 4, 64   # push: both ranks' rows
 PER_RANK = 2 * SLOT_BYTES + CELLS * 4   # slot 0, slot 1, signal pad
 
 
-def _rank_main(rank: int, path: str, port: str) -> None:
+def _rank_main(rank: int, path: str, port: str, mode: str) -> None:
     import time
 
     from lmdepot.runtime.kernels import rms_norm
@@ -105,6 +115,7 @@ def _rank_main(rank: int, path: str, port: str) -> None:
     region = torch.from_file(path, shared=True, size=world * PER_RANK, dtype=torch.uint8)
     base = region.data_ptr()
     ar = allreduce.AllReduce()
+    ar.mode = mode
     ar.tried, ar.fused_buffer, ar.rank, ar.slot_bytes, ar.pad_cells = True, region, rank, SLOT_BYTES, CELLS
     ar.slot_ptrs = [torch.tensor([base + r * PER_RANK + s * SLOT_BYTES for r in range(world)]) for s in range(2)]
     ar.pad_ptrs = torch.tensor([base + r * PER_RANK + 2 * SLOT_BYTES for r in range(world)])
@@ -131,4 +142,4 @@ def _rank_main(rank: int, path: str, port: str) -> None:
 if __name__ == "__main__":
     import sys
 
-    _rank_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    _rank_main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])

@@ -17,6 +17,13 @@ from the host, which keeps the kernel valid under CUDA-graph replay.
 
 Slot reuse (why a peer cannot overwrite what we still read) is the caller's part: consecutive calls
 alternate between two slots, see AllReduce.add_rms_norm in runtime/allreduce.py.
+
+PUSH (LMDEPOT_ALLREDUCE=push, opt-in until timed on GPUs): step 1 stores the row into region RANK
+of every peer's slot (a slot then holds WORLD regions of B rows) and step 3 reads the peers' rows
+from this rank's own slot: remote stores are posted, where a remote load waits for a round trip
+over NVLink on the critical path of every call. Flags and slot alternation are unchanged: a peer's
+call k + 2 writes into the slot of our call k only after our flag of call k + 1, set after our call
+k read it.
 """
 
 from __future__ import annotations
@@ -39,14 +46,21 @@ def reference(partials: list[torch.Tensor], residual: torch.Tensor, weight: torc
 
 @triton.jit
 def _kernel(x_ptr, slot_ptrs, pad_ptrs, r_ptr, w_ptr, y_ptr, h_ptr, H, eps,
-            RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+            RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr):
     row = tl.program_id(0)
+    rows = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     mine = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0)
     # slots start 16-byte aligned (AllReduce._setup_fused): the same vector loads as for x
     own_slot = tl.multiple_of(tl.load(slot_ptrs + RANK).to(tl.pointer_type(tl.float32)), 16)
-    tl.store(own_slot + row * H + offs, mine, mask=mask)
+    if PUSH:   # into region RANK of every peer's slot
+        for dst in tl.static_range(WORLD):
+            if dst != RANK:
+                peer = tl.multiple_of(tl.load(slot_ptrs + dst).to(tl.pointer_type(tl.float32)), 16)
+                tl.store(peer + (RANK * rows + row) * H + offs, mine, mask=mask)
+    else:
+        tl.store(own_slot + row * H + offs, mine, mask=mask)
     # every thread's part of the row is stored before the flag goes out (the release below is issued
     # by one thread and covers what the block did before this barrier)
     tl.debug_barrier()
@@ -65,6 +79,8 @@ def _kernel(x_ptr, slot_ptrs, pad_ptrs, r_ptr, w_ptr, y_ptr, h_ptr, H, eps,
     for src in tl.static_range(WORLD):   # fixed order: the same float32 sum on every rank
         if src == RANK:
             part = mine
+        elif PUSH:   # pushed here by src
+            part = tl.load(own_slot + (src * rows + row) * H + offs, mask=mask, other=0.0, volatile=True)
         else:
             peer = tl.multiple_of(tl.load(slot_ptrs + src).to(tl.pointer_type(tl.float32)), 16)
             part = tl.load(peer + row * H + offs, mask=mask, other=0.0, volatile=True)
@@ -86,9 +102,11 @@ def _kernel(x_ptr, slot_ptrs, pad_ptrs, r_ptr, w_ptr, y_ptr, h_ptr, H, eps,
 
 def all_reduce_rms_norm(x: torch.Tensor, slot_ptrs: torch.Tensor, pad_ptrs: torch.Tensor, rank: int,
                         residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+                        out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+                        push: bool = False):
     """Returns (norm(sum + residual) * weight, sum + residual) for this rank's float32 partial x (B, H),
-    contiguous. slot_ptrs: int64 (world,) addresses of every rank's slot (float32, at least B * H);
+    contiguous. slot_ptrs: int64 (world,) addresses of every rank's slot (float32, at least B * H; with
+    `push`, world * B * H: the peers' rows are pushed into it);
     pad_ptrs: int64 (world,) addresses of every rank's signal pad (int32, at least B * world cells,
     all zero between calls). Every rank must call it with the same shapes at the same point."""
     B, H = x.shape
@@ -96,5 +114,5 @@ def all_reduce_rms_norm(x: torch.Tensor, slot_ptrs: torch.Tensor, pad_ptrs: torc
     y = out if out is not None else torch.empty_like(residual)
     h = residual_out if residual_out is not None else torch.empty_like(residual)
     _kernel[(B,)](x, slot_ptrs, pad_ptrs, residual, weight, y, h, H, eps,
-                  RANK=rank, WORLD=world, BLOCK=triton.next_power_of_2(H))
+                  RANK=rank, WORLD=world, BLOCK=triton.next_power_of_2(H), PUSH=push)
     return y, h
