@@ -98,7 +98,7 @@ class AllReduce:
         rows, world = x.shape[0], len(self.pad_ptrs)
         push = self.mode == "push"   # then a slot holds every rank's rows
         if not (0 < rows <= _MAX_FUSED_ROWS and x.numel() * 4 * (world if push else 1) <= self.slot_bytes
-                and rows * world <= self.pad_cells):
+                and rows * world <= self.pad_cells // (2 if push else 1)):   # push: two counter regions
             return None
         if not (x.is_contiguous() and residual.is_contiguous() and residual.shape == x.shape):
             return None
@@ -115,7 +115,7 @@ class AllReduce:
         slot = self.next_slot
         self.next_slot ^= 1
         return all_reduce_rms_norm(x, self.slot_ptrs[slot], self.pad_ptrs, self.rank, residual, weight, eps,
-                                   push=push)
+                                   push=push, sent_cells=self.pad_cells // 2)
 
     def _setup(self, device: torch.device) -> None:
         self.tried = True

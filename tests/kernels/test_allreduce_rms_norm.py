@@ -24,7 +24,8 @@ def peers(partials, rank, rows_cap, push=False):
                 slots[rank][src * B:(src + 1) * B] = p
     else:
         slots = [p.clone() if r != rank else poisoned((B, H), torch.float32) for r, p in enumerate(partials)]
-    pads = [torch.zeros(rows_cap, world, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    # push: counters, the peers' first call signalled in the first half, this rank's sent counts in the second
+    pads = [torch.zeros((2 if push else 1) * rows_cap, world, dtype=torch.int32, device=DEVICE) for _ in range(world)]
     for src in range(world):
         if src != rank:
             pads[rank][:B, src] = 1
@@ -46,7 +47,8 @@ def test_fused_equals_a_rank_order_sum_then_add_rms_norm(dtype, world, rank, B, 
     before = [t.clone() for t in slots]
 
     y, h = arn.all_reduce_rms_norm(partials[rank], slot_ptrs, pad_ptrs, rank, residual, w, 1e-5,
-                                   out=poisoned((B, H), dtype), residual_out=poisoned((B, H), dtype), push=push)
+                                   out=poisoned((B, H), dtype), residual_out=poisoned((B, H), dtype), push=push,
+                                   sent_cells=rows_cap * world)
 
     ref_y, ref_h = arn.reference(partials, residual, w, 1e-5)
     torch.testing.assert_close(h, ref_h, rtol=0, atol=0)
@@ -66,6 +68,18 @@ def test_fused_equals_a_rank_order_sum_then_add_rms_norm(dtype, world, rank, B, 
             assert torch.equal(slots[r].nan_to_num(7.0), want.nan_to_num(7.0)), r
     else:   # this rank's partial is in its slot for the peers to read
         assert torch.equal(slots[rank], partials[rank])
+    if push:   # counters: the peers' stay, this rank counted one call sent to each peer, and signalled it
+        expected = torch.zeros(2 * rows_cap, world, dtype=torch.int32, device=DEVICE)
+        expected[:B] = 1
+        expected[:B, rank] = 0
+        expected[rows_cap:rows_cap + B] = expected[:B]
+        assert torch.equal(pads[rank], expected)
+        for r in range(world):
+            if r != rank:
+                expected = torch.zeros(2 * rows_cap, world, dtype=torch.int32, device=DEVICE)
+                expected[:B, rank] = 1
+                assert torch.equal(pads[r], expected), r
+        return
     # the flags the peers set here are consumed (all zero for the next call) and this rank's flag is
     # set, once per row, in every peer's pad, for the peer's call to consume
     assert not pads[rank].any()
@@ -87,5 +101,6 @@ def test_ranks_are_summed_in_rank_order_in_float32():
             slots, pads, slot_ptrs, pad_ptrs = peers(partials, rank, 1, push)   # kept alive: read by the kernel
             residual = torch.zeros(1, H, device=DEVICE)
             w = torch.ones(H, device=DEVICE)
-            _, h = arn.all_reduce_rms_norm(partials[rank], slot_ptrs, pad_ptrs, rank, residual, w, 1e-5, push=push)
+            _, h = arn.all_reduce_rms_norm(partials[rank], slot_ptrs, pad_ptrs, rank, residual, w, 1e-5, push=push,
+                                           sent_cells=world)
             assert torch.equal(h, torch.ones(1, H, device=DEVICE)), (rank, push)

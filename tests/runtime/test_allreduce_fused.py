@@ -16,7 +16,7 @@ def fused(monkeypatch):
     returns (it, the slots its kernel launches got)."""
     launched = []
 
-    def record(x, slot_ptrs, pad_ptrs, rank, residual, weight, eps, push):
+    def record(x, slot_ptrs, pad_ptrs, rank, residual, weight, eps, push, sent_cells):
         launched.append(int(slot_ptrs[0]) + (1000 if push else 0))
         return "y", "h"
 
@@ -132,9 +132,15 @@ def _rank_main(rank: int, path: str, port: str, mode: str) -> None:
         got = ar.add_rms_norm(parts[rank].clone(), res, w, 1e-5)
         want = rms_norm.rms_norm(parts[0] + parts[1], res, w, 1e-5)
         assert got is not None and all(torch.equal(a, b) for a, b in zip(got, want)), i
-    dist.barrier()   # every flag sent has been consumed: all pads zero again
-    pads = [region[r * PER_RANK + 2 * SLOT_BYTES:(r + 1) * PER_RANK] for r in range(world)]
-    assert not any(p.any() for p in pads)
+    dist.barrier()
+    pads = [region[r * PER_RANK + 2 * SLOT_BYTES:(r + 1) * PER_RANK].view(torch.int32) for r in range(world)]
+    if mode == "push":   # counters: what the peer signalled = what this rank sent, row 0 in every call
+        half = CELLS // 2
+        assert torch.equal(pads[rank][:half], pads[rank][half:])
+        peer = 1 - rank   # row 0 in every call, row 15 in the one 16-row call
+        assert int(pads[rank][peer]) == len(cases) and int(pads[rank][15 * world + peer]) == 1
+    else:   # every flag sent has been consumed: all pads zero again
+        assert not any(p.any() for p in pads)
     dist.destroy_process_group()
     print("ok", flush=True)
 

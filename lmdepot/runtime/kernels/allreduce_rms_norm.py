@@ -18,12 +18,17 @@ from the host, which keeps the kernel valid under CUDA-graph replay.
 Slot reuse (why a peer cannot overwrite what we still read) is the caller's part: consecutive calls
 alternate between two slots, see AllReduce.add_rms_norm in runtime/allreduce.py.
 
-PUSH (LMDEPOT_ALLREDUCE=push, opt-in until timed on GPUs): step 1 stores the row into region RANK
-of every peer's slot (a slot then holds WORLD regions of B rows) and step 3 reads the peers' rows
-from this rank's own slot: remote stores are posted, where a remote load waits for a round trip
-over NVLink on the critical path of every call. Flags and slot alternation are unchanged: a peer's
-call k + 2 writes into the slot of our call k only after our flag of call k + 1, set after our call
-k read it.
+PUSH (LMDEPOT_ALLREDUCE=push, opt-in until timed on GPUs) takes both NVLink round trips of a call
+off its critical path (a remote load's, and the flag swap's, which returns the peer's old value):
+- step 1 stores the row into region RANK of every peer's slot (a slot then holds WORLD regions of B
+  rows) and step 3 reads the peers' rows from this rank's own slot (remote stores are posted);
+- the flags are call counters: rank d's cell `row * WORLD + src` holds how many calls src has
+  signalled, written with a release exchange whose old value nobody waits for; the receiver waits
+  until it reaches this call's number, which it keeps as its own count of calls sent to src (cell
+  SENT + row * WORLD + src: every rank makes the same calls). A peer may already be one call ahead,
+  hence serial-number arithmetic (int32 wrapping); nothing is reset.
+Slot alternation stays: a peer's call k + 2 writes into the slot of our call k only after it saw our
+signal of call k + 1, sent after our call k read that slot.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def reference(partials: list[torch.Tensor], residual: torch.Tensor, weight: torc
 
 
 @triton.jit
-def _kernel(x_ptr, slot_ptrs, pad_ptrs, r_ptr, w_ptr, y_ptr, h_ptr, H, eps,
+def _kernel(x_ptr, slot_ptrs, pad_ptrs, r_ptr, w_ptr, y_ptr, h_ptr, H, eps, SENT,
             RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr):
     row = tl.program_id(0)
     rows = tl.num_programs(0)
@@ -64,16 +69,33 @@ def _kernel(x_ptr, slot_ptrs, pad_ptrs, r_ptr, w_ptr, y_ptr, h_ptr, H, eps,
     # every thread's part of the row is stored before the flag goes out (the release below is issued
     # by one thread and covers what the block did before this barrier)
     tl.debug_barrier()
-    for src in tl.static_range(WORLD):
-        if src != RANK:
-            flag = tl.load(pad_ptrs + src).to(tl.pointer_type(tl.int32)) + row * WORLD + RANK
-            while tl.atomic_cas(flag, 0, 1, sem="release", scope="sys") != 0:
-                pass
     own_pad = tl.load(pad_ptrs + RANK).to(tl.pointer_type(tl.int32)) + row * WORLD
-    for src in tl.static_range(WORLD):
-        if src != RANK:
-            while tl.atomic_cas(own_pad + src, 1, 0, sem="acquire", scope="sys") != 1:
-                pass
+    if PUSH:   # counters: nothing to wait for before signalling, no remote value to read back
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                count = tl.load(own_pad + SENT + peer, volatile=True) + 1   # this call's number, wrapping
+                flag = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32)) + row * WORLD + RANK
+                tl.atomic_xchg(flag, count, sem="release", scope="sys")
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                count = tl.load(own_pad + SENT + peer, volatile=True) + 1
+                # the peer's count reached this call's (it may already be one ahead: serial arithmetic)
+                while tl.atomic_add(own_pad + peer, 0, sem="acquire", scope="sys") - count < 0:
+                    pass
+        tl.debug_barrier()   # every thread read the old counts before they move on
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                tl.atomic_add(own_pad + SENT + peer, 1, sem="relaxed", scope="gpu")
+    else:
+        for src in tl.static_range(WORLD):
+            if src != RANK:
+                flag = tl.load(pad_ptrs + src).to(tl.pointer_type(tl.int32)) + row * WORLD + RANK
+                while tl.atomic_cas(flag, 0, 1, sem="release", scope="sys") != 0:
+                    pass
+        for src in tl.static_range(WORLD):
+            if src != RANK:
+                while tl.atomic_cas(own_pad + src, 1, 0, sem="acquire", scope="sys") != 1:
+                    pass
     tl.debug_barrier()   # no thread reads a peer's row before the flags were seen
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for src in tl.static_range(WORLD):   # fixed order: the same float32 sum on every rank
@@ -103,16 +125,18 @@ def _kernel(x_ptr, slot_ptrs, pad_ptrs, r_ptr, w_ptr, y_ptr, h_ptr, H, eps,
 def all_reduce_rms_norm(x: torch.Tensor, slot_ptrs: torch.Tensor, pad_ptrs: torch.Tensor, rank: int,
                         residual: torch.Tensor, weight: torch.Tensor, eps: float,
                         out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-                        push: bool = False):
+                        push: bool = False, sent_cells: int = 0):
     """Returns (norm(sum + residual) * weight, sum + residual) for this rank's float32 partial x (B, H),
     contiguous. slot_ptrs: int64 (world,) addresses of every rank's slot (float32, at least B * H; with
-    `push`, world * B * H: the peers' rows are pushed into it);
+    `push`, world * B * H: the peers' rows are pushed into it); with `push` the pads hold counters
+    instead: cells [0, B * world) what each peer sent, [sent_cells, sent_cells + B * world) what this
+    rank sent (both zero at setup, never reset);
     pad_ptrs: int64 (world,) addresses of every rank's signal pad (int32, at least B * world cells,
     all zero between calls). Every rank must call it with the same shapes at the same point."""
     B, H = x.shape
     world = slot_ptrs.numel()
     y = out if out is not None else torch.empty_like(residual)
     h = residual_out if residual_out is not None else torch.empty_like(residual)
-    _kernel[(B,)](x, slot_ptrs, pad_ptrs, residual, weight, y, h, H, eps,
+    _kernel[(B,)](x, slot_ptrs, pad_ptrs, residual, weight, y, h, H, eps, sent_cells,
                   RANK=rank, WORLD=world, BLOCK=triton.next_power_of_2(H), PUSH=push)
     return y, h
