@@ -98,6 +98,22 @@ def _key_scores(kc, q0, q1, qo0, qo1, q_sum, pos, k_scale, k_zero, s0, s1, min0,
 
 
 @triton.jit
+def _channel_key_row(kc, q0v, q1v, first, pos, s0, s1, min0, min1, sink0, sink1, op_ty: tl.constexpr,
+                     OFF: tl.constexpr, ASM: tl.constexpr):
+    """_key_scores for per-channel keys and one q head (MHA, q0v / q1v: its even / odd channels, (W,)),
+    as (keys,) scores: the block's vectors meet the one row, not 16 rows of which 15 are padding
+    (the tensor cores still take 16 rows: `first` keeps the scaled q in row 0)."""
+    lo = tl.sum(q0v * min0.to(tl.float32), axis=0) + tl.sum(q1v * min1.to(tl.float32), axis=0)
+    sink = tl.sum(q0v * sink0.to(tl.float32), axis=0) + tl.sum(q1v * sink1.to(tl.float32), axis=0)
+    qs0v = (q0v * s0.to(tl.float32)).to(op_ty)
+    qs1v = (q1v * s1.to(tl.float32)).to(op_ty)
+    raw = tl.dot(first * qs0v[None, :], tl.trans(_codes(kc & 0xF, op_ty, ASM)))
+    raw += tl.dot(first * qs1v[None, :], tl.trans(_codes(kc >> 4, op_ty, ASM)))
+    lo -= OFF * (tl.sum(qs0v.to(tl.float32), axis=0) + tl.sum(qs1v.to(tl.float32), axis=0))
+    return tl.where(pos == 0, sink, tl.sum(raw, axis=0) + lo)
+
+
+@triton.jit
 def _tile_params(p_off, mask_s, ks_ptr, kz_ptr, vs_ptr, vz_ptr, KEY_CHANNEL: tl.constexpr):
     """A tile's keys' per-token (scale float32, zero code) of K (placeholders with per-channel keys)
     and V."""
@@ -158,6 +174,9 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
     q_sum = tl.sum(qo0.to(tl.float32), axis=1) + tl.sum(qo1.to(tl.float32), axis=1)
     offs_s = tl.arange(0, SUB)
     if VECTOR:
+        if KEY_CHANNEL:   # the one q head's channels as vectors (rows past the first are 0)
+            q0v, q1v = tl.sum(q0, axis=0), tl.sum(q1, axis=0)
+            first = (tl.arange(0, BLOCK_H) == 0).to(op_ty)[:, None]
         m = tl.full((), -1e30, dtype=tl.float32)
         l = tl.zeros((SUB,), dtype=tl.float32)       # by key slot
         corr = tl.zeros((SUB,), dtype=tl.float32)    # sum_t w_t zero_t of V, by key slot
@@ -210,10 +229,15 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
                                                                    kmin_ptr, ksink_ptr)
         if not KEY_CHANNEL:   # (unused)
             s0, s1, min0, min1, sink0, sink1 = cur_ks, cur_ks, cur_ks, cur_ks, cur_ks, cur_ks
-        score = _key_scores(kc, q0, q1, qo0, qo1, q_sum, pos, cur_ks, cur_kz, s0, s1, min0, min1, sink0, sink1,
-                            op_ty, OFF, BITS, KEY_CHANNEL, ASM)
+        if VECTOR and KEY_CHANNEL:
+            row = _channel_key_row(kc, q0v, q1v, first, pos, s0, s1, min0, min1, sink0, sink1, op_ty, OFF, ASM)
+        else:
+            score = _key_scores(kc, q0, q1, qo0, qo1, q_sum, pos, cur_ks, cur_kz, s0, s1, min0, min1, sink0, sink1,
+                                op_ty, OFF, BITS, KEY_CHANNEL, ASM)
+            if VECTOR:
+                row = tl.sum(score, axis=0)   # row 0 (the rest: 0)
         if VECTOR:
-            s = tl.where(mask_s, tl.sum(score, axis=0) * sm_scale, float("-inf"))   # row 0 (the rest: 0)
+            s = tl.where(mask_s, row * sm_scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=0))
             if m_new > m:
                 alpha = tl.exp(m - m_new)
