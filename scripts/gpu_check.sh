@@ -6,7 +6,10 @@
 #                [tests,kernels,model,generation,throughput,serving,coldstart]
 #                tune: scripts/tune_w8a8.py; profile: scripts/profile_decode.py on the fp16 and int4 workspaces;
 #                kvlong: the long-context workload with fp16, int8 and int4 KV (the issue's >= 1.25x / 1.35x)
-#                (kernel time per decode step); qprefill: scripts/bench_prefill_quant.py
+#                (kernel time per decode step); qprefill: scripts/bench_prefill_quant.py;
+#                tpstep (2 GPUs, a TP=2 model): the fused all-reduce + norm read vs pushed
+#                (scripts/bench_allreduce_norm.py), the GEMVs at tp=2 shapes (tune_gemv.py 1 --tp 2) and
+#                the bs1 step profiled with LMDEPOT_ALLREDUCE=fused and =push
 #   SHAPE        random-weight model shape (lmdepot bench model --help) [llama2-7b]
 #   LAYERS       depth cut, or "all" for the full model [8]
 #   TP           tensor-parallel ranks of the built workspaces (needs that many GPUs) [1]
@@ -68,6 +71,15 @@ if has profile; then
     timeout "$t" python scripts/profile_decode.py "$m/fp16" --batch 1 --steps 100 --sync   # without async steps
     timeout "$t" python scripts/profile_decode.py "$m/int4" --batch 1; } 2>&1 | grep -v "^\[lmdepot\]\|USDT" \
     | tee "$out/profile_decode.txt"
+fi
+if has tpstep; then
+  step "tensor-parallel step"
+  { timeout "$t" python scripts/bench_allreduce_norm.py --batch 1,16
+    timeout "$t" python scripts/tune_gemv.py 1 --tp 2 2>&1 | grep -v "MISMATCH\|skip"
+    for mode in fused push; do
+      echo "--- LMDEPOT_ALLREDUCE=$mode"
+      LMDEPOT_ALLREDUCE=$mode timeout "$t" python scripts/profile_decode.py "$m/fp16" --batch 1 --tp "$tp"
+    done; } 2>&1 | grep -v "^\[lmdepot\]\|USDT" | tee "$out/tp_step.txt"
 fi
 if has generation; then
   step generation
