@@ -18,8 +18,9 @@ LMDEPOT_ALLREDUCE picks the path:
   LMDEPOT_ALLREDUCE_FUSED_BYTES), else as auto; a failed symmetric-memory setup is an error. Opt-in
   until it is measured inside the engine: on 2 x H200 the kernel passed its GPU test and took 6.1 us
   per call against 8.8 us for one-shot + norm (docs/benchmarks.md), but no engine ran it on GPUs yet;
-- `push`: as `fused`, each rank's partial stored into its peers' slots rather than read from its own
-  by them (kernels/allreduce_rms_norm.py, PUSH); opt-in until timed on GPUs;
+- `push`: as `fused`, but each rank stores its rows into its peers' slots (they do not read them
+  from its own) and signals with call counters (kernels/allreduce_rms_norm.py, PUSH): no NVLink
+  round trip on a call's critical path; opt-in until timed on GPUs;
 - `symm`: no fused norm (one-shot + the separate norm kernel), a failed setup is an error;
 - `nccl`: always NCCL.
 Another value is taken as `auto`, with a note.
