@@ -128,11 +128,11 @@ def all_reduce_rms_norm(x: torch.Tensor, slot_ptrs: torch.Tensor, pad_ptrs: torc
                         push: bool = False, sent_cells: int = 0):
     """Returns (norm(sum + residual) * weight, sum + residual) for this rank's float32 partial x (B, H),
     contiguous. slot_ptrs: int64 (world,) addresses of every rank's slot (float32, at least B * H; with
-    `push`, world * B * H: the peers' rows are pushed into it); with `push` the pads hold counters
-    instead: cells [0, B * world) what each peer sent, [sent_cells, sent_cells + B * world) what this
-    rank sent (both zero at setup, never reset);
-    pad_ptrs: int64 (world,) addresses of every rank's signal pad (int32, at least B * world cells,
-    all zero between calls). Every rank must call it with the same shapes at the same point."""
+    `push`, world * B * H: the peers' rows are pushed into it); pad_ptrs: int64 (world,) addresses of
+    every rank's signal pad (int32, at least B * world cells, all zero between calls). With `push` the
+    pads hold counters instead: cells [0, B * world) what each peer signalled, [sent_cells, sent_cells
+    + B * world) what this rank signalled (zero at setup, never reset). Every rank must call it with
+    the same shapes at the same point."""
     B, H = x.shape
     world = slot_ptrs.numel()
     y = out if out is not None else torch.empty_like(residual)
