@@ -73,13 +73,12 @@ def run(rank: int, world: int, hidden: int, batches: list[int]) -> None:
             one_shot(x)
             rms_norm.rms_norm(x, res, w, EPS)
 
-        def fuse():
-            assert fused.add_rms_norm(x, res, w, EPS) is not None, "the fused path did not apply"
+        def fused_by(ar):
+            def call():
+                assert ar.add_rms_norm(x, res, w, EPS) is not None, f"the {ar.mode} path did not apply"
+            return call
 
-        def push():
-            assert pushed.add_rms_norm(x, res, w, EPS) is not None, "the fused path did not apply"
-
-        times = {name: per_call_us(fn) for name, fn in (("fused", fuse), ("fused, pushed", push),
+        times = {name: per_call_us(fn) for name, fn in (("fused", fused_by(fused)), ("fused, pushed", fused_by(pushed)),
                                                         ("one-shot + norm", symm), ("nccl + norm", nccl))}
         rows.append((B, times))
     if rank == 0:

@@ -13,7 +13,7 @@ same bytes, so it is only timed with bf16's best config. Roofline % = bytes move
 bandwidth / time; the copy bandwidth (read + write of a 1 GiB tensor) is measured in the same run.
 """
 
-import sys
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +25,6 @@ from lmdepot.runtime.kernels.gemv import gemv, heuristic_config, reference
 
 SHAPES = [(4096, 12288, "qkv", "n"), (4096, 4096, "o", "k"), (4096, 22016, "gate/up", "n"), (11008, 4096, "down", "k"),
           (4096, 32000, "lm_head", "n")]   # Llama-2-7B (K, N, the dimension tensor parallelism splits)
-_args = sys.argv[1:]
-TP = int(_args[_args.index("--tp") + 1]) if "--tp" in _args else 1
-MS = [int(m) for i, m in enumerate(_args) if m != "--tp" and (i == 0 or _args[i - 1] != "--tp")] or [1, 2, 4]
 GRID = {"block_k": [128, 256, 512], "block_n": [8, 16, 32, 64], "num_warps": [4, 8], "split_k": [1, 2, 4, 8, 16],
         "num_stages": [2, 3, 4], "use_dot": [False, True]}
 
@@ -67,15 +64,19 @@ def tune(x, w, ref) -> tuple[float, dict]:
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ms", nargs="*", type=int, default=[1, 2, 4], help="rows (M) to tune for")
+    ap.add_argument("--tp", type=int, default=1, help="one rank's shapes at this tensor-parallel degree")
+    args = ap.parse_args()
     bw = copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (1 GiB copy, read + write)\n")
     print(f"{'shape (KxN)':22} {'M':>2} {'dtype':5} {'cuBLAS us':>9} {'%bw':>5} {'heur us':>8} {'best us':>8} "
           f"{'%bw':>5} {'speedup':>7}  best config")
     for K, N, name, split in SHAPES:
-        K, N = (K // TP, N) if split == "k" else (K, N // TP)
-        name = f"{name}/tp{TP}" if TP > 1 else name
+        K, N = (K // args.tp, N) if split == "k" else (K, N // args.tp)
+        name = f"{name}/tp{args.tp}" if args.tp > 1 else name
         w16 = (torch.randn(N, K, device="cuda") * 0.02)
-        for M in MS:
+        for M in args.ms:
             best_cfg = None
             for dtype in (torch.bfloat16, torch.float16):
                 w = w16.to(dtype)
