@@ -21,10 +21,9 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 from lmdepot.bench.kernels import copy_bandwidth
+from lmdepot.bench.shapes import SHAPES, linear_shapes
 from lmdepot.runtime.kernels.gemv import gemv, heuristic_config, reference
 
-SHAPES = [(4096, 12288, "qkv", "n"), (4096, 4096, "o", "k"), (4096, 22016, "gate/up", "n"), (11008, 4096, "down", "k"),
-          (4096, 32000, "lm_head", "n")]   # Llama-2-7B (K, N, the dimension tensor parallelism splits)
 GRID = {"block_k": [128, 256, 512], "block_n": [8, 16, 32, 64], "num_warps": [4, 8], "split_k": [1, 2, 4, 8, 16],
         "num_stages": [2, 3, 4], "use_dot": [False, True]}
 
@@ -67,13 +66,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ms", nargs="*", type=int, default=[1, 2, 4], help="rows (M) to tune for")
     ap.add_argument("--tp", type=int, default=1, help="one rank's shapes at this tensor-parallel degree")
+    ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES), help="the model whose linears to tune")
     args = ap.parse_args()
     bw = copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (1 GiB copy, read + write)\n")
     print(f"{'shape (KxN)':22} {'M':>2} {'dtype':5} {'cuBLAS us':>9} {'%bw':>5} {'heur us':>8} {'best us':>8} "
           f"{'%bw':>5} {'speedup':>7}  best config")
-    for K, N, name, split in SHAPES:
-        K, N = (K // args.tp, N) if split == "k" else (K, N // args.tp)
+    for K, N, name in linear_shapes(args.shape, args.tp):
         name = f"{name}/tp{args.tp}" if args.tp > 1 else name
         w16 = (torch.randn(N, K, device="cuda") * 0.02)
         for M in args.ms:

@@ -1,7 +1,10 @@
 """Sweep W4A16 launch configs on the GPU and print the best per (shape, M) next to the heuristic's.
 
-python scripts/tune_w4a16.py [M ...] [--only plain|kmajor|kmajor_gemm]   (device run; prints a table,
-feeds the heuristic_config functions by hand)
+python scripts/tune_w4a16.py [M ...] [--only plain|kmajor|kmajor_gemm] [--shape llama2-7b] [--tp N]
+(device run; prints a table and, for one row, the kmajor bests as w4a16_gemv.TUNED entries to paste)
+
+The shapes are one rank's int4 linears of `--shape` at `--tp` (bench/shapes.linear_shapes: qkv, o,
+gate/up, down; lm_head stays fp16), the launches a decode step makes.
 
 plain: kernels/w4a16.py on the workspace layout (full grid for M <= 4, which also sweeps its x_tile
 and no_masks options). kmajor (M <= 4 only): kernels/w4a16_gemv.py on the repacked layout, a
@@ -20,11 +23,11 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from lmdepot.bench.kernels import copy_bandwidth
+from lmdepot.bench.shapes import SHAPES, linear_shapes
 from lmdepot.formats.int4 import quantize_int4_rtn, unpack_int4
 from lmdepot.runtime.kernels import w4a16_gemm, w4a16_gemv
 from lmdepot.runtime.kernels.w4a16 import heuristic_config, reference, w4a16_linear
 
-SHAPES = [(4096, 11008), (11008, 4096)]
 KMAJOR_GRID = {"block_n": [16, 32, 64], "num_warps": [1, 2], "num_stages": [1, 2, 3, 4],
                "split_k": [4, 6, 7, 8, 12, 16, 24], "maxnreg": [None, 96, 128], "vec": [2, 4]}
 KMAJOR_GEMM_GRID = {"block_m": [16, 32, 64, 128], "block_n": [64, 128, 256], "num_warps": [4, 8],
@@ -99,10 +102,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("ms", nargs="*", type=int, default=[1, 16, 256])
     parser.add_argument("--only", choices=["plain", "kmajor", "kmajor_gemm"])
+    parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES), help="the model whose linears to tune")
+    parser.add_argument("--tp", type=int, default=1, help="one rank's shapes at this tensor-parallel degree")
     args = parser.parse_args()
     bw = copy_bandwidth("cuda")
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    for (K, N), M in itertools.product(SHAPES, args.ms):
+    tuned = {}
+    shapes = [(K, N) for K, N, name in linear_shapes(args.shape, args.tp) if name != "lm_head"]
+    for (K, N), M in itertools.product(shapes, args.ms):
         q = {k: v.cuda() for k, v in quantize_int4_rtn(torch.randn(K, N) * 0.02, 128).items()}
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         ref = reference(x, q["qweight"], q["scales"], q["zeros"]).float()
@@ -116,6 +123,12 @@ def main():
                 base, (us, cfg) = tune_kmajor(K, N, M, x, q, ref, gemm=name == "kmajor_gemm")
                 head = "failed" if base is None else f"{base:.1f} us"
                 print(f"{K}x{N} M={M} {name}: heuristic {head}, best {us:.1f} us ({pct(us)}) {cfg}", flush=True)
+                if name == "kmajor" and M == 1:
+                    tuned[K, N] = (us, cfg)
+    if tuned:
+        print("w4a16_gemv.TUNED entries (M = 1, group 128):")
+        for (K, N), (us, cfg) in tuned.items():
+            print(f"         ({K}, {N}): {cfg},   # {us:.1f} us")
 
 
 if __name__ == "__main__":

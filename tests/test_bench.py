@@ -101,6 +101,18 @@ def test_parsers():
             workload.parse_cases(bad)
 
 
+def test_linear_shapes_are_one_ranks_fused_linears():
+    """The tuning scripts' shapes: Llama-2-7B's (K, N) as the runtime fuses them, one rank's at tp 2 (qkv,
+    gate/up, lm_head split along N; o, down along K), Llama-3-8B's GQA qkv of 32 + 2 x 8 heads."""
+    from lmdepot.bench.shapes import linear_shapes
+
+    assert linear_shapes("llama2-7b") == [(4096, 12288, "qkv"), (4096, 4096, "o"), (4096, 22016, "gate/up"),
+                                          (11008, 4096, "down"), (4096, 32000, "lm_head")]
+    assert linear_shapes("llama2-7b", 2) == [(4096, 6144, "qkv"), (2048, 4096, "o"), (4096, 11008, "gate/up"),
+                                             (5504, 4096, "down"), (4096, 16000, "lm_head")]
+    assert linear_shapes("llama3-8b")[0] == (4096, 6144, "qkv")
+
+
 def test_percentiles_nearest_rank():
     p = workload.percentiles([i / 1000 for i in range(1, 101)])   # 1..100 ms
     assert p == pytest.approx({"p50": 50.0, "p90": 90.0, "p99": 99.0})

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lmdepot.bench.shapes import linear_shapes
+
 
 @dataclass
 class Row:
@@ -146,7 +148,7 @@ def bench_w8a8(device: str, bw: float, shapes=((4096, 11008), (11008, 4096)), ms
     return rows
 
 
-LLAMA7B_DENSE = ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 32000))   # (K, N)
+LLAMA7B_DENSE = tuple((K, N) for K, N, _ in linear_shapes("llama2-7b"))
 
 
 def bench_gemv(device: str, bw: float, shapes=LLAMA7B_DENSE, ms=(1, 4)) -> list[Row]:

@@ -13,3 +13,14 @@ SHAPES = {
                          num_key_value_heads=2, num_hidden_layers=28, vocab_size=151936,
                          max_position_embeddings=32768, rope_theta=1000000.0),
 }
+
+
+def linear_shapes(shape: str = "llama2-7b", tp: int = 1) -> list[tuple[int, int, str]]:
+    """(K, N, name) of one rank's decode linears at `tp`-way tensor parallelism, as the runtime fuses
+    them: qkv, gate/up and the vocab-parallel lm_head split along N, o and down along K."""
+    c = SHAPES[shape]
+    hidden, inter = c["hidden_size"], c["intermediate_size"]
+    head_dim = hidden // c["num_attention_heads"]
+    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * head_dim
+    return [(hidden, qkv // tp, "qkv"), (hidden // tp, hidden, "o"), (hidden, 2 * inter // tp, "gate/up"),
+            (inter // tp, hidden, "down"), (hidden, c["vocab_size"] // tp, "lm_head")]

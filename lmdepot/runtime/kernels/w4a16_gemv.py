@@ -202,15 +202,16 @@ TUNED = {(4096, 11008): {"block_n": 32, "num_warps": 1, "num_stages": 1, "split_
 
 
 def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
-    """TUNED where measured (one row, group 128); elsewhere (not timed on a GPU): one-warp programs of
-    32 rows (4 rows x 4 words a thread per step) with a 3-stage cp.async pipeline, capped at 104
-    registers a thread: the sm_90 build takes 96 with Triton 3.9 but 128 with 3.6 (the device image),
-    where 104 is the least without a spill in the K loop (96: one local load a step). That lets 19
-    programs stay resident a SM; K is split until the programs just fill that one wave. (The tuned
-    configs ran best with one stage, i.e. no cp.async pipeline, and 128 registers.)"""
+    """TUNED where measured (one row, group 128); elsewhere the pattern both measured shapes chose over
+    this function's earlier default (a 3-stage cp.async pipeline capped at 104 registers): one-warp
+    programs of 32 rows (16 when K > N, as for the down projection), 4 words a thread per step, no
+    pipeline, 128 registers (16 programs resident a SM), and K split until the programs about fill
+    that one wave (the TUNED splits: 2,408 and 2,048 programs for 2,112 resident). Not yet timed on the
+    other shapes (qkv, o, gate/up; `scripts/tune_w4a16.py 1 --only kmajor` tunes a model's linears)."""
     if M == 1 and group == 128 and (K, N) in TUNED:
         return dict(TUNED[K, N])
-    maxnreg, block_n = 104, 32
+    maxnreg = 128
+    block_n = 16 if K > N else 32
     resident = SMS * (65536 // (maxnreg * 32))
-    split_k = max(1, min(K // span_of(group), resident // (triton.cdiv(N, block_n) * M)))
-    return {"block_n": block_n, "num_warps": 1, "num_stages": 3, "split_k": split_k, "vec": 4, "maxnreg": maxnreg}
+    split_k = max(1, min(K // span_of(group), round(resident / (triton.cdiv(N, block_n) * M))))
+    return {"block_n": block_n, "num_warps": 1, "num_stages": 1, "split_k": split_k, "vec": 4, "maxnreg": maxnreg}
