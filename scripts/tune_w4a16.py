@@ -29,7 +29,8 @@ from lmdepot.runtime.kernels import w4a16_gemm, w4a16_gemv
 from lmdepot.runtime.kernels.w4a16 import heuristic_config, reference, w4a16_linear
 
 KMAJOR_GRID = {"block_n": [16, 32, 64], "num_warps": [1, 2], "num_stages": [1, 2, 3, 4],
-               "split_k": [4, 6, 7, 8, 12, 16, 24], "maxnreg": [None, 96, 128], "vec": [2, 4]}
+               "split_k": [4, 6, 7, 8, 12, 16, 24], "maxnreg": [None, 96, 128], "vec": [2, 4],
+               "prefetch": [False, True]}
 KMAJOR_GEMM_GRID = {"block_m": [16, 32, 64, 128], "block_n": [64, 128, 256], "num_warps": [4, 8],
                     "num_stages": [2, 3, 4], "split_k": [1, 2, 3, 4, 6, 8]}
 

@@ -48,29 +48,33 @@ def _check(y, x, q):
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("K, N, group", [(256, 96, 128), (200, 47, 32), (192, 80, 64), (512, 40, 256)])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_matches_reference(dtype, M, K, N, group, split_k):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_matches_reference(dtype, M, K, N, group, split_k, prefetch):
     """K=200 in groups of 32 pads the last group (input rows 200..223 have no x); N=47 leaves a ragged
-    last tile of 16 rows; 3 splits of K=256 spans of 128 give 2 splits (1 span each)."""
+    last tile of 16 rows; 3 splits of K=256 spans of 128 give 2 splits (1 span each); `prefetch` loads
+    each step's words and group params one step ahead."""
     q = _quantized(K, N, group, seed=K + N)
     packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
     out = poisoned((M, N), dtype)
-    y = w4a16_gemv.gemv(x, packed, out=out, config={"block_n": 16, "split_k": split_k})
+    y = w4a16_gemv.gemv(x, packed, out=out, config={"block_n": 16, "split_k": split_k, "prefetch": prefetch})
     assert y.data_ptr() == out.data_ptr() and y.shape == (M, N)
     _check(y, x, q)
     assert not _SEMAPHORES[x.device].any()
 
 
 @pytest.mark.parametrize("split_k", [2, 5])
-def test_split_launches_reset_semaphores(split_k):
-    """Ragged splits (8 spans of 32 in 5 splits: 2, 2, 2, 2 and nothing left for a 5th) and a second
-    launch that finds the semaphores back at zero; a (2, 1, K) input keeps its leading dims."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_split_launches_reset_semaphores(split_k, prefetch):
+    """Ragged splits (8 spans of 32 in 5 splits: 2, 2, 2, 2 and nothing left for a 5th, whose prefetch
+    loads nothing) and a second launch that finds the semaphores back at zero; a (2, 1, K) input keeps
+    its leading dims."""
     K, N = 256, 64
     q = _quantized(K, N, 32, seed=split_k)
     packed = w4a16_gemv.repack(q["qweight"], q["scales"], q["zeros"])
     x = torch.randn(2, 1, K, device=DEVICE, dtype=DTYPES[0])
     for _ in range(2):
-        y = w4a16_gemv.gemv(x, packed, config={"block_n": 32, "split_k": split_k})
+        y = w4a16_gemv.gemv(x, packed, config={"block_n": 32, "split_k": split_k, "prefetch": prefetch})
         assert y.shape == (2, 1, N)
         _check(y.view(2, N), x.view(2, K), q)
         assert not _SEMAPHORES[x.device].any()
@@ -101,13 +105,13 @@ def test_rejects_more_rows_or_other_k():
 
 
 def sm90_build(block_n: int, num_warps: int, stages: int, vec: int = 4, dtype: str = "fp16",
-               maxnreg: int | None = None) -> dict:
+               maxnreg: int | None = None, prefetch: bool = False) -> dict:
     """The Llama-2-7B MLP-up shape's launch (K 4096, group 128) built for sm_90 (tests/kernels/sm90.py),
     with the integer args a real launch specializes as 16-divisible."""
     from tests.kernels.sm90 import build
 
     const = {"GROUP": 128, "SPAN": 128, "BLOCK_N": block_n, "SPLITS": 8, "SPLITS_POW2": 8, "STAGES": stages,
-             "EVEN_K": True, "VEC": vec}
+             "EVEN_K": True, "VEC": vec, "PREFETCH": prefetch}
     types = {"x_ptr": f"*{dtype}", "qt_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "part_ptr": "*fp32",
              "y_ptr": f"*{dtype}", "lock_ptr": "*i32", "MASK_HI": "i32", "MASK_LO": "i32"}
     return build(w4a16_gemv._kernel, const, types, num_warps, stages,
@@ -133,19 +137,21 @@ def test_heuristic_follows_the_tuned_configs():
             assert 0.7 * 2112 <= programs <= 1.3 * 2112 or cfg["split_k"] == K // 128, (shape, tp, name, cfg)
 
 
-@pytest.mark.parametrize("block_n, num_warps, stages, vec, maxnreg", [
-    (32, 1, 1, 4, 128), (16, 1, 1, 4, 128),   # heuristic_config's launches, TUNED's too
-    (32, 1, 3, 4, 104),   # the earlier default
-    (32, 1, 3, 4, None), (16, 1, 3, 4, None), (64, 2, 3, 4, None), (32, 1, 1, 4, None), (32, 1, 3, 2, None)])
+@pytest.mark.parametrize("block_n, num_warps, stages, vec, maxnreg, prefetch", [
+    (32, 1, 1, 4, 128, False), (16, 1, 1, 4, 128, False),   # heuristic_config's launches, TUNED's too
+    (32, 1, 1, 4, 128, True), (16, 1, 1, 4, 128, True),     # the same, each step's loads one step ahead
+    (32, 1, 3, 4, 104, False),   # the earlier default
+    (32, 1, 3, 4, None, False), (16, 1, 3, 4, None, False), (64, 2, 3, 4, None, False), (32, 1, 1, 4, None, False),
+    (32, 1, 3, 2, None, False)])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, maxnreg, dtype):
+def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, maxnreg, prefetch, dtype):
     """No spills; 16-byte weight loads in the K loop (through cp.async when STAGES > 1; vec=2 asks for
     8-byte ones); at most 4.2 SASS instructions a weight in the loop (5.4 with 2 rows a thread; the
     workspace-layout kernel: 6.2-6.6) and registers that leave room for 16+ resident warps a SM."""
     from tests.kernels.sm90 import run_build
 
     b = run_build(f"from tests.kernels.test_w4a16_gemv import sm90_build as f; "
-                  f"f({block_n}, {num_warps}, {stages}, {vec}, '{dtype}', {maxnreg})")
+                  f"f({block_n}, {num_warps}, {stages}, {vec}, '{dtype}', {maxnreg}, {prefetch})")
     weights = block_n * 128 // (32 * num_warps)   # per thread and loop step
     assert (b["stack"], b["mma"], b["cp_async"], b["loop_vec16"]) == (0, False, stages > 1, vec == 4), b
     assert b["loop_sass"] / weights <= (5.4 if block_n == 16 else 4.2), b   # 16 rows: 2 a thread share the x work

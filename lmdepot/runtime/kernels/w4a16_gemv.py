@@ -19,8 +19,12 @@ moves to 19 or 15, so one shift serves two codes. Then sum x q / 16 = sum x u - 
 16 sum_odd x), all in float32: the subtracted carrier is at most ~20x the wanted sum (a few of
 float32's 24 bits), where fp16 partial sums of x q would overflow for activations of a few thousand.
 The x side (8 conversions and 9 adds per word and step) is shared by the rows of a thread.
-sm_90 build (tests/kernels/test_w4a16_gemv.py, Triton 3.9): ~3.9 SASS instructions a weight in the
-K loop at the default launch (the workspace-layout kernel: 6.2), 96 registers, no spills.
+sm_90 build (tests/kernels/test_w4a16_gemv.py, Triton 3.9): ~3.6 SASS instructions a weight in the
+K loop at the default launch (one stage, 128 registers; the workspace-layout kernel: 6.2), no spills.
+
+`prefetch` (tuning; off until timed): each step loads the next step's words and group params, so a warp has a
+tile in flight while it decodes (sm_90: ptxas issues them mid-step; 3.8 SASS a weight, 128 registers): the
+kernel was found latency-bound with few warps resident (docs/benchmarks.md).
 
 Split-K partial sums meet in the kernel as in w4a16.py (per-tile semaphore, last split adds them).
 """
@@ -102,7 +106,7 @@ def _x_slot(xb, s: tl.constexpr, kk, K, SPAN: tl.constexpr, EVEN_K: tl.constexpr
 def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_PADDED, stride_xm, stride_ym,
             K_PER_SPLIT, KW, SPLIT_WORDS, MASK_HI, MASK_LO, GROUP: tl.constexpr, SPAN: tl.constexpr,
             BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, STAGES: tl.constexpr,
-            EVEN_K: tl.constexpr, VEC: tl.constexpr):
+            EVEN_K: tl.constexpr, VEC: tl.constexpr, PREFETCH: tl.constexpr):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     WORDS: tl.constexpr = SPAN // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,11 +120,24 @@ def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_P
     # 16-byte aligned and loads 4 words a thread at once
     w_ptrs = qt_ptr + rows.to(tl.int64)[:, None] * KW + (pid_k * SPLIT_WORDS + offs_w)[None, :]
     acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    zeros = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
+    if PREFETCH:   # the split's first step; an empty split (k_begin >= k_end) loads nothing
+        # masks compared as blocks: the interpreter turns a block & a scalar bool into integers
+        nxt = tl.load(w_ptrs, mask=k_begin + zeros < k_end, other=0, eviction_policy="evict_first")
+        nsc = tl.load(s_ptr + rows * groups + k_begin // GROUP, mask=k_begin + rows * 0 < k_end, other=0.0)
+        nzc = tl.load(z_ptr + rows * groups + k_begin // GROUP, mask=k_begin + rows * 0 < k_end, other=0.0)
     for k0 in tl.range(k_begin, k_end, SPAN, num_stages=STAGES):
-        p = tl.load(w_ptrs, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
-        g = k0 // GROUP
-        sc = tl.load(s_ptr + rows * groups + g).to(tl.float32)
-        zc = tl.load(z_ptr + rows * groups + g).to(tl.float32)
+        if PREFETCH:   # this step's words and group params came one step ahead; the next step's go out now
+            p, sc, zc = nxt.to(tl.uint32, bitcast=True), nsc.to(tl.float32), nzc.to(tl.float32)
+            k1 = k0 + SPAN
+            nxt = tl.load(w_ptrs + WORDS, mask=k1 + zeros < k_end, other=0, eviction_policy="evict_first")
+            nsc = tl.load(s_ptr + rows * groups + k1 // GROUP, mask=k1 + rows * 0 < k_end, other=0.0)
+            nzc = tl.load(z_ptr + rows * groups + k1 // GROUP, mask=k1 + rows * 0 < k_end, other=0.0)
+        else:
+            p = tl.load(w_ptrs, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+            g = k0 // GROUP
+            sc = tl.load(s_ptr + rows * groups + g).to(tl.float32)
+            zc = tl.load(z_ptr + rows * groups + g).to(tl.float32)
         kk = k0 + offs_w
         xb = x_ptr + m * stride_xm + kk
         x0 = _x_slot(xb, 0, kk, K, SPAN, EVEN_K)
@@ -187,7 +204,7 @@ def gemv(x: torch.Tensor, packed: dict, out: torch.Tensor | None = None, config:
         M, N, K, k_padded, x2.stride(0), y.stride(0), per_split, kw, per_split // 8, 0x00780000, 0x00078000,
         GROUP=group, SPAN=span, BLOCK_N=cfg["block_n"], SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits),
         STAGES=cfg["num_stages"],
-        EVEN_K=K == k_padded, VEC=cfg.get("vec", 4), num_warps=cfg["num_warps"],
+        EVEN_K=K == k_padded, VEC=cfg.get("vec", 4), PREFETCH=cfg.get("prefetch", False), num_warps=cfg["num_warps"],
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return y.view(*lead, N)
 
