@@ -10,6 +10,9 @@
 #                tpstep (2 GPUs, a TP=2 model): the fused all-reduce + norm read vs pushed
 #                (scripts/bench_allreduce_norm.py), the GEMVs at tp=2 shapes (tune_gemv.py 1 --tp 2) and
 #                the bs1 step profiled with LMDEPOT_ALLREDUCE=fused and =push
+#                w4step: the int4 GEMV tuned on this model's decode linears (tune_w4a16.py 1 --only kmajor),
+#                then the int4 bs1 step profiled with the defaults and with the tuned configs
+#                dquant: decode attention over the int8/int4 cache, every config of the sweep, twice
 #   SHAPE        random-weight model shape (lmdepot bench model --help) [llama2-7b]
 #   LAYERS       depth cut, or "all" for the full model [8]
 #   TP           tensor-parallel ranks of the built workspaces (needs that many GPUs) [1]
@@ -80,6 +83,21 @@ if has tpstep; then
       echo "--- LMDEPOT_ALLREDUCE=$mode"
       LMDEPOT_ALLREDUCE=$mode timeout "$t" python scripts/profile_decode.py "$m/fp16" --batch 1 --tp "$tp"
     done; } 2>&1 | grep -v "^\[lmdepot\]\|USDT" | tee "$out/tp_step.txt"
+fi
+if has w4step; then
+  step "int4 batch-1 step"
+  tuned="$out/tune_w4a16.json"
+  { timeout "$t" python scripts/tune_w4a16.py 1 --only kmajor --shape "$shape" --tp "$tp" --json "$tuned" \
+      2>&1 | grep -v "MISMATCH\|skip"
+    timeout "$t" python scripts/profile_decode.py "$m/int4" --batch 1
+    [ -s "$tuned" ] && timeout "$t" python scripts/profile_decode.py "$m/int4" --batch 1 --w4a16-tuned "$tuned"
+  } 2>&1 | grep -v "^\[lmdepot\]\|USDT" | tee "$out/w4_step.txt"
+fi
+if has dquant; then
+  step "decode attention over the quantized cache, swept twice"
+  for i in 1 2; do
+    timeout "$t" python scripts/bench_decode_quant.py --cases 128x3000 --sweep 128x3000
+  done 2>&1 | tee "$out/bench_decode_quant.txt"
 fi
 if has generation; then
   step generation

@@ -1,6 +1,7 @@
 """Where a decode step's time goes: GPU kernel time per step by kernel, against the step's wall time.
 
     python scripts/profile_decode.py WORKSPACE [--batch 1,16] [--steps 20] [--eager] [--sync] [--tp 2]
+        [--w4a16-tuned tune.json]
 
 Runs `batch` sequences (prompt 128 tokens unless --prompt) into steady decode, then records `steps` decode steps
 with torch.profiler (CUDA activity; kernels inside CUDA graph replays are recorded too) and prints,
@@ -13,6 +14,7 @@ read back, so the host work hides behind the GPU); --sync turns that off to comp
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -71,7 +73,13 @@ def main():
     ap.add_argument("--kv", default=None, help="quant_policy of the KV cache: 8 or 4 (default fp16)")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: the workspace's); "
                     "the profile is rank 0's")
+    ap.add_argument("--w4a16-tuned", help="JSON of tune_w4a16.py --json: int4 GEMV configs to run with (one rank)")
     args = ap.parse_args()
+    if args.w4a16_tuned:
+        from lmdepot.runtime.kernels import w4a16_gemv
+
+        with open(args.w4a16_tuned) as f:
+            w4a16_gemv.TUNED.update({(e["K"], e["N"]): e["config"] for e in json.load(f)})
     batches = [int(x) for x in args.batch.split(",")]
     kw = ({"quant_policy": int(args.kv)} if args.kv else {}) | ({"tp": args.tp} if args.tp else {})
     llm = LLM(args.workspace, eager=args.eager, async_steps=not args.sync, verify=False,

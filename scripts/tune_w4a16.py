@@ -1,7 +1,8 @@
 """Sweep W4A16 launch configs on the GPU and print the best per (shape, M) next to the heuristic's.
 
-python scripts/tune_w4a16.py [M ...] [--only plain|kmajor|kmajor_gemm] [--shape llama2-7b] [--tp N]
-(device run; prints a table and, for one row, the kmajor bests as w4a16_gemv.TUNED entries to paste)
+python scripts/tune_w4a16.py [M ...] [--only plain|kmajor|kmajor_gemm] [--shape llama2-7b] [--tp N] [--json F]
+(device run; prints a table and, for one row, the kmajor bests as w4a16_gemv.TUNED entries to paste, or
+to F for `profile_decode.py --w4a16-tuned F` in the same call)
 
 The shapes are one rank's int4 linears of `--shape` at `--tp` (bench/shapes.linear_shapes: qkv, o,
 gate/up, down; lm_head stays fp16), the launches a decode step makes.
@@ -18,6 +19,7 @@ gives the roofline % of the int4 bytes (weights, scales, zeros).
 
 import argparse
 import itertools
+import json
 
 import torch
 from triton.testing import do_bench_cudagraph
@@ -105,6 +107,7 @@ def main():
     parser.add_argument("--only", choices=["plain", "kmajor", "kmajor_gemm"])
     parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES), help="the model whose linears to tune")
     parser.add_argument("--tp", type=int, default=1, help="one rank's shapes at this tensor-parallel degree")
+    parser.add_argument("--json", help="write the kmajor M=1 bests here, for profile_decode.py --w4a16-tuned")
     args = parser.parse_args()
     bw = copy_bandwidth("cuda")
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -126,6 +129,10 @@ def main():
                 print(f"{K}x{N} M={M} {name}: heuristic {head}, best {us:.1f} us ({pct(us)}) {cfg}", flush=True)
                 if name == "kmajor" and M == 1:
                     tuned[K, N] = (us, cfg)
+                    if args.json:   # after every shape: a run cut short by its time limit keeps what it found
+                        with open(args.json, "w") as f:
+                            json.dump([{"K": K, "N": N, "us": us, "config": cfg}
+                                       for (K, N), (us, cfg) in tuned.items()], f)
     if tuned:
         print("w4a16_gemv.TUNED entries (M = 1, group 128):")
         for (K, N), (us, cfg) in tuned.items():
