@@ -23,16 +23,16 @@ from lmdepot.runtime.ops.kv_quant import store_kv_quant
 PAGE, D, DT = 64, 128, torch.float16
 SCHEMES = ((8, "plain"), (4, "rotate"), (4, "channel"))
 # each merged over default_config; maxnreg caps registers a thread for more programs an SM
-CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st} for sub, w, st in ((32, 4, 3), (64, 4, 2), (64, 4, 3))] + \
+CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st} for sub, w, st in ((32, 4, 3), (64, 4, 2), (64, 4, 3),
+                                                                           (64, 4, 5), (64, 4, 6))] + \
     [{"sub": 64, "num_warps": 4, "num_stages": 3, "maxnreg": r} for r in (128, 168)] + \
     [{"sub": 64, "num_warps": 4, "num_stages": st, "asm": a} for st in (2, 3) for a in (False, True)]
-# one q head per kv head: the CUDA-core path and the tensor-core one. At 2 stages the sm_90 loop (Triton 3.9) waits for
-# its own tile's copies at the top and issues the next tile's at the bottom (no copy in flight while a
-# program computes); 3 stages keep one in flight, and a 144-168 register cap keeps 3 programs an SM
+# one q head per kv head: the CUDA-core path and the tensor-core one. Below 5 stages the sm_90 loop waits
+# for every copy it issued (default_config); a 144-168 register cap keeps 3 programs an SM
 VECTOR_CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st, "vector": True} for sub, w, st in
                   ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 2, 3), (64, 2, 2))] + \
     [{"sub": 64, "num_warps": 4, "num_stages": st, "vector": True, "maxnreg": r}
-     for st, r in ((2, 168), (3, 168), (3, 144))] + \
+     for st, r in ((2, 168), (3, 168), (3, 144), (5, 168), (6, 168))] + \
     [{"sub": 64, "num_warps": 4, "num_stages": st, "vector": False} for st in (2, 3)] + \
     [{"sub": 64, "num_warps": 4, "num_stages": 2, "vector": False, "maxnreg": r} for r in (128, 168)] + \
     [{"sub": 64, "num_warps": 4, "num_stages": 2, "vector": False, "asm": False}]

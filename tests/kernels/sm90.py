@@ -27,8 +27,8 @@ def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisib
     as a launch with aligned tensors (and such values) is; `maxnreg` caps the registers a thread as the
     launch option of that name does.
     Also returns `loop_sass`: the SASS instructions of the kernel's largest loop body (the span of its
-    longest backward branch) `loop_mix`: their count by opcode, for instructions-per-element budgets, and `loop_vec16`: whether
-    that loop has 16-byte global loads (LDG.128 or cp.async LDGSTS.128)."""
+    longest backward branch) `loop_mix`: their count by opcode, for instructions-per-element budgets, `loop_vec16`: whether
+    that loop has 16-byte global loads (LDG.128 or cp.async LDGSTS.128), and `loop_waits` (loop_waits)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -49,10 +49,26 @@ def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisib
                               text=True, check=True).stdout
     ptx = kernel.asm["ptx"]
     body = loop_body(sass)
+    waits = loop_waits(kernel.asm["ttgir"])
     return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
             "mma": "mma" in ptx, "cp_async": "cp.async" in ptx, "loop_sass": len(body),
             "loop_vec16": any(op.startswith("LDG") and ".128" in op for op in body),
-            "loop_mix": dict(Counter(op.split(".")[0] for op in body).most_common())}
+            "loop_mix": dict(Counter(op.split(".")[0] for op in body).most_common()), "loop_waits": waits}
+
+
+def loop_waits(ttgir: str) -> list[int]:
+    """The `num` of each cp.async wait inside the kernel's loops (TTGIR): how many of the latest copy
+    groups a wait leaves in flight. 0 inside a loop waits for every copy issued, the next tiles' too, so
+    none is in flight while the loop computes (the pipeline is empty)."""
+    waits, depth = [], 0
+    for line in ttgir.splitlines():
+        if "scf.for" in line:
+            depth += 1
+        elif "scf.yield" in line and depth:
+            depth -= 1
+        elif depth and "ttg.async_wait" in line:
+            waits.append(int(re.search(r"num = (\d+)", line).group(1)))
+    return waits
 
 
 def loop_body(sass: str) -> list[str]:
