@@ -28,7 +28,8 @@ def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisib
     launch option of that name does.
     Also returns `loop_sass`: the SASS instructions of the kernel's largest loop body (the span of its
     longest backward branch) `loop_mix`: their count by opcode, for instructions-per-element budgets, `loop_vec16`: whether
-    that loop has 16-byte global loads (LDG.128 or cp.async LDGSTS.128), and `loop_waits` (loop_waits)."""
+    that loop has 16-byte global loads (LDG.128 or cp.async LDGSTS.128), `loop_waits` (loop_waits) and
+    `smem`, the bytes of shared memory a program takes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -53,7 +54,8 @@ def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisib
     return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
             "mma": "mma" in ptx, "cp_async": "cp.async" in ptx, "loop_sass": len(body),
             "loop_vec16": any(op.startswith("LDG") and ".128" in op for op in body),
-            "loop_mix": dict(Counter(op.split(".")[0] for op in body).most_common()), "loop_waits": waits}
+            "loop_mix": dict(Counter(op.split(".")[0] for op in body).most_common()), "loop_waits": waits,
+            "smem": kernel.metadata.shared}
 
 
 def loop_waits(ttgir: str) -> list[int]:

@@ -185,12 +185,14 @@ def default_config(rows: int, head_dim: int, bits: int) -> dict:
     for prefill and extend, 64 x 64 for mixed batches of short chunks. sm_90 builds (head dim 128,
     int8 / int4 / int4 channel; tests/kernels/test_prefill_attention_quant.py checks no spills):
     128 x 64, 8 warps 230 / 208 / 214 registers; 64 x 64, 4 warps 213 / 222 / 178. Head dim 256:
-    128 x 32, 8 warps (238 / 250 for int8 / channel; 64 x 64 spills 240 bytes)."""
+    128 x 32, 8 warps (238 / 250 for int8 / channel; 64 x 64 spills 240 bytes). Stages: 5, as the
+    decode kernel's default_config says why (below 5 each of the loops waited for every copy it had
+    issued; the sweep's 2 was the best of such drained configs); not yet timed."""
     if head_dim > 128:
-        return dict(block_m=128, block_n=32, num_warps=8, num_stages=2)
+        return dict(block_m=128, block_n=32, num_warps=8, num_stages=5)
     if rows >= 512 and bits == 4:
-        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
-    return dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=5)
+    return dict(block_m=64, block_n=64, num_warps=4, num_stages=5)
 
 
 def prefill_attention_quant(q, cache, block_tables, q_start_loc, context_lens, max_q_len: int,
