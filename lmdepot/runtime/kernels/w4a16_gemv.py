@@ -120,9 +120,9 @@ def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_P
     # 16-byte aligned and loads 4 words a thread at once
     w_ptrs = qt_ptr + rows.to(tl.int64)[:, None] * KW + (pid_k * SPLIT_WORDS + offs_w)[None, :]
     acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    zeros = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
     if PREFETCH:   # the split's first step; an empty split (k_begin >= k_end) loads nothing
         # masks compared as blocks: the interpreter turns a block & a scalar bool into integers
+        zeros = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
         nxt = tl.load(w_ptrs, mask=k_begin + zeros < k_end, other=0, eviction_policy="evict_first")
         nsc = tl.load(s_ptr + rows * groups + k_begin // GROUP, mask=k_begin + rows * 0 < k_end, other=0.0)
         nzc = tl.load(z_ptr + rows * groups + k_begin // GROUP, mask=k_begin + rows * 0 < k_end, other=0.0)
