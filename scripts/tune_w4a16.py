@@ -131,12 +131,11 @@ def main():
                     tuned[K, N] = (us, cfg)
                     if args.json:   # after every shape: a run cut short by its time limit keeps what it found
                         with open(args.json, "w") as f:
-                            json.dump([{"K": K, "N": N, "us": us, "config": cfg}
-                                       for (K, N), (us, cfg) in tuned.items()], f)
+                            json.dump([{"K": k, "N": n, "us": t, "config": c} for (k, n), (t, c) in tuned.items()], f)
     if tuned:
         print("w4a16_gemv.TUNED entries (M = 1, group 128):")
-        for (K, N), (us, cfg) in tuned.items():
-            print(f"         ({K}, {N}): {cfg},   # {us:.1f} us")
+        for (k, n), (t, c) in tuned.items():
+            print(f"         ({k}, {n}): {c},   # {t:.1f} us")
 
 
 if __name__ == "__main__":

@@ -62,14 +62,15 @@ def loop_waits(ttgir: str) -> list[int]:
     """The `num` of each cp.async wait inside the kernel's loops (TTGIR): how many of the latest copy
     groups a wait leaves in flight. 0 inside a loop waits for every copy issued, the next tiles' too, so
     none is in flight while the loop computes (the pipeline is empty)."""
-    waits, depth = [], 0
+    waits, depth, loops = [], 0, []   # loops: the brace depth outside each open scf.for
     for line in ttgir.splitlines():
-        if "scf.for" in line:
-            depth += 1
-        elif "scf.yield" in line and depth:
-            depth -= 1
-        elif depth and "ttg.async_wait" in line:
+        if loops and "ttg.async_wait" in line:
             waits.append(int(re.search(r"num = (\d+)", line).group(1)))
+        if "scf.for" in line:
+            loops.append(depth)
+        depth += line.count("{") - line.count("}")   # regions; an attribute dict opens and closes on its line
+        while loops and depth <= loops[-1]:
+            loops.pop()
     return waits
 
 

@@ -144,9 +144,9 @@ def _sm90_build(bits: int, key_channel: bool, split: bool, groups: int = 4) -> d
 def test_split_kernel_does_not_spill_on_sm90(bits, key_channel, split, groups):
     """Built for an H100/H200 (no GPU needed): the default tiles fit in registers, with the merge
     epilogue too, on tensor cores, and the code loads are pipelined (cp.async, 16 bytes a load): the
-    first version, which dequantized codes in registers before the products, was never pipelined. No
-    wait inside the loop drains the pipeline (at 2-3 stages every one did: default_config), except on
-    the MHA per-channel int4 path, which stays at 2 stages."""
+    first version, which dequantized codes in registers before the products, was never pipelined. In
+    the configs at 5 stages no wait inside the loop drains the pipeline (at 2-3 stages each one's did:
+    default_config)."""
     from tests.kernels.sm90 import run_build
 
     built = run_build(f"from tests.kernels.test_kv_quant_decode_attention import _sm90_build as f; "
@@ -158,6 +158,28 @@ def test_split_kernel_does_not_spill_on_sm90(bits, key_channel, split, groups):
     assert built["stack"] <= spill_ok and built["mma"] and built["cp_async"] and built["loop_vec16"]
     if default_config(bits, key_channel, groups == 1)["num_stages"] >= 5:
         assert built["loop_waits"] and min(built["loop_waits"]) >= 1, built["loop_waits"]
+
+
+def test_loop_waits_counts_the_waits_inside_loops_only():
+    """sm90.loop_waits on TTGIR text: a nested scf.if's yield does not end the loop, attribute braces
+    on one line do not open a region, and waits before or after the loop are not counted."""
+    from tests.kernels.sm90 import loop_waits
+
+    ttgir = """
+    %a = ttg.async_wait %x {num = 0 : i32}
+    %r:2 = scf.for %i = %c0 to %n step %c1 iter_args(%m = %z) -> (f32) {
+      %b = ttg.async_wait %y {num = 4 : i32}
+      %c = scf.if %p -> (f32) {
+        scf.yield %m : f32
+      } else {
+        scf.yield %z : f32
+      }
+      %d = ttg.async_wait %w {num = 0 : i32}
+      scf.yield %c : f32
+    }
+    %e = ttg.async_wait {num = 0 : i32}
+    """
+    assert loop_waits(ttgir) == [4, 0]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")

@@ -336,9 +336,8 @@ def default_config(bits: int, key_channel: bool, mha: bool = False) -> dict:
     (scripts/bench_decode_quant.py --sweep, 128 sequences x 3000 tokens, 32q/32kv and 32q/8kv;
     docs/benchmarks.md, eighth session). Stages: 5 where the registers allow, the least at which
     Triton's pipeliner keeps the next tile's codes in flight through a tile's compute (sm_90 builds,
-    ninth session): at 2-3 stages the int8 and GQA loops wait for every copy they issued (the
-    block-table load that feeds the code addresses takes a stage of its own), which the float kernel
-    at its 3 does not.
+    ninth session): at 2-3 stages the loop waits for every copy it issued (the block-table load that
+    feeds the code addresses takes a stage of its own), which the float kernel at its 3 does not.
     Not yet timed. MHA int4 and per-channel int4 keys keep their measured 2-3 stages: at 5 they spill.
     sm_90 builds (Triton 3.9) of these spill nothing but MHA int4 rotate's 2 warps, a little, and with
     Triton 3.6 MHA int8 without the split epilogue 16 bytes (tests)."""
