@@ -124,15 +124,17 @@ def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, part_ptr, y_ptr, lock_ptr, M, N, K, K_P
         # masks compared as blocks: the interpreter turns a block & a scalar bool into integers
         zeros = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
         nxt = tl.load(w_ptrs, mask=k_begin + zeros < k_end, other=0, eviction_policy="evict_first")
-        nsc = tl.load(s_ptr + rows * groups + k_begin // GROUP, mask=k_begin + rows * 0 < k_end, other=0.0)
-        nzc = tl.load(z_ptr + rows * groups + k_begin // GROUP, mask=k_begin + rows * 0 < k_end, other=0.0)
+        live = k_begin + rows * 0 < k_end
+        nsc = tl.load(s_ptr + rows * groups + k_begin // GROUP, mask=live, other=0.0)
+        nzc = tl.load(z_ptr + rows * groups + k_begin // GROUP, mask=live, other=0.0)
     for k0 in tl.range(k_begin, k_end, SPAN, num_stages=STAGES):
         if PREFETCH:   # this step's words and group params came one step ahead; the next step's go out now
             p, sc, zc = nxt.to(tl.uint32, bitcast=True), nsc.to(tl.float32), nzc.to(tl.float32)
             k1 = k0 + SPAN
             nxt = tl.load(w_ptrs + WORDS, mask=k1 + zeros < k_end, other=0, eviction_policy="evict_first")
-            nsc = tl.load(s_ptr + rows * groups + k1 // GROUP, mask=k1 + rows * 0 < k_end, other=0.0)
-            nzc = tl.load(z_ptr + rows * groups + k1 // GROUP, mask=k1 + rows * 0 < k_end, other=0.0)
+            live = k1 + rows * 0 < k_end
+            nsc = tl.load(s_ptr + rows * groups + k1 // GROUP, mask=live, other=0.0)
+            nzc = tl.load(z_ptr + rows * groups + k1 // GROUP, mask=live, other=0.0)
         else:
             p = tl.load(w_ptrs, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
             g = k0 // GROUP
