@@ -144,20 +144,16 @@ def _sm90_build(bits: int, key_channel: bool, split: bool, groups: int = 4) -> d
 def test_split_kernel_does_not_spill_on_sm90(bits, key_channel, split, groups):
     """Built for an H100/H200 (no GPU needed): the default tiles fit in registers, with the merge
     epilogue too, on tensor cores, and the code loads are pipelined (cp.async, 16 bytes a load): the
-    first version, which dequantized codes in registers before the products, was never pipelined. In
-    the configs at 5 stages no wait inside the loop drains the pipeline (at 2-3 stages each one's did:
-    default_config)."""
+    first version, which dequantized codes in registers before the products, was never pipelined."""
     from tests.kernels.sm90 import run_build
 
     built = run_build(f"from tests.kernels.test_kv_quant_decode_attention import _sm90_build as f; "
                       f"f({bits}, {key_channel}, {split}, {groups})")
     # MHA int4 runs 2 warps of (key, channel) partial sums: 64 KB of them on 64 threads spill some (48
-    # bytes, Triton 3.9); MHA int8 at 5 stages without the split epilogue: 16 bytes with Triton 3.6 (4 local
-    # loads a tile, L1 hits; 3.9: none)
-    spill_ok = {(1, 4, False): 64, (1, 8, False): 0 if split else 16}.get((groups, bits, key_channel), 0)
+    # bytes for rotate, 80 with per-channel keys, Triton 3.9; 208 with 3.6), yet 2 warps time faster than
+    # 4 that do not spill (H200: 1,805 vs 2,360 us per-channel, 1,282 vs 1,578 rotate; tenth session)
+    spill_ok = {(1, 4, False): 64, (1, 4, True): 256}.get((groups, bits, key_channel), 0)
     assert built["stack"] <= spill_ok and built["mma"] and built["cp_async"] and built["loop_vec16"]
-    if default_config(bits, key_channel, groups == 1)["num_stages"] >= 5:
-        assert built["loop_waits"] and min(built["loop_waits"]) >= 1, built["loop_waits"]
 
 
 def test_loop_waits_counts_the_waits_inside_loops_only():

@@ -334,22 +334,20 @@ def default_config(bits: int, key_channel: bool, mha: bool = False) -> dict:
     tile ahead (`prefetch`), byte-permute conversions (`asm`), and for MHA (one q head per kv head) the
     CUDA-core path (`vector`): warps, paths and conversions the fastest on an H200
     (scripts/bench_decode_quant.py --sweep, 128 sequences x 3000 tokens, 32q/32kv and 32q/8kv;
-    docs/benchmarks.md, eighth session). Stages: 5 where the registers allow, the least at which
-    Triton's pipeliner keeps the next tile's codes in flight through a tile's compute (sm_90 builds,
-    ninth session): at 2-3 stages the loop waits for every copy it issued (the block-table load that
-    feeds the code addresses takes a stage of its own), which the float kernel at its 3 does not.
-    Not yet timed. MHA int4 and per-channel int4 keys keep their measured 2-3 stages: at 5 they spill.
-    sm_90 builds (Triton 3.9) of these spill nothing but MHA int4 rotate's 2 warps, a little, and with
-    Triton 3.6 MHA int8 without the split epilogue 16 bytes (tests)."""
-    if mha and bits == 8:   # CUDA cores, 168 registers (3 programs an SM): 1202 us at 2 stages; 206 registers:
-        # 1470-1489, 3 stages 2073; tensor cores 1417-1615 (two sweeps)
-        return {"sub": 64, "num_warps": 4, "num_stages": 5, "prefetch": False, "vector": True, "maxnreg": 168}
-    if mha:   # int4 rotate 1280-1287 us with 2 warps (4 warps: 1583-2187); per-channel keys 2395-2407 (4 warps)
-        return {"sub": 64, "num_warps": 4 if key_channel else 2, "num_stages": 2 if key_channel else 3,
+    docs/benchmarks.md, eighth and tenth sessions). Stages: 5 (the ninth session's change, which keeps
+    the next tile's codes in flight through a tile's compute in sm_90 builds) lost on the H200 in every
+    case (MHA int8 1723 vs 1450 us at 2; GQA int4 510 vs 444): these loops are bound by instruction
+    issue, and more stages only cost shared memory and programs an SM."""
+    if mha and bits == 8:   # CUDA cores, 2 stages: 1202-1451 us (168 registers, two sweeps), 3 stages 1704-2073,
+        # 5-6 stages 1723; tensor cores 1417-1615
+        return {"sub": 64, "num_warps": 4, "num_stages": 2, "prefetch": False, "vector": True, "maxnreg": 168}
+    if mha:   # 2 warps: int4 rotate 1280-1287 us at 3 stages (4 warps: 1583-2187); per-channel keys 1805-1810
+        # at 2 stages (4 warps 2360-2415, 5 stages 2752)
+        return {"sub": 64, "num_warps": 2, "num_stages": 3 if not key_channel else 2,
                 "prefetch": key_channel, "vector": True}
-    # GQA: int8 343-349 us at 3 stages (2: 353); int4 the bitwise conversions (444-446 vs 472-475, 735-738
-    # vs 794-800 us)
-    return {"sub": 64, "num_warps": 4, "num_stages": 2 if key_channel else 5, "prefetch": True, "vector": False,
+    # GQA: int8 335-349 us at 3-6 stages (2: 353); int4 at 2 stages (5: 510 vs 444) with the bitwise
+    # conversions (444-446 vs 472-475, 735-738 vs 794-800 us)
+    return {"sub": 64, "num_warps": 4, "num_stages": 3 if bits == 8 else 2, "prefetch": True, "vector": False,
             "asm": bits == 8}
 
 
