@@ -179,19 +179,18 @@ def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_p
 
 
 def default_config(rows: int, head_dim: int, bits: int) -> dict:
-    """Tiles for an H100/H200-class GPU; rows = longest q_len x GQA group. Timed on an H200
-    (scripts/bench_prefill_quant.py --sweep, docs/benchmarks.md): int8 is fastest with 64 x 64 tiles,
-    4 warps, 2 stages in every case (prefill 1 x 4096, extend, mixed); int4 with 128 x 64, 8 warps
-    for prefill and extend, 64 x 64 for mixed batches of short chunks. sm_90 builds (head dim 128,
-    int8 / int4 / int4 channel; tests/kernels/test_prefill_attention_quant.py checks no spills):
-    128 x 64, 8 warps 230 / 208 / 214 registers; 64 x 64, 4 warps 213 / 222 / 178. Head dim 256:
-    128 x 32, 8 warps (238 / 250 for int8 / channel; 64 x 64 spills 240 bytes). Stages: 5, as the
-    decode kernel's default_config says why (below 5 each of the loops waited for every copy it had
-    issued; the sweep's 2 was the best of such drained configs); not yet timed."""
+    """Tiles for an H100/H200-class GPU (rows = longest q_len x GQA group, and bits, no longer decide):
+    64 x 64, 4 warps, 5 stages. Timed on an H200 (scripts/bench_prefill_quant.py --sweep, tenth
+    session, docs/benchmarks.md): the fastest or within 4% of it for int8 and int4 in prefill 1 x 4096,
+    extend and mixed batches; 128 x 64 tiles (8 warps), the earlier int4 choice for rows >= 512, win
+    prefill and extend by 0.5-4% and lose a mixed batch (4 chunks of 512 and 64 decodes, what a
+    serving step looks like) by 20-25%. 5 stages: below 5 each of the loops waited for every copy it
+    had issued; 1-7% faster than 2. sm_90 builds (head dim 128, int8 / int4 / int4 channel;
+    tests/kernels/test_prefill_attention_quant.py checks no spills): 64 x 64, 4 warps 213 / 222 / 178
+    registers. Head dim 256: 128 x 32, 8 warps (238 / 250 for int8 / channel; 64 x 64 spills 240
+    bytes)."""
     if head_dim > 128:
         return dict(block_m=128, block_n=32, num_warps=8, num_stages=5)
-    if rows >= 512 and bits == 4:
-        return dict(block_m=128, block_n=64, num_warps=8, num_stages=5)
     return dict(block_m=64, block_n=64, num_warps=4, num_stages=5)
 
 

@@ -22,9 +22,10 @@ The x side (8 conversions and 9 adds per word and step) is shared by the rows of
 sm_90 build (tests/kernels/test_w4a16_gemv.py, Triton 3.9): ~3.6 SASS instructions a weight in the
 K loop at the default launch (one stage, 128 registers; the workspace-layout kernel: 6.2), no spills.
 
-`prefetch` (tuning; off until timed): each step loads the next step's words and group params, so a warp has a
-tile in flight while it decodes (sm_90: ptxas issues them mid-step; 3.8 SASS a weight, 128 registers): the
-kernel was found latency-bound with few warps resident (docs/benchmarks.md).
+`prefetch`: each step loads the next step's words and group params, so a warp has a tile in flight
+while it decodes (sm_90: ptxas issues them mid-step; 3.8 SASS a weight, 128 registers): the kernel was
+found latency-bound with few warps resident. The tuning chose it, with 2 stages, for Llama-2-7B's
+widest linears (qkv 4096 x 12288, gate/up 4096 x 22016; TUNED).
 
 Split-K partial sums meet in the kernel as in w4a16.py (per-tile semaphore, last split adds them).
 """
@@ -215,9 +216,15 @@ SMS = 132   # H100 / H200
 
 
 # (K, N) -> the best config of `scripts/tune_w4a16.py 1 --only kmajor` at M = 1, group 128, fp16, on an
-# H200 (2026-11-21, docs/benchmarks.md): 12.4 us (46% of copy bandwidth) and 13.2 us (43%).
+# H200 (docs/benchmarks.md): the issue's GEMV and the down projection (2026-11-21: 12.4 us, 46% of copy
+# bandwidth; 13.2 us, 43%), Llama-2-7B's fused qkv, o and gate/up projections (2026-11-22, `--shape
+# llama2-7b`; the heuristic's launch 15.4, 7.1 and 21.9 us).
 TUNED = {(4096, 11008): {"block_n": 32, "num_warps": 1, "num_stages": 1, "split_k": 7, "vec": 4, "maxnreg": 128},
-         (11008, 4096): {"block_n": 16, "num_warps": 1, "num_stages": 1, "split_k": 8, "vec": 4, "maxnreg": 128}}
+         (11008, 4096): {"block_n": 16, "num_warps": 1, "num_stages": 1, "split_k": 8, "vec": 4, "maxnreg": 128},
+         (4096, 12288): {"block_n": 32, "num_warps": 1, "num_stages": 2, "split_k": 4, "vec": 4, "prefetch": True},  # 13.1
+         (4096, 4096): {"block_n": 32, "num_warps": 1, "num_stages": 1, "split_k": 24, "vec": 4},  # 6.9 us
+         (4096, 22016): {"block_n": 32, "num_warps": 1, "num_stages": 2, "split_k": 3, "vec": 4, "maxnreg": 128,
+                         "prefetch": True}}   # 21.3 us
 
 
 def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
@@ -225,8 +232,8 @@ def heuristic_config(M: int, N: int, K: int, group: int) -> dict:
     this function's earlier default (a 3-stage cp.async pipeline capped at 104 registers): one-warp
     programs of 32 rows (16 when K > N, as for the down projection), 4 words a thread per step, no
     pipeline, 128 registers (16 programs resident a SM), and K split until the programs about fill
-    that one wave (the TUNED splits: 2,408 and 2,048 programs for 2,112 resident). Not yet timed on the
-    other shapes (qkv, o, gate/up; `scripts/tune_w4a16.py 1 --only kmajor` tunes a model's linears)."""
+    that one wave (the TUNED splits: 2,408 and 2,048 programs for 2,112 resident). Timed against the
+    tuned best on Llama-2-7B's linears: 1-18% slower (`scripts/tune_w4a16.py 1 --only kmajor --shape`)."""
     if M == 1 and group == 128 and (K, N) in TUNED:
         return dict(TUNED[K, N])
     maxnreg = 128
