@@ -285,3 +285,40 @@ def test_generation_hf_peer(hf):
     assert row["hf"]["decode_tok_s"] > 0 and row["hf"]["ttft_ms"] > 0
     assert row["engine_vs_hf"] == pytest.approx(row["decode_tok_s"] / row["hf"]["decode_tok_s"])
     assert "x" in text.splitlines()[-1]     # the vs HF column is filled
+
+
+def test_record_builds_counts_triton_builds_and_restores_the_hooks():
+    """record_builds hooks Triton's JIT (called as Triton calls it: keywords, before and after each
+    build), chains hooks that were set, restores them, and the throughput report names the builds."""
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from lmdepot.bench import throughput
+    from lmdepot.bench.builds import record_builds, summary
+
+    seen = []
+    knobs.runtime.jit_cache_hook = lambda **kw: seen.append(("before", kw["key"]))
+    knobs.runtime.jit_post_compile_hook = lambda **kw: seen.append(("after", kw["key"]))
+    try:
+        prior = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
+        with record_builds() as builds:
+            for name in ("_kernel", "_split_kernel", "_kernel"):
+                fn = SimpleNamespace(name=name)
+                assert not knobs.runtime.jit_cache_hook(key=name, fn=fn, repr=name)   # a true value skips the build
+                knobs.runtime.jit_post_compile_hook(key=name, fn=fn, repr=name)
+        assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == prior
+    finally:
+        knobs.runtime.jit_cache_hook = knobs.runtime.jit_post_compile_hook = None
+    assert [n for n, _ in builds] == ["_kernel", "_split_kernel", "_kernel"] and all(s >= 0 for _, s in builds)
+    assert seen == [("before", "_kernel"), ("after", "_kernel"), ("before", "_split_kernel"),
+                    ("after", "_split_kernel"), ("before", "_kernel"), ("after", "_kernel")]
+    s = summary(builds)
+    assert (s["count"], s["kernels"]) == (3, {"_kernel": 2, "_split_kernel": 1})
+    engine = {"output_tok_s": 1.0, "req_s": 1.0, "elapsed_s": 1.0, "ttft_ms": {"p50": 1.0}, "itl_ms": {"p50": 1.0},
+              "triton_builds": s}
+    meta = {"model": "m", "layers": 1, "requests": 1, "prompt_tokens": 1, "expected_output_tokens": 1,
+            "quant_policy": 0, "kv_cache_tokens": 1, "max_num_batched_tokens": 1, "device": "cpu", "date": "d",
+            "torch": "t", "triton": "t", "transformers": "t", "copy_bandwidth_GBps": 1.0}
+    text = throughput.render({"meta": meta, "engine": engine})
+    assert "includes 3 Triton kernel builds" in text and "_kernel x2, _split_kernel x1" in text

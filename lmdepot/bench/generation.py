@@ -65,7 +65,7 @@ def point(llm, device: str, bw: float, concurrency: int, prompt_len: int, output
             "completed": s["completed"], "output_tokens": s["output_tokens"],
             "first_token_ms": s["ttft_ms"], "per_token_ms": s["itl_ms"], "output_tok_s": s["output_tok_s"],
             "decode_tok_s": decode_tok_s, "roofline_tok_s": roof, "roofline_pct": 100 * decode_tok_s / roof,
-            "peak_memory_GB": peak_memory(device) / 1e9}
+            "peak_memory_GB": peak_memory(device) / 1e9, "triton_builds": s["triton_builds"]}
 
 
 def run(model: str | None = None, shape: str | None = "llama2-7b", layers: int | None = None,

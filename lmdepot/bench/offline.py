@@ -25,8 +25,11 @@ class Timing:
     token_times: list[list[float]] = field(default_factory=list)
     token_counts: list[int] = field(default_factory=list)
     elapsed: float = 0.0
+    builds: list = field(default_factory=list)   # (kernel, seconds) of Triton builds inside the timed run
 
     def summary(self) -> dict:
+        from lmdepot.bench.builds import summary
+
         n_out = sum(self.token_counts)
         firsts = [t[0] for t in self.token_times if t]
         itl = [b - a for t in self.token_times for a, b in zip(t, t[1:])]
@@ -34,7 +37,7 @@ class Timing:
                 "output_tokens": n_out, "elapsed_s": self.elapsed,
                 "output_tok_s": n_out / self.elapsed if self.elapsed else 0.0,
                 "req_s": len(self.token_counts) / self.elapsed if self.elapsed else 0.0,
-                "ttft_ms": percentiles(firsts), "itl_ms": percentiles(itl)}
+                "ttft_ms": percentiles(firsts), "itl_ms": percentiles(itl), "triton_builds": summary(self.builds)}
 
 
 def open_llm(ws: Path, device: str, max_batch_size: int, session_len: int | None = None, quant_policy: int = 0,
@@ -53,21 +56,24 @@ def run_offline(llm, requests: list[Request], device: str) -> Timing:
     """Submit every request at once (continuous batching admits what fits) and step until all finish."""
     from lmdepot.runtime.sequence import SamplingParams
 
+    from lmdepot.bench.builds import record_builds
+
     sync(device)
-    start = time.perf_counter()
-    seqs = [llm.engine.add_request(list(r.prompt_ids),
-                                   SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True))
-            for r in requests]
-    index = {s.id: i for i, s in enumerate(seqs)}
-    times: list[list[float]] = [[] for _ in requests]
-    while llm.engine.has_unfinished():
-        outs = llm.engine.step()
-        now = time.perf_counter() - start  # tokens reach the host inside step(): no extra sync needed
-        for out in outs:
-            if out.token_id is not None and out.seq_id in index:
-                times[index[out.seq_id]].append(now)
-    elapsed = time.perf_counter() - start
-    return Timing(times, [len(s.output_ids) for s in seqs], elapsed)
+    with record_builds() as builds:
+        start = time.perf_counter()
+        seqs = [llm.engine.add_request(list(r.prompt_ids),
+                                       SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True))
+                for r in requests]
+        index = {s.id: i for i, s in enumerate(seqs)}
+        times: list[list[float]] = [[] for _ in requests]
+        while llm.engine.has_unfinished():
+            outs = llm.engine.step()
+            now = time.perf_counter() - start  # tokens reach the host inside step(): no extra sync needed
+            for out in outs:
+                if out.token_id is not None and out.seq_id in index:
+                    times[index[out.seq_id]].append(now)
+        elapsed = time.perf_counter() - start
+    return Timing(times, [len(s.output_ids) for s in seqs], elapsed, builds)
 
 
 def warmup(llm, vocab: int, requests: list[Request] = ()) -> None:

@@ -143,6 +143,10 @@ def render(result: dict) -> str:
         f"{'':10} {'out tok/s':>10} {'req/s':>8} {'elapsed s':>10} {'TTFT p50 ms':>12} {'ITL p50 ms':>11}",
         f"{'lmdepot':10} {e['output_tok_s']:10.1f} {e['req_s']:8.2f} {e['elapsed_s']:10.2f}"
         f" {e['ttft_ms']['p50']:12.1f} {e['itl_ms']['p50']:11.2f}"]
+    builds = e.get("triton_builds") or {}
+    if builds.get("count"):   # compilation inside the timed run: a fresh machine's numbers
+        kernels = ", ".join(f"{k} x{n}" for k, n in builds["kernels"].items())
+        lines.append(f"{'':10} (includes {builds['count']} Triton kernel builds, {builds['seconds']:.1f} s: {kernels})")
     hf = result.get("hf")
     if hf and "error" in hf:
         lines.append(f"{'HF':10} unavailable: {hf['error']}")

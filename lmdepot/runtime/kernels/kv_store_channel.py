@@ -60,7 +60,7 @@ def _channel_half(k_ptr, c_ptr, ks_ptr, kmin_ptr, sink_ptr, p, blk, kvh, q_row, 
     return tl.where(rng[:, None], q, 0.0).to(tl.uint8)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])   # a step's table width: one build (paged_decode_attention.STEP_INTS)
 def _store_kernel(k_ptr, c_ptr, ks_ptr, kmin_ptr, sink_ptr, bt_ptr, lens_ptr, qloc_ptr,
                   stride_kt, stride_kh, c_b, c_s, c_h, p_b, p_h, stride_bt,
                   D: tl.constexpr, PAGE: tl.constexpr, BITS: tl.constexpr, FLOOR: tl.constexpr):

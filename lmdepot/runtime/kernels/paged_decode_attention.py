@@ -87,7 +87,15 @@ def finish_split(acc, m, l, o_ptr, lse_ptr, out_ptr, sem_ptr, b, kvh, split, seq
                 tl.atomic_xchg(sem, 0)
 
 
-@triton.jit
+# Arguments that change from step to step (a block table's width, the split plan, the slices of a
+# mixed step's tables): one build for all their values. Triton builds a kernel once per class of
+# launch (each integer 1, divisible by 16 or neither; each pointer 16-byte aligned or not), seconds
+# each, paid in the middle of serving; these are only scalar loads' addresses and loop bounds.
+# tests/kernels/test_launch_keys.py counts the builds.
+STEP_INTS, STEP_POINTERS = ["stride_bt", "NUM_SPLITS", "PAGES_PER_SPLIT"], ["bt_ptr", "lens_ptr"]
+
+
+@triton.jit(do_not_specialize=STEP_INTS, do_not_specialize_on_alignment=STEP_POINTERS)
 def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, sem_ptr, sm_scale,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                   stride_bt, stride_ob, stride_oh, NUM_SPLITS, PAGES_PER_SPLIT, Hq, Hkv,

@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from lmdepot.runtime.kernels.kv_quant_tile import INTERPRETED, channels, codes_f16, codes_f32, nibbles, param_operands
-from lmdepot.runtime.kernels.paged_decode_attention import finish_split, split_buffers, split_plan
+from lmdepot.runtime.kernels.paged_decode_attention import (STEP_INTS, STEP_POINTERS, finish_split, split_buffers,
+                                                             split_plan)
 
 # LMDEPOT_KVQ_VECTOR=0 sends MHA models to the tensor-core path too (A/B runs); read once
 VECTOR_MHA = os.environ.get("LMDEPOT_KVQ_VECTOR", "1") != "0"
@@ -282,7 +283,7 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
         return acc, m, l
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_INTS, do_not_specialize_on_alignment=STEP_POINTERS)
 def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr,
                   bt_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, sem_ptr, sm_scale,
                   stride_qb, stride_qh, c_b, p_b, ch_b, ch_h,

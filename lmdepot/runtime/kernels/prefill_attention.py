@@ -77,7 +77,11 @@ def _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, k_ptr, v_
     return acc, m_new, l_i
 
 
-@triton.jit
+# per-step arguments built once for all their values, as paged_decode_attention.STEP_INTS says why
+STEP_INTS, STEP_POINTERS = ["stride_bt"], ["bt_ptr", "qsl_ptr", "lens_ptr"]
+
+
+@triton.jit(do_not_specialize=STEP_INTS, do_not_specialize_on_alignment=STEP_POINTERS)
 def _kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, lens_ptr, qk_scale, window,
             stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
             stride_vb, stride_vs, stride_vh, stride_bt,

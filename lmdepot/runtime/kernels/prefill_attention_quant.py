@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from lmdepot.runtime.kernels.kv_quant_tile import channels, codes_f16, nibbles, param_operands
-from lmdepot.runtime.kernels.prefill_attention import LOG2E, NO_WINDOW
+from lmdepot.runtime.kernels.prefill_attention import LOG2E, NO_WINDOW, STEP_INTS, STEP_POINTERS
 
 
 def reference(q, cache, block_tables, q_start_loc, context_lens, sm_scale, sliding_window=0):
@@ -125,7 +125,7 @@ def _tile(acc, m_i, l_i, q, start, qpos, hi, window, seq, kvh, bt_ptr, kc_ptr, v
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_INTS, do_not_specialize_on_alignment=STEP_POINTERS)
 def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr,
             bt_ptr, qsl_ptr, lens_ptr, qk_scale, window,
             stride_qt, stride_qh, stride_ot, stride_oh, c_b, p_b, ch_b, ch_h, stride_bt,
