@@ -24,7 +24,7 @@ def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisib
           maxnreg: int | None = None) -> dict:
     """fn: a @triton.jit kernel; const: its constexprs; types: signature types by arg name (others i32).
     Pointers, stride_* args and the integer args named in `divisible` are specialized as 16-divisible,
-    as a launch with aligned tensors (and such values) is; `maxnreg` caps the registers a thread as the
+    as a launch with aligned tensors (and such values) is, except those the kernel exempts from it; `maxnreg` caps the registers a thread as the
     launch option of that name does.
     Also returns `loop_sass`: the SASS instructions of the kernel's largest loop body (the span of its
     longest backward branch) `loop_mix`: their count by opcode, for instructions-per-element budgets, `loop_vec16`: whether
@@ -36,7 +36,10 @@ def build(fn, const: dict, types: dict, num_warps: int, num_stages: int, divisib
 
     names = fn.arg_names
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-    aligned = [n for n in names if n not in const and (n.endswith("_ptr") or n.startswith("stride_") or n in divisible)]
+    # as a launch specializes them: not the args the kernel exempts (do_not_specialize[_on_alignment])
+    exempt = {p.name for p in fn.params if p.do_not_specialize or p.do_not_specialize_on_alignment}
+    aligned = [n for n in names if n not in const and n not in exempt
+               and (n.endswith("_ptr") or n.startswith("stride_") or n in divisible)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages}
