@@ -97,3 +97,18 @@ def mixed_quant() -> None:
                      lambda q, bt, qsl, lens, out, m, c: prefill_attention_quant(q, c, bt, qsl, lens, m, out=out),
                      cache, store=None if scheme != "channel" else lambda k, ctx, c: store_keys_channel(
                          k, c, ctx.block_tables, ctx.context_lens, ctx.q_start_loc, ctx.max_q_len))
+
+
+def int4_rows() -> None:
+    """An int4 linear (K 256, N 512, group 128) at every row count a prefill chunk or a batch of
+    decodes gives it below the dequantize path (1-127 rows: the GEMV up to 4, then the GEMM)."""
+    import torch
+
+    from lmdepot.runtime.kernels import w4a16_gemv
+    from lmdepot.runtime.ops.triton_ops import linear_int4_packed
+
+    K, N = 256, 512
+    packed = w4a16_gemv.repack(torch.zeros(K // 8, N, dtype=torch.int32), torch.ones(K // 128, N, dtype=torch.float16),
+                               torch.zeros(K // 128, N, dtype=torch.float16))
+    for M in range(1, 128):
+        linear_int4_packed(torch.zeros(M, K, dtype=torch.float16), packed)

@@ -19,3 +19,9 @@ def test_mixed_steps_over_a_quantized_cache_build_each_kernel_once_per_scheme():
     assert run_scenario("mixed_quant") == {"kv_store_channel._store_kernel": 1,
                                            "paged_decode_attention_quant._split_kernel": 4,
                                            "prefill_attention_quant._kernel": 2}
+
+
+def test_int4_linear_builds_once_per_tile_height():
+    """An int4 linear at 1-127 rows: the GEMV twice (one row, or 2-4), the GEMM once per tile height
+    of its heuristic (16, 32, 64 rows), not again for row counts divisible by 16 (before: 6 builds)."""
+    assert run_scenario("int4_rows") == {"w4a16_gemm._kernel": 3, "w4a16_gemv._kernel": 2}

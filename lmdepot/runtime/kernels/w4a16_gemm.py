@@ -74,7 +74,7 @@ def _dot(q, x, acc, IEEE: tl.constexpr):
     return tl.dot(q, tl.trans(x), acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])   # a step's row count: one build for all (paged_decode_attention.STEP_INTS)
 def _kernel(x_ptr, qt_ptr, s_ptr, z_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, K_PADDED, KW, GROUPS, stride_xm,
             stride_ym, K_PER_SPLIT, SPLIT_WORDS, MASK, GROUP: tl.constexpr, SPAN: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
