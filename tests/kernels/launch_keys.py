@@ -112,3 +112,16 @@ def int4_rows() -> None:
                                torch.zeros(K // 128, N, dtype=torch.float16))
     for M in range(1, 128):
         linear_int4_packed(torch.zeros(M, K, dtype=torch.float16), packed)
+
+
+def int8_rows() -> None:
+    """A W8A8 linear (K 256, N 512) at 1-300 rows."""
+    import torch
+
+    from lmdepot.runtime.kernels.w8a8 import w8a8_linear
+
+    K, N = 256, 512
+    w, ws = torch.zeros(N, K, dtype=torch.int8), torch.ones(N, dtype=torch.float32)
+    for M in range(1, 300):
+        w8a8_linear(torch.zeros(M, K, dtype=torch.int8), torch.ones(M, 1, dtype=torch.float32), w, ws, None,
+                    out_dtype=torch.float16)

@@ -25,3 +25,9 @@ def test_int4_linear_builds_once_per_tile_height():
     """An int4 linear at 1-127 rows: the GEMV twice (one row, or 2-4), the GEMM once per tile height
     of its heuristic (16, 32, 64 rows), not again for row counts divisible by 16 (before: 6 builds)."""
     assert run_scenario("int4_rows") == {"w4a16_gemm._kernel": 3, "w4a16_gemv._kernel": 2}
+
+
+def test_w8a8_linear_builds_once_per_tile_config():
+    """A W8A8 linear at 1-299 rows: one build per config its heuristic picks (5 here), not again for
+    row counts equal to 1 or divisible by 16 (before: 11 builds)."""
+    assert run_scenario("int8_rows") == {"w8a8._kernel": 5}

@@ -24,7 +24,7 @@ from lmdepot.runtime.kernels.scratch import k_split, scratch, semaphores, split_
 from lmdepot.runtime.ops.reference import linear_w8a8 as reference  # noqa: F401 (the semantics)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])   # a step's row count: one build for all (paged_decode_attention.STEP_INTS)
 def _kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, M, N, K, K_PER_SPLIT,
             stride_am, stride_bn, stride_cm, HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
