@@ -322,3 +322,11 @@ def test_record_builds_counts_triton_builds_and_restores_the_hooks():
             "torch": "t", "triton": "t", "transformers": "t", "copy_bandwidth_GBps": 1.0}
     text = throughput.render({"meta": meta, "engine": engine})
     assert "includes 3 Triton kernel builds" in text and "_kernel x2, _split_kernel x1" in text
+    assert "Triton" not in throughput.render({"meta": meta, "engine": engine | {"triton_builds": summary([])}})
+    from lmdepot.bench import generation
+
+    pct = {"p50": 1.0, "p90": 1.0, "p99": 1.0}
+    row = {"concurrency": 16, "prompt_len": 128, "output_len": 8, "first_token_ms": pct, "per_token_ms": pct,
+           "output_tok_s": 1.0, "roofline_pct": 1.0, "peak_memory_GB": 1.0, "triton_builds": s}
+    text = generation.render({"meta": meta | {"weight_bytes": 1, "kv_bytes_per_token": 1}, "rows": [row]})
+    assert "16 x 128x8 includes 3 Triton kernel builds" in text

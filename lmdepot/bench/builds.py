@@ -47,3 +47,11 @@ def summary(builds: list[tuple[str, float]]) -> dict:
     for name, _ in builds:
         kernels[name] = kernels.get(name, 0) + 1
     return {"count": len(builds), "seconds": sum(s for _, s in builds), "kernels": kernels}
+
+
+def describe(summary_: dict | None) -> str | None:
+    """"includes N Triton kernel builds, X s: kernel xn, ..." for a report line; None without builds."""
+    if not summary_ or not summary_.get("count"):
+        return None
+    kernels = ", ".join(f"{k} x{n}" for k, n in summary_["kernels"].items())
+    return f"includes {summary_['count']} Triton kernel builds, {summary_['seconds']:.1f} s: {kernels}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lmdepot.bench.builds import describe
 from lmdepot.bench.models import prepare
 from lmdepot.bench.offline import open_llm, run_offline, step_bytes, warmup
 from lmdepot.bench.workload import (Request, bandwidth, device_of, dump, header, meta, peak_memory, release,
@@ -129,6 +130,10 @@ def render(result: dict) -> str:
                      f" {r['first_token_ms']['p50']:11.1f} {r['per_token_ms']['p50']:8.2f}"
                      f" {r['per_token_ms']['p90']:8.2f} {r['per_token_ms']['p99']:8.2f} {r['output_tok_s']:10.1f}"
                      f" {r['roofline_pct']:8.1f}% {r['peak_memory_GB']:8.2f} {ratio:>6}")
+    for r in result["rows"]:   # compilation inside a timed point: a fresh machine's numbers
+        builds = describe(r.get("triton_builds"))
+        if builds:
+            lines.append(f"  {r['concurrency']} x {r['prompt_len']}x{r['output_len']} {builds}")
     errors = {r["hf"]["error"] for r in result["rows"] if "error" in r.get("hf", {})}
     lines += [f"HF peer unavailable: {e}" for e in sorted(errors)]
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lmdepot.bench.builds import describe
 from lmdepot.bench.models import prepare
 from lmdepot.bench.offline import open_llm, run_offline, step_bytes, warmup
 from lmdepot.bench.workload import (Request, bandwidth, device_of, dump, header, load_sharegpt, meta, peak_memory,
@@ -143,10 +144,9 @@ def render(result: dict) -> str:
         f"{'':10} {'out tok/s':>10} {'req/s':>8} {'elapsed s':>10} {'TTFT p50 ms':>12} {'ITL p50 ms':>11}",
         f"{'lmdepot':10} {e['output_tok_s']:10.1f} {e['req_s']:8.2f} {e['elapsed_s']:10.2f}"
         f" {e['ttft_ms']['p50']:12.1f} {e['itl_ms']['p50']:11.2f}"]
-    builds = e.get("triton_builds") or {}
-    if builds.get("count"):   # compilation inside the timed run: a fresh machine's numbers
-        kernels = ", ".join(f"{k} x{n}" for k, n in builds["kernels"].items())
-        lines.append(f"{'':10} (includes {builds['count']} Triton kernel builds, {builds['seconds']:.1f} s: {kernels})")
+    builds = describe(e.get("triton_builds"))
+    if builds:   # compilation inside the timed run: a fresh machine's numbers
+        lines.append(f"{'':10} ({builds})")
     hf = result.get("hf")
     if hf and "error" in hf:
         lines.append(f"{'HF':10} unavailable: {hf['error']}")
