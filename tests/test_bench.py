@@ -304,24 +304,26 @@ def test_record_builds_counts_triton_builds_and_restores_the_hooks():
         prior = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
         with record_builds() as builds:
             for name in ("_kernel", "_split_kernel", "_kernel"):
-                fn = SimpleNamespace(name=name)
+                fn = SimpleNamespace(module="lmdepot.runtime.kernels.prefill_attention", name=name)
                 assert not knobs.runtime.jit_cache_hook(key=name, fn=fn, repr=name)   # a true value skips the build
                 knobs.runtime.jit_post_compile_hook(key=name, fn=fn, repr=name)
         assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == prior
     finally:
         knobs.runtime.jit_cache_hook = knobs.runtime.jit_post_compile_hook = None
-    assert [n for n, _ in builds] == ["_kernel", "_split_kernel", "_kernel"] and all(s >= 0 for _, s in builds)
+    assert [n for n, _ in builds] == ["prefill_attention._kernel", "prefill_attention._split_kernel",
+                                      "prefill_attention._kernel"] and all(s >= 0 for _, s in builds)
     assert seen == [("before", "_kernel"), ("after", "_kernel"), ("before", "_split_kernel"),
                     ("after", "_split_kernel"), ("before", "_kernel"), ("after", "_kernel")]
     s = summary(builds)
-    assert (s["count"], s["kernels"]) == (3, {"_kernel": 2, "_split_kernel": 1})
+    assert (s["count"], s["kernels"]) == (3, {"prefill_attention._kernel": 2, "prefill_attention._split_kernel": 1})
     engine = {"output_tok_s": 1.0, "req_s": 1.0, "elapsed_s": 1.0, "ttft_ms": {"p50": 1.0}, "itl_ms": {"p50": 1.0},
               "triton_builds": s}
     meta = {"model": "m", "layers": 1, "requests": 1, "prompt_tokens": 1, "expected_output_tokens": 1,
             "quant_policy": 0, "kv_cache_tokens": 1, "max_num_batched_tokens": 1, "device": "cpu", "date": "d",
             "torch": "t", "triton": "t", "transformers": "t", "copy_bandwidth_GBps": 1.0}
     text = throughput.render({"meta": meta, "engine": engine})
-    assert "includes 3 Triton kernel builds" in text and "_kernel x2, _split_kernel x1" in text
+    assert "includes 3 Triton kernel builds" in text
+    assert "prefill_attention._kernel x2, prefill_attention._split_kernel x1" in text
     assert "Triton" not in throughput.render({"meta": meta, "engine": engine | {"triton_builds": summary([])}})
     from lmdepot.bench import generation
 

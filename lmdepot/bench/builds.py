@@ -25,13 +25,16 @@ def record_builds():
         return
     started: dict = {}
 
+    def kernel(fn) -> str:   # "prefill_attention._kernel": most kernels are called _kernel
+        return f"{str(getattr(fn, 'module', '')).rsplit('.', 1)[-1]}.{fn.name}".lstrip(".")
+
     def on_build(*, key, fn, **kwargs):   # called just before a build; a true return would skip it
-        started[(fn.name, str(key))] = time.perf_counter()
+        started[(kernel(fn), str(key))] = time.perf_counter()
         return before(key=key, fn=fn, **kwargs) if before else None
 
     def on_built(*, key, fn, **kwargs):
-        t0 = started.pop((fn.name, str(key)), None)
-        builds.append((fn.name, time.perf_counter() - t0 if t0 is not None else 0.0))
+        t0 = started.pop((kernel(fn), str(key)), None)
+        builds.append((kernel(fn), time.perf_counter() - t0 if t0 is not None else 0.0))
         return after(key=key, fn=fn, **kwargs) if after else None
 
     hooks.jit_cache_hook, hooks.jit_post_compile_hook = on_build, on_built
