@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmdepot.bench.builds import record_builds, summary as builds_summary
 from lmdepot.bench.workload import Request, percentiles, sync
 
 
@@ -28,8 +29,6 @@ class Timing:
     builds: list = field(default_factory=list)   # (kernel, seconds) of Triton builds inside the timed run
 
     def summary(self) -> dict:
-        from lmdepot.bench.builds import summary
-
         n_out = sum(self.token_counts)
         firsts = [t[0] for t in self.token_times if t]
         itl = [b - a for t in self.token_times for a, b in zip(t, t[1:])]
@@ -37,7 +36,7 @@ class Timing:
                 "output_tokens": n_out, "elapsed_s": self.elapsed,
                 "output_tok_s": n_out / self.elapsed if self.elapsed else 0.0,
                 "req_s": len(self.token_counts) / self.elapsed if self.elapsed else 0.0,
-                "ttft_ms": percentiles(firsts), "itl_ms": percentiles(itl), "triton_builds": summary(self.builds)}
+                "ttft_ms": percentiles(firsts), "itl_ms": percentiles(itl), "triton_builds": builds_summary(self.builds)}
 
 
 def open_llm(ws: Path, device: str, max_batch_size: int, session_len: int | None = None, quant_policy: int = 0,
@@ -55,8 +54,6 @@ def open_llm(ws: Path, device: str, max_batch_size: int, session_len: int | None
 def run_offline(llm, requests: list[Request], device: str) -> Timing:
     """Submit every request at once (continuous batching admits what fits) and step until all finish."""
     from lmdepot.runtime.sequence import SamplingParams
-
-    from lmdepot.bench.builds import record_builds
 
     sync(device)
     with record_builds() as builds:

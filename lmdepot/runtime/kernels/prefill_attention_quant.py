@@ -178,8 +178,8 @@ def _kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_p
              out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def default_config(rows: int, head_dim: int, bits: int) -> dict:
-    """Tiles for an H100/H200-class GPU (rows = longest q_len x GQA group, and bits, no longer decide):
+def default_config(head_dim: int) -> dict:
+    """Tiles for an H100/H200-class GPU, whatever the rows (longest q_len x GQA group) and bits:
     64 x 64, 4 warps, 5 stages. Timed on an H200 (scripts/bench_prefill_quant.py --sweep, tenth
     session, docs/benchmarks.md): the fastest or within 4% of it for int8 and int4 in prefill 1 x 4096,
     extend and mixed batches; 128 x 64 tiles (8 warps), the earlier int4 choice for rows >= 512, win
@@ -218,7 +218,7 @@ def prefill_attention_quant(q, cache, block_tables, q_start_loc, context_lens, m
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     rot = hadamard_on(D, str(q.device)) if cache.rotate else None
     qr = (q.float() @ rot).to(q.dtype) if rot is not None and not cache.key_channel else q
-    cfg = default_config(max_q_len * groups, D, cache.bits)
+    cfg = default_config(D)
     cfg.update(config or {})
     y = out if out is not None else torch.empty_like(q)
     ks, kz, kmin, ksink, vs, vz, ch = param_operands(cache)
