@@ -11,22 +11,14 @@ is launched."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 
 def run_scenario(name: str) -> dict[str, int]:
     """{kernel: number of distinct builds} over scenario `name` (a function of this module)."""
-    root = Path(__file__).resolve().parents[2]
-    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": path}
-    code = f"from tests.kernels.launch_keys import _record; _record({name!r})"
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    from tests.kernels.sm90 import run_uninterpreted
+
+    return run_uninterpreted(f"from tests.kernels.launch_keys import _record; _record({name!r})")
 
 
 def _record(name: str) -> None:

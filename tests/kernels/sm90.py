@@ -95,12 +95,17 @@ def run_build(expr: str) -> dict:
 
     if not all(os.path.exists(os.path.join(tools_dir(), t)) for t in ("ptxas", "cuobjdump")):
         pytest.skip("no ptxas/cuobjdump in this Triton wheel")
+    stmt, _, value = expr.rpartition(";")
+    return run_uninterpreted(f"import json; {stmt}; print(json.dumps({value.strip()}))")
+
+
+def run_uninterpreted(code: str):
+    """Run python `code` in a fresh interpreter without TRITON_INTERPRET (the interpreter patches
+    triton.language), from the repository root; the JSON its stdout's last line holds."""
     root = Path(__file__).resolve().parents[2]
     # the caller's PYTHONPATH stays behind the repository root (e.g. another Triton wheel to build with)
     path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": path}
-    stmt, _, value = expr.rpartition(";")
-    code = f"import json; {stmt}; print(json.dumps({value.strip()}))"
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -154,7 +154,7 @@ def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, maxnr
     """No spills; 16-byte weight loads in the K loop (through cp.async when STAGES > 1; vec=2 asks for
     8-byte ones); at most 4.2 SASS instructions a weight in the loop (5.4 with 2 rows a thread; the
     workspace-layout kernel: 6.2-6.6; with prefetch 4.5: Triton 3.6, the GPU image's, builds its bf16 loop
-    at 4.23-4.41) and registers that leave room for 12+ resident warps a SM."""
+    at 4.23-4.41) and registers that leave room for 16+ resident warps a SM (12+ with prefetch at 2 stages)."""
     from tests.kernels.sm90 import run_build
 
     b = run_build(f"from tests.kernels.test_w4a16_gemv import sm90_build as f; "
@@ -163,7 +163,7 @@ def test_compiles_for_sm90_without_spills(block_n, num_warps, stages, vec, maxnr
     assert (b["stack"], b["mma"], b["cp_async"], b["loop_vec16"]) == (0, False, stages > 1, vec == 4), b
     # 16 rows: 2 a thread share the x work
     assert b["loop_sass"] / weights <= (5.4 if block_n == 16 else 4.5 if prefetch else 4.2), b
-    assert b["regs"] <= (maxnreg or 168), b
+    assert b["regs"] <= (maxnreg or (168 if prefetch and stages > 1 else 128)), b
 
 
 GPU = pytest.mark.skipif(DEVICE != "cuda", reason="real sizes need a GPU")
