@@ -174,7 +174,7 @@ class Attention(nn.Module):
         if ctx.logn is not None:  # use_logn_attn: queries past the training length are sharpened
             q = q * ctx.logn[:, None, None].to(q.dtype)
         if self.kv_quant is not None:
-            q, k = ops.apply_rope(q, cos, sin, self.rot_dim), ops.apply_rope(k, cos, sin, self.rot_dim)
+            q, k = ops.rope_store_kv(q, k, v, cos, sin, self.rot_dim, None, None, ctx.slot_mapping)   # rope only
             ops.store_kv_quant(k, v, self.kv_quant, ctx.slot_mapping)
             o = ops.paged_attention_quant(q, k, v, self.kv_quant, ctx, self.scale)
         else:  # rope and the cache write in one op (one kernel on GPU)

@@ -33,9 +33,7 @@ def test_per_token_store_matches_reference(bits, rotate):
     want, have = flat(ref.codes[1]), flat(got.codes[1])
     if bits == 4:
         want, have = unpack_int4(want), unpack_int4(have)
-    diff = (want.int() - have.int()).abs()
-    # the rotation's float32 sums may differ in the last bit and flip a tie: one code, rarely
-    assert diff.max() <= (1 if rotate else 0) and (diff > 0).float().mean() < 0.01
+    assert torch.equal(have, want)   # the rotation is the reference's own float32 product
 
 
 def _step(hkv, d, page, tables, done, new):
@@ -48,18 +46,20 @@ def _step(hkv, d, page, tables, done, new):
     return k, slots, lens, qloc
 
 
-def test_channel_key_store_matches_reference_over_steps():
+@pytest.mark.parametrize("d, page, scale", [(32, 8, 1), (128, 64, 8)])
+def test_channel_key_store_matches_reference_over_steps(d, page, scale):
     """A prefill split mid-block, then decode steps (the last block's ranges re-derived each time),
-    for two sequences at once: the kernel's cache equals the reference's after every step."""
-    hkv, d, page = 2, 32, 8
+    for two sequences at once: the kernel's cache equals the reference's after every step (the
+    second case: the real head and page, 2 warps, blocks of 64 rows walked 8 at a time)."""
+    hkv = 2
     spec = make_spec(4, torch.float32, d)
     assert spec.key_channel
     ref, got = (allocate(spec, 12, page, hkv, d, device=DEVICE) for _ in range(2))
     for c in (ref, got):   # the same starting state, garbage included
-        c.key_scale.fill_(0.5), c.key_min.fill_(-1.0), c.key_sink.zero_(), c.codes[0].zero_()
+        c.key_scale.fill_(0.5), c.key_min.fill_(-1.0), c.key_sink.zero_(), c.codes[0].fill_(0xA5)
     tables = torch.tensor([[3, 7, 1, 9], [0, 11, 5, 2]], dtype=torch.int32, device=DEVICE)
     done = [0, 0]
-    for new in ([11, 3], [1, 1], [6, 9], [1, 1], [1, 1]):
+    for new in ([11 * scale, 3 * scale], [1, 1], [6 * scale, 9 * scale], [1, 1], [1, 1]):
         k, slots, lens, qloc = _step(hkv, d, page, tables, done, new)
         store_kv_quant(k, k, ref, slots)
         store_keys_channel(k, got, tables, lens, qloc, max(new))

@@ -52,6 +52,19 @@ def test_cache_views_with_strides():
     torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("d, rot_dim", [(128, 128), (64, 32)])
+def test_rope_only_without_caches(d, rot_dim):
+    """No caches (a quantized cache's prologue): q and k rotated in place, bit for bit, and v untouched."""
+    q, k, v, cos, sin, slots, _ = _inputs(9, 8, 2, d, rot_dim, 16, DTYPES[0], seed=3)
+    v_before = v.clone()
+    q_ref, k_ref = reference(q.clone(), k.clone(), v, cos, sin, rot_dim, None, None, slots)
+    q_out, k_out = rope_store_kv(q, k, v, cos, sin, rot_dim, None, None, slots)
+    assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
+    torch.testing.assert_close(q_out, q_ref, rtol=0, atol=0)
+    torch.testing.assert_close(k_out, k_ref, rtol=0, atol=0)
+    assert torch.equal(v, v_before)
+
+
 def test_empty_batch_is_a_no_op():
     q, k, v, cos, sin, slots, (kc, vc) = _inputs(0, 4, 2, 64, 64, 16, DTYPES[0])
     assert rope_store_kv(q, k, v, cos, sin, 64, kc, vc, slots)[0].shape == (0, 4, 64)

@@ -4,6 +4,7 @@ q (T, Hq, D), k and v (T, Hkv, D) are views of the qkv projection's output (any 
 unit stride along D). q and k are rotated in place (HF's rotate_half convention on the first rot_dim
 channels, the rest passed through), then k and v go to k_cache/v_cache (blocks, page, Hkv, D) at
 slot_mapping (slot = block * page + offset; a negative slot is a padding row and is not stored).
+Without caches (None) only q and k are rotated: the quantized caches' prologue, whose store quantizes.
 
 cos/sin (T, rot_dim) come from ops.rope_cos_sin, computed once per step for all layers (that also
 covers every RoPE scaling, dynamic NTK included). The rotation runs in the activation dtype, one
@@ -22,6 +23,8 @@ from lmdepot.runtime.ops import reference as ref_ops
 def reference(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
     q = ref_ops.apply_rope(q, cos, sin, rot_dim)
     k = ref_ops.apply_rope(k, cos, sin, rot_dim)
+    if k_cache is None:
+        return q, k
     keep = slot_mapping >= 0
     ref_ops.store_kv(k[keep], v[keep], k_cache, v_cache, slot_mapping[keep])
     return q, k
@@ -50,7 +53,7 @@ def _kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st,
             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, HQ, HKV,
             PAGE: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr):
+            BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, STORE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     mask_c = offs < HALF
@@ -62,7 +65,7 @@ def _kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
     k1, k2 = _rotate(k_ptr + t * stride_kt, stride_kh, HKV, c1, s1, c2, s2, HALF, BLOCK_HKV, BLOCK_HALF)
 
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
+    if STORE and slot >= 0:
         blk, off = slot // PAGE, slot % PAGE
         offs_h = tl.arange(0, BLOCK_HKV)
         mask_h = offs_h[:, None] < HKV
@@ -82,10 +85,13 @@ def _kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
 
 
 def rope_store_kv(q, k, v, cos, sin, rot_dim: int, k_cache, v_cache, slot_mapping):
-    """Rotates q and k in place and stores k, v into the caches; returns (q, k)."""
+    """Rotates q and k in place and stores k, v into the caches (None: not stored); returns (q, k)."""
     T, hq, d = q.shape
     hkv = k.shape[1]
     assert rot_dim % 2 == 0 and rot_dim <= d and cos.shape[-1] == rot_dim, (rot_dim, d, cos.shape)
+    store = k_cache is not None
+    if not store:   # unused operands: k stands in for the caches
+        k_cache = v_cache = k.unsqueeze(1)
     for x in (q, k, v, k_cache, v_cache, cos, sin):
         assert x.stride(-1) == 1, "unit stride along the last dim"
     if T == 0:
@@ -98,5 +104,5 @@ def rope_store_kv(q, k, v, cos, sin, rot_dim: int, k_cache, v_cache, slot_mappin
         v_cache.stride(2), hq, hkv,
         PAGE=k_cache.shape[1], D=d, HALF=half, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_HALF=triton.next_power_of_2(max(half, 1)), BLOCK_HQ=triton.next_power_of_2(hq),
-        BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4, enable_fp_fusion=False)
+        BLOCK_HKV=triton.next_power_of_2(hkv), STORE=store, num_warps=4, enable_fp_fusion=False)
     return q, k

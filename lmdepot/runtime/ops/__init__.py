@@ -104,7 +104,8 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
 
 def rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
     """apply_rope on q and k, then store_kv; returns the rotated (q, k). q and k may be rotated in
-    place (they are the qkv projection's fresh output), so use the returned tensors."""
+    place (they are the qkv projection's fresh output), so use the returned tensors. With k_cache and
+    v_cache None (a quantized cache stores k and v itself) it only rotates: one launch, not four."""
     return _TABLE["rope_store_kv"](q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping)
 
 

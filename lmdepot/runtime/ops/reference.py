@@ -115,9 +115,11 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
 
 
 def rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
-    """Rotate q and k, store k and v: the float-cache attention prologue as one op (one kernel on GPU)."""
+    """Rotate q and k, store k and v: the float-cache attention prologue as one op (one kernel on GPU).
+    Without caches (None: a quantized cache, which stores k and v itself) it only rotates."""
     q, k = apply_rope(q, cos, sin, rot_dim), apply_rope(k, cos, sin, rot_dim)
-    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    if k_cache is not None:
+        store_kv(k, v, k_cache, v_cache, slot_mapping)
     return q, k
 
 

@@ -179,7 +179,7 @@ def paged_attention(q, k, v, k_cache, v_cache, ctx, scale):
 # The routing below runs wherever the tensors are (the CPU tests drive it through Triton's interpreter).
 
 def rope_store_kv_kernel(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping):
-    if any(x.stride(-1) != 1 for x in (q, k, v, cos, sin, k_cache, v_cache)):
+    if any(x is not None and x.stride(-1) != 1 for x in (q, k, v, cos, sin, k_cache, v_cache)):
         return reference.rope_store_kv(q, k, v, cos, sin, rot_dim, k_cache, v_cache, slot_mapping)
     from lmdepot.runtime.kernels.rope_store_kv import rope_store_kv as kernel
 
