@@ -1,6 +1,5 @@
-"""Time one tensor-parallel "sum the partials, add the residual, RMSNorm" on 2 GPUs, four ways:
-the fused kernel (kernels/allreduce_rms_norm.py; its partials read by the peers, or pushed to them),
-PyTorch's one-shot all-reduce + the add_rms_norm
+"""Time one tensor-parallel "sum the partials, add the residual, RMSNorm" on 2 GPUs, three ways:
+the fused kernel (kernels/allreduce_rms_norm.py), PyTorch's one-shot all-reduce + the add_rms_norm
 kernel, NCCL + the add_rms_norm kernel. Each is captured 64 times in a CUDA graph (a 7B decode step
 has 64 such calls) and replayed; prints microseconds per call.
 
@@ -56,8 +55,8 @@ def run(rank: int, world: int, hidden: int, batches: list[int]) -> None:
     watchdog.start()
     from lmdepot.runtime.kernels import rms_norm
 
-    fused, pushed, one_shot = AllReduce(), AllReduce(), AllReduce()
-    fused.mode, pushed.mode, one_shot.mode = "fused", "push", "symm"
+    fused, one_shot = AllReduce(), AllReduce()
+    fused.mode, one_shot.mode = "fused", "symm"
     one_shot.max_bytes = max(batches) * hidden * 4   # the one-shot path for every size measured here
     rows = []
     for B in batches:
@@ -73,13 +72,11 @@ def run(rank: int, world: int, hidden: int, batches: list[int]) -> None:
             one_shot(x)
             rms_norm.rms_norm(x, res, w, EPS)
 
-        def fused_by(ar):
-            def call():
-                assert ar.add_rms_norm(x, res, w, EPS) is not None, f"the {ar.mode} path did not apply"
-            return call
+        def fused_call():
+            assert fused.add_rms_norm(x, res, w, EPS) is not None, "the fused path did not apply"
 
-        times = {name: per_call_us(fn) for name, fn in (("fused", fused_by(fused)), ("fused, pushed", fused_by(pushed)),
-                                                        ("one-shot + norm", symm), ("nccl + norm", nccl))}
+        times = {name: per_call_us(fn) for name, fn in (("fused", fused_call), ("one-shot + norm", symm),
+                                                        ("nccl + norm", nccl))}
         rows.append((B, times))
     if rank == 0:
         print(f"{world} ranks, hidden {hidden}, bf16 residual, float32 partials; us per call "

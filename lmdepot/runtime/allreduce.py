@@ -18,9 +18,6 @@ LMDEPOT_ALLREDUCE picks the path:
   LMDEPOT_ALLREDUCE_FUSED_BYTES), else as auto; a failed symmetric-memory setup is an error. Opt-in
   until it is measured inside the engine: on 2 x H200 the kernel passed its GPU test and took 6.1 us
   per call against 8.8 us for one-shot + norm (docs/benchmarks.md), but no engine ran it on GPUs yet;
-- `push`: as `fused`, but each rank stores its rows into its peers' slots (they do not read them
-  from its own) and signals with call counters (kernels/allreduce_rms_norm.py, PUSH): no NVLink
-  round trip on a call's critical path; opt-in until timed on GPUs;
 - `symm`: no fused norm (one-shot + the separate norm kernel), a failed setup is an error;
 - `nccl`: always NCCL.
 Another value is taken as `auto`, with a note.
@@ -37,8 +34,7 @@ import torch.distributed as dist
 
 
 _ONE_SHOT_DTYPES = (torch.float32, torch.bfloat16)
-_MODES = ("auto", "fused", "push", "symm", "nccl")
-FUSED_MODES = ("fused", "push")
+_MODES = ("auto", "fused", "symm", "nccl")
 _MAX_FUSED_ROWS = 128   # one program per row, all resident at once: a waiting program never blocks a peer's
 
 
@@ -97,9 +93,7 @@ class AllReduce:
         if self.fused_buffer is None or x.dim() != 2 or x.dtype != torch.float32:
             return None
         rows, world = x.shape[0], len(self.pad_ptrs)
-        push = self.mode == "push"   # then a slot holds every rank's rows
-        if not (0 < rows <= _MAX_FUSED_ROWS and x.numel() * 4 * (world if push else 1) <= self.slot_bytes
-                and rows * world <= self.pad_cells // (2 if push else 1)):   # push: two counter regions
+        if not (0 < rows <= _MAX_FUSED_ROWS and x.numel() * 4 <= self.slot_bytes and rows * world <= self.pad_cells):
             return None
         if not (x.is_contiguous() and residual.is_contiguous() and residual.shape == x.shape):
             return None
@@ -115,8 +109,7 @@ class AllReduce:
         # steps and graph replays of any bucket can follow each other in any order.
         slot = self.next_slot
         self.next_slot ^= 1
-        return all_reduce_rms_norm(x, self.slot_ptrs[slot], self.pad_ptrs, self.rank, residual, weight, eps,
-                                   push=push, sent_cells=self.pad_cells // 2)
+        return all_reduce_rms_norm(x, self.slot_ptrs[slot], self.pad_ptrs, self.rank, residual, weight, eps)
 
     def _setup(self, device: torch.device) -> None:
         self.tried = True
@@ -132,11 +125,11 @@ class AllReduce:
             buffer = symm.empty(self.max_bytes, dtype=torch.uint8, device=device)
             symm.rendezvous(buffer, group)
             self.buffer = buffer
-            if self.mode in FUSED_MODES:   # a failure is an error (below)
+            if self.mode == "fused":   # a failure is an error (below)
                 self._setup_fused(symm, group, device)
         except Exception as exc:  # noqa: BLE001 - any failure leaves NCCL in charge
             self.buffer = self.fused_buffer = None
-            if self.mode in ("symm", *FUSED_MODES):
+            if self.mode in ("symm", "fused"):
                 raise RuntimeError(f"symmetric-memory all-reduce unavailable: {exc}") from exc
             _note("one-shot all-reduce unavailable", exc, "using NCCL")
         # every rank takes the same path, or a sum would wait forever for a peer on the other one

@@ -73,11 +73,9 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: tor
 
 
 def all_reduce_fuses_norm() -> bool:
-    """Whether all_reduce_add_rms_norm may sum and norm in one kernel (LMDEPOT_ALLREDUCE=fused or push,
-    several ranks): the model then keeps that path rather than fusing the norm into the next linear."""
-    from lmdepot.runtime.allreduce import FUSED_MODES
-
-    return world_size() > 1 and _summer().mode in FUSED_MODES
+    """Whether all_reduce_add_rms_norm may sum and norm in one kernel (LMDEPOT_ALLREDUCE=fused, several
+    ranks): the model then keeps that path rather than fusing the norm into the next linear."""
+    return world_size() > 1 and _summer().mode == "fused"
 
 
 def all_gather_last(x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ def fused(monkeypatch):
     returns (it, the slots its kernel launches got)."""
     launched = []
 
-    def record(x, slot_ptrs, pad_ptrs, rank, residual, weight, eps, push, sent_cells):
-        launched.append(int(slot_ptrs[0]) + (1000 if push else 0))
+    def record(x, slot_ptrs, pad_ptrs, rank, residual, weight, eps):
+        launched.append(int(slot_ptrs[0]))
         return "y", "h"
 
     monkeypatch.setattr(allreduce_rms_norm, "all_reduce_rms_norm", record)
@@ -46,7 +46,7 @@ def test_consecutive_calls_alternate_slots_and_a_collective_restarts_at_the_firs
         dist.destroy_process_group()
     call(ar)
     call(ar)
-    assert launched == [100, 200, 100, 100, 200]   # (+1000: push mode)
+    assert launched == [100, 200, 100, 100, 200]
 
 
 @pytest.mark.parametrize("case", [dict(rows=17),                  # 17 x 64 float32 > the 4 KiB slot
@@ -59,14 +59,6 @@ def test_what_does_not_fit_falls_back_without_using_a_slot(fused, case):
     assert launched == [] and ar.next_slot == 0
 
 
-def test_push_mode_needs_room_for_every_ranks_rows(fused):
-    """LMDEPOT_ALLREDUCE=push: a slot holds both ranks' rows (4 KiB: 8 of 64 float32, not 16)."""
-    ar, launched = fused
-    ar.mode = "push"
-    assert call(ar, rows=16) is None and launched == []
-    assert call(ar, rows=8) == ("y", "h") and launched == [1100]
-
-
 def test_no_fused_setup_falls_back(fused):
     ar, launched = fused
     ar.fused_buffer = None
@@ -74,12 +66,10 @@ def test_no_fused_setup_falls_back(fused):
 
 
 # --- two real processes, the interpreter's kernel on a shared mapping -------------------------------
-@pytest.mark.parametrize("mode", ["fused", "push"])
-def test_two_processes_on_a_shared_mapping_sum_and_leave_the_flags_clear(tmp_path, mode):
+def test_two_processes_on_a_shared_mapping_sum_and_leave_the_flags_clear(tmp_path):
     """Symmetric memory stand-in: one file mapped by both ranks (each sees every rank's slots and
     signal pad at its own addresses). The ranks run the real kernel (interpreted) through
-    AllReduce.add_rms_norm, out of step, with a gloo collective in between; `push`: each rank stores
-    its rows into the peer's slot."""
+    AllReduce.add_rms_norm, out of step, with a gloo collective in between."""
     import os
     import subprocess
     import sys
@@ -90,7 +80,7 @@ def test_two_processes_on_a_shared_mapping_sum_and_leave_the_flags_clear(tmp_pat
     path.write_bytes(bytes(2 * PER_RANK))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(path), port, mode], env=env,
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(path), port], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:
         results = [(p.wait(timeout=120), p.stdout.read()) for p in procs]
@@ -101,11 +91,11 @@ def test_two_processes_on_a_shared_mapping_sum_and_leave_the_flags_clear(tmp_pat
         assert rc == 0 and "ok" in out, out[-3000:]
 
 
-SLOT_BYTES, CELLS = 2 * 16 * 200 * 4, 64   # push: both ranks' rows
+SLOT_BYTES, CELLS = 16 * 200 * 4, 64
 PER_RANK = 2 * SLOT_BYTES + CELLS * 4   # slot 0, slot 1, signal pad
 
 
-def _rank_main(rank: int, path: str, port: str, mode: str) -> None:
+def _rank_main(rank: int, path: str, port: str) -> None:
     import time
 
     from lmdepot.runtime.kernels import rms_norm
@@ -115,7 +105,7 @@ def _rank_main(rank: int, path: str, port: str, mode: str) -> None:
     region = torch.from_file(path, shared=True, size=world * PER_RANK, dtype=torch.uint8)
     base = region.data_ptr()
     ar = allreduce.AllReduce()
-    ar.mode = mode
+    ar.mode = "fused"
     ar.tried, ar.fused_buffer, ar.rank, ar.slot_bytes, ar.pad_cells = True, region, rank, SLOT_BYTES, CELLS
     ar.slot_ptrs = [torch.tensor([base + r * PER_RANK + s * SLOT_BYTES for r in range(world)]) for s in range(2)]
     ar.pad_ptrs = torch.tensor([base + r * PER_RANK + 2 * SLOT_BYTES for r in range(world)])
@@ -134,13 +124,7 @@ def _rank_main(rank: int, path: str, port: str, mode: str) -> None:
         assert got is not None and all(torch.equal(a, b) for a, b in zip(got, want)), i
     dist.barrier()
     pads = [region[r * PER_RANK + 2 * SLOT_BYTES:(r + 1) * PER_RANK].view(torch.int32) for r in range(world)]
-    if mode == "push":   # counters: what the peer signalled = what this rank sent, row 0 in every call
-        half = CELLS // 2
-        assert torch.equal(pads[rank][:half], pads[rank][half:])
-        peer = 1 - rank   # row 0 in every call, row 15 in the one 16-row call
-        assert int(pads[rank][peer]) == len(cases) and int(pads[rank][15 * world + peer]) == 1
-    else:   # every flag sent has been consumed: all pads zero again
-        assert not any(p.any() for p in pads)
+    assert not any(p.any() for p in pads)   # every flag sent has been consumed: all pads zero again
     dist.destroy_process_group()
     print("ok", flush=True)
 
@@ -148,4 +132,4 @@ def _rank_main(rank: int, path: str, port: str, mode: str) -> None:
 if __name__ == "__main__":
     import sys
 
-    _rank_main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+    _rank_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])

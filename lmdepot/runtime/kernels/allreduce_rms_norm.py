@@ -18,17 +18,9 @@ from the host, which keeps the kernel valid under CUDA-graph replay.
 Slot reuse (why a peer cannot overwrite what we still read) is the caller's part: consecutive calls
 alternate between two slots, see AllReduce.add_rms_norm in runtime/allreduce.py.
 
-PUSH (LMDEPOT_ALLREDUCE=push, opt-in until timed on GPUs) takes both NVLink round trips of a call
-off its critical path (a remote load's, and the flag swap's, which returns the peer's old value):
-- step 1 stores the row into region RANK of every peer's slot (a slot then holds WORLD regions of B
-  rows) and step 3 reads the peers' rows from this rank's own slot (remote stores are posted);
-- the flags are call counters: rank d's cell `row * WORLD + src` holds how many calls src has
-  signalled, written with a release exchange whose old value nobody waits for; the receiver waits
-  until it reaches this call's number, which it keeps as its own count of calls sent to src (cell
-  SENT + row * WORLD + src: every rank makes the same calls). A peer may already be one call ahead,
-  hence serial-number arithmetic (int32 wrapping); nothing is reset.
-Slot alternation stays: a peer's call k + 2 writes into the slot of our call k only after it saw our
-signal of call k + 1, sent after our call k read that slot.
+A pushed variant (each rank storing its rows into its peers' slots, call counters as flags) was
+faster in isolation (5.0 vs 6.1 us a call on 2 x H200), saved no step time, and failed its 2-GPU test
+(session 11): it is gone.
 """
 
 from __future__ import annotations
@@ -50,59 +42,33 @@ def reference(partials: list[torch.Tensor], residual: torch.Tensor, weight: torc
 
 
 @triton.jit
-def _kernel(x_ptr, slot_ptrs, pad_ptrs, r_ptr, w_ptr, y_ptr, h_ptr, H, eps, SENT,
-            RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr):
+def _kernel(x_ptr, slot_ptrs, pad_ptrs, r_ptr, w_ptr, y_ptr, h_ptr, H, eps,
+            RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    rows = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     mine = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0)
     # slots start 16-byte aligned (AllReduce._setup_fused): the same vector loads as for x
     own_slot = tl.multiple_of(tl.load(slot_ptrs + RANK).to(tl.pointer_type(tl.float32)), 16)
-    if PUSH:   # into region RANK of every peer's slot
-        for dst in tl.static_range(WORLD):
-            if dst != RANK:
-                peer = tl.multiple_of(tl.load(slot_ptrs + dst).to(tl.pointer_type(tl.float32)), 16)
-                tl.store(peer + (RANK * rows + row) * H + offs, mine, mask=mask)
-    else:
-        tl.store(own_slot + row * H + offs, mine, mask=mask)
+    tl.store(own_slot + row * H + offs, mine, mask=mask)
     # every thread's part of the row is stored before the flag goes out (the release below is issued
     # by one thread and covers what the block did before this barrier)
     tl.debug_barrier()
     own_pad = tl.load(pad_ptrs + RANK).to(tl.pointer_type(tl.int32)) + row * WORLD
-    if PUSH:   # counters: nothing to wait for before signalling, no remote value to read back
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                count = tl.load(own_pad + SENT + peer, volatile=True) + 1   # this call's number, wrapping
-                flag = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32)) + row * WORLD + RANK
-                tl.atomic_xchg(flag, count, sem="release", scope="sys")
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                count = tl.load(own_pad + SENT + peer, volatile=True) + 1
-                # the peer's count reached this call's (it may already be one ahead: serial arithmetic)
-                while tl.atomic_add(own_pad + peer, 0, sem="acquire", scope="sys") - count < 0:
-                    pass
-        tl.debug_barrier()   # every thread read the old counts before they move on
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                tl.atomic_add(own_pad + SENT + peer, 1, sem="relaxed", scope="gpu")
-    else:
-        for src in tl.static_range(WORLD):
-            if src != RANK:
-                flag = tl.load(pad_ptrs + src).to(tl.pointer_type(tl.int32)) + row * WORLD + RANK
-                while tl.atomic_cas(flag, 0, 1, sem="release", scope="sys") != 0:
-                    pass
-        for src in tl.static_range(WORLD):
-            if src != RANK:
-                while tl.atomic_cas(own_pad + src, 1, 0, sem="acquire", scope="sys") != 1:
-                    pass
+    for src in tl.static_range(WORLD):
+        if src != RANK:
+            flag = tl.load(pad_ptrs + src).to(tl.pointer_type(tl.int32)) + row * WORLD + RANK
+            while tl.atomic_cas(flag, 0, 1, sem="release", scope="sys") != 0:
+                pass
+    for src in tl.static_range(WORLD):
+        if src != RANK:
+            while tl.atomic_cas(own_pad + src, 1, 0, sem="acquire", scope="sys") != 1:
+                pass
     tl.debug_barrier()   # no thread reads a peer's row before the flags were seen
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for src in tl.static_range(WORLD):   # fixed order: the same float32 sum on every rank
         if src == RANK:
             part = mine
-        elif PUSH:   # pushed here by src
-            part = tl.load(own_slot + (src * rows + row) * H + offs, mask=mask, other=0.0, volatile=True)
         else:
             peer = tl.multiple_of(tl.load(slot_ptrs + src).to(tl.pointer_type(tl.float32)), 16)
             part = tl.load(peer + row * H + offs, mask=mask, other=0.0, volatile=True)
@@ -124,19 +90,15 @@ def _kernel(x_ptr, slot_ptrs, pad_ptrs, r_ptr, w_ptr, y_ptr, h_ptr, H, eps, SENT
 
 def all_reduce_rms_norm(x: torch.Tensor, slot_ptrs: torch.Tensor, pad_ptrs: torch.Tensor, rank: int,
                         residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-                        push: bool = False, sent_cells: int = 0):
+                        out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
     """Returns (norm(sum + residual) * weight, sum + residual) for this rank's float32 partial x (B, H),
-    contiguous. slot_ptrs: int64 (world,) addresses of every rank's slot (float32, at least B * H; with
-    `push`, world * B * H: the peers' rows are pushed into it); pad_ptrs: int64 (world,) addresses of
-    every rank's signal pad (int32, at least B * world cells, all zero between calls). With `push` the
-    pads hold counters instead: cells [0, B * world) what each peer signalled, [sent_cells, sent_cells
-    + B * world) what this rank signalled (zero at setup, never reset). Every rank must call it with
-    the same shapes at the same point."""
+    contiguous. slot_ptrs: int64 (world,) addresses of every rank's slot (float32, at least B * H);
+    pad_ptrs: int64 (world,) addresses of every rank's signal pad (int32, at least B * world cells, all
+    zero between calls). Every rank must call it with the same shapes at the same point."""
     B, H = x.shape
     world = slot_ptrs.numel()
     y = out if out is not None else torch.empty_like(residual)
     h = residual_out if residual_out is not None else torch.empty_like(residual)
-    _kernel[(B,)](x, slot_ptrs, pad_ptrs, residual, weight, y, h, H, eps, sent_cells,
-                  RANK=rank, WORLD=world, BLOCK=triton.next_power_of_2(H), PUSH=push)
+    _kernel[(B,)](x, slot_ptrs, pad_ptrs, residual, weight, y, h, H, eps,
+                  RANK=rank, WORLD=world, BLOCK=triton.next_power_of_2(H))
     return y, h
