@@ -27,15 +27,11 @@ CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st} for sub, w, st in ((32
                                                                            (64, 4, 5), (64, 4, 6))] + \
     [{"sub": 64, "num_warps": 4, "num_stages": 3, "maxnreg": r} for r in (128, 168)] + \
     [{"sub": 64, "num_warps": 4, "num_stages": st, "asm": a} for st in (2, 3) for a in (False, True)]
-# one q head per kv head: the CUDA-core path and the tensor-core one. Below 5 stages the sm_90 loop waits
-# for every copy it issued (default_config); a 144-168 register cap keeps 3 programs an SM
-VECTOR_CONFIGS = [{"sub": sub, "num_warps": w, "num_stages": st, "vector": True} for sub, w, st in
-                  ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 2, 3), (64, 2, 2))] + \
-    [{"sub": 64, "num_warps": 4, "num_stages": st, "vector": True, "maxnreg": r}
-     for st, r in ((2, 168), (3, 168), (3, 144), (5, 168), (6, 168))] + \
-    [{"sub": 64, "num_warps": 4, "num_stages": st, "vector": False} for st in (2, 3)] + \
-    [{"sub": 64, "num_warps": 4, "num_stages": 2, "vector": False, "maxnreg": r} for r in (128, 168)] + \
-    [{"sub": 64, "num_warps": 4, "num_stages": 2, "vector": False, "asm": False}]
+# one q head per kv head (the CUDA-core path): value partial sums folded to a thread's rows (`fold`,
+# eleventh session) or kept per key slot, each scheme's earlier default beside the folded variants
+VECTOR_CONFIGS = [{"sub": 64, "num_warps": w, "num_stages": st, "vector": True, "maxnreg": r, "fold": f}
+                  for w, st, r, f in ((4, 2, 168, False), (4, 2, None, True), (4, 3, None, True), (2, 2, None, False),
+                                      (2, 2, None, True), (2, 3, None, False), (2, 3, None, True), (2, 2, 168, True))]
 
 
 def _nbytes(*tensors) -> int:

@@ -115,6 +115,15 @@ def _channel_key_row(kc, q0v, q1v, first, pos, s0, s1, min0, min1, sink0, sink1,
 
 
 @triton.jit
+def _fold(x, ROWS: tl.constexpr):
+    """(SUB, W) -> (ROWS, W): rows r, r + ROWS, r + 2 ROWS, ... summed. With ROWS = the rows one pass of
+    the tile's layout covers (`fold_rows`), those are the rows each thread holds: no data moves."""
+    if ROWS < x.shape[0]:
+        x = tl.sum(tl.reshape(x, (x.shape[0] // ROWS, ROWS, x.shape[1])), axis=0)
+    return x
+
+
+@triton.jit
 def _tile_params(p_off, mask_s, ks_ptr, kz_ptr, vs_ptr, vz_ptr, KEY_CHANNEL: tl.constexpr):
     """A tile's keys' per-token (scale float32, zero code) of K (placeholders with per-channel keys)
     and V."""
@@ -158,14 +167,16 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
           seq_len, t_first, t_last, c_b, p_b, ch_b, ch_h, stride_bt, sm_scale, C_S: tl.constexpr, C_H: tl.constexpr,
           P_S: tl.constexpr, P_H: tl.constexpr, op_ty: tl.constexpr, OFF: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
           BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
-          SUB: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+          SUB: tl.constexpr, VECTOR: tl.constexpr, VROWS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
           PREFETCH: tl.constexpr):
     """The split's keys, a tile of SUB at a time: scores on tensor cores (`_key_scores`), the online
     softmax, and the weighted sum of the values: on tensor cores for the GQA heads of the kv head
     (the codes as fp16 operands, `_codes`), or, with one q head (VECTOR: MHA, where 15 of a tensor-core
     tile's 16 rows would be padding and the V operand a byte transpose through shared memory), on the
     CUDA cores: each thread keeps (key slot, channel) partial sums for the whole loop, reduced once
-    at the end, and with one running max (a scalar) they are rescaled only on tiles that raise it."""
+    at the end, and with one running max (a scalar) they are rescaled only on tiles that raise it.
+    The partial sums are VROWS key slots deep (`_fold`: a tile's rows that one thread holds are summed
+    in the thread first), not SUB: a quarter of the registers at 64-key tiles."""
     PACK: tl.constexpr = 8 // BITS
     W: tl.constexpr = BLOCK_D // PACK
     offs_w = tl.arange(0, W)
@@ -181,8 +192,8 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
         m = tl.full((), -1e30, dtype=tl.float32)
         l = tl.zeros((SUB,), dtype=tl.float32)       # by key slot
         corr = tl.zeros((SUB,), dtype=tl.float32)    # sum_t w_t zero_t of V, by key slot
-        acc0 = tl.zeros((SUB, W), dtype=tl.float32)  # int4: even channels; int8: all
-        acc1 = tl.zeros((SUB, W), dtype=tl.float32)  # int4: odd channels
+        acc0 = tl.zeros((VROWS, W), dtype=tl.float32)  # int4: even channels; int8: all
+        acc1 = tl.zeros((VROWS, W), dtype=tl.float32)  # int4: odd channels
     else:
         m = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
         l = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -252,10 +263,10 @@ def _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksin
             l += prob
             corr += w * codes_f32(cur_vz, ASM)
             if BITS == 8:
-                acc0 += w[:, None] * codes_f32(vc, ASM)
+                acc0 += _fold(w[:, None] * codes_f32(vc, ASM), VROWS)
             else:
-                acc0 += w[:, None] * codes_f32(vc & 0xF, ASM)
-                acc1 += w[:, None] * codes_f32(vc >> 4, ASM)
+                acc0 += _fold(w[:, None] * codes_f32(vc & 0xF, ASM), VROWS)
+                acc1 += _fold(w[:, None] * codes_f32(vc >> 4, ASM), VROWS)
         else:
             s = tl.where(mask_s[None, :], score * sm_scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -290,7 +301,8 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
                   stride_bt, stride_ob, stride_oh, NUM_SPLITS, PAGES_PER_SPLIT, Hq, Hkv,
                   GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   PAGE: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr, SUB: tl.constexpr,
-                  C_S: tl.constexpr, C_H: tl.constexpr, P_S: tl.constexpr, P_H: tl.constexpr, VECTOR: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
+                  C_S: tl.constexpr, C_H: tl.constexpr, P_S: tl.constexpr, P_H: tl.constexpr, VECTOR: tl.constexpr,
+                  VROWS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
                   SPLIT: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
@@ -315,7 +327,8 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_pt
     t_last = tl.minimum((first + PAGES_PER_SPLIT) * TILES, tl.cdiv(seq_len, SUB))
     acc, m, l = _loop(q0, q1, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kmin_ptr, ksink_ptr, bt_ptr, b, kvh,
                       seq_len, t_first, t_last, c_b, p_b, ch_b, ch_h, stride_bt, sm_scale, C_S, C_H, P_S, P_H,
-                      op_ty, OFF, BLOCK_H, D, BLOCK_D, PAGE, BITS, KEY_CHANNEL, SUB, VECTOR, STAGES, ASM, PREFETCH)
+                      op_ty, OFF, BLOCK_H, D, BLOCK_D, PAGE, BITS, KEY_CHANNEL, SUB, VECTOR, VROWS, STAGES, ASM,
+                      PREFETCH)
     EPI_H: tl.constexpr = 1 if VECTOR else BLOCK_H   # the epilogue's rows
     if VECTOR:
         heads = kvh + tl.arange(0, 1)
@@ -350,6 +363,14 @@ def default_config(bits: int, key_channel: bool, mha: bool = False) -> dict:
     # conversions (444-446 vs 472-475, 735-738 vs 794-800 us)
     return {"sub": 64, "num_warps": 4, "num_stages": 3 if bits == 8 else 2, "prefetch": True, "vector": False,
             "asm": bits == 8}
+
+
+def fold_rows(sub: int, head_dim: int, bits: int, num_warps: int, fold: bool = True) -> int:
+    """Key slots of the MHA path's partial value sums (`_fold`): the rows one pass of a (sub, bytes)
+    code tile's layout covers (16-byte vectors along a row: 32 * 16 / bytes rows a warp), or all sub
+    rows (`fold` False: the sums per key slot, as before the eleventh session)."""
+    row_bytes = triton.next_power_of_2(head_dim) * bits // 8
+    return min(sub, max(1, num_warps * 512 // row_bytes)) if fold else sub
 
 
 def _register_cap(cfg: dict) -> dict:
@@ -389,7 +410,8 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
         GROUPS=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), D=D,
         BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits, KEY_CHANNEL=cache.key_channel,
         SUB=min(page, cfg["sub"]), C_S=kc.stride(1), C_H=kc.stride(2), P_S=vs.stride(1), P_H=vs.stride(2),
-        VECTOR=vector, STAGES=cfg["num_stages"], ASM=cfg.get("asm", True) and not INTERPRETED,
+        VECTOR=vector, VROWS=fold_rows(min(page, cfg["sub"]), D, cache.bits, cfg["num_warps"], cfg.get("fold", True)),
+        STAGES=cfg["num_stages"], ASM=cfg.get("asm", True) and not INTERPRETED,
         PREFETCH=cfg["prefetch"], SPLIT=num_splits > 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg))
     if rot is not None:   # values were quantized rotated: rotate the weighted sum back
