@@ -348,17 +348,18 @@ def default_config(bits: int, key_channel: bool, mha: bool = False) -> dict:
     tile ahead (`prefetch`), byte-permute conversions (`asm`), and for MHA (one q head per kv head) the
     CUDA-core path (`vector`): warps, paths and conversions the fastest on an H200
     (scripts/bench_decode_quant.py --sweep, 128 sequences x 3000 tokens, 32q/32kv and 32q/8kv;
-    docs/benchmarks.md, eighth and tenth sessions). Stages: 5 (the ninth session's change, which keeps
-    the next tile's codes in flight through a tile's compute in sm_90 builds) lost on the H200 in every
-    case (MHA int8 1723 vs 1450 us at 2; GQA int4 510 vs 444): these loops are bound by instruction
-    issue, and more stages only cost shared memory and programs an SM."""
-    if mha and bits == 8:   # CUDA cores, 2 stages: 1202-1451 us (168 registers, two sweeps), 3 stages 1704-2073,
-        # 5-6 stages 1723; tensor cores 1417-1615
-        return {"sub": 64, "num_warps": 4, "num_stages": 2, "prefetch": False, "vector": True, "maxnreg": 168}
-    if mha:   # 2 warps: int4 rotate 1280-1287 us at 3 stages (4 warps: 1583-2187); per-channel keys 1805-1810
-        # at 2 stages (4 warps 2360-2415, 5 stages 2752)
-        return {"sub": 64, "num_warps": 2, "num_stages": 3 if not key_channel else 2,
-                "prefetch": key_channel, "vector": True}
+    docs/benchmarks.md, eighth, tenth and eleventh sessions). Stages: 5 (the ninth session's change,
+    which keeps the next tile's codes in flight through a tile's compute in sm_90 builds) lost on the
+    H200 in every case (MHA int8 1723 vs 1450 us at 2; GQA int4 510 vs 444). The MHA loops were bound by
+    latency at few resident warps: folding their value sums (fold_rows) freed the registers that held
+    them, and the fastest configs changed with it (eleventh session)."""
+    if mha and bits == 8:   # CUDA cores, folded sums, 96 registers, 5 programs an SM: 1,111 us (unfolded at a
+        # 168-register cap, the tenth session's default: 1,442; folded at that cap 1,345; 3 stages 1,829)
+        return {"sub": 64, "num_warps": 4, "num_stages": 2, "prefetch": False, "vector": True}
+    if mha and key_channel:   # 2 warps, folded: 1,295-1,298 us at 3 stages or 2 (unfolded 1,821; 4 warps 2,338+)
+        return {"sub": 64, "num_warps": 2, "num_stages": 3, "prefetch": True, "vector": True}
+    if mha:   # int4 rotate, 2 warps, folded, 168-register cap: 1,215 us (3 stages uncapped 1,279-1,303)
+        return {"sub": 64, "num_warps": 2, "num_stages": 2, "prefetch": False, "vector": True, "maxnreg": 168}
     # GQA: int8 335-349 us at 3-6 stages (2: 353); int4 at 2 stages (5: 510 vs 444) with the bitwise
     # conversions (444-446 vs 472-475, 735-738 vs 794-800 us)
     return {"sub": 64, "num_warps": 4, "num_stages": 3 if bits == 8 else 2, "prefetch": True, "vector": False,
