@@ -30,7 +30,7 @@ from lmdepot.runtime.kernels.kv_store_quant import SCALE_FLOOR, rint
 def _row(k_ptr, c_ptr, r, n_old, n_rows, k_row0, code_row0, offs_i, se, so, me, mo, stride_kt, c_s,
          BITS: tl.constexpr):
     """Row r of the block as float32 channels (2i, 2i + 1): dequantized below n_old, from k up to
-    n_rows (0 past it)."""
+    n_rows (0 past it); and whether it is a coded row (1..n_rows - 1: row 0 is the exact sink)."""
     old = (offs_i * 0 + r) < n_old
     new = ((offs_i * 0 + r) >= n_old) & ((offs_i * 0 + r) < n_rows)
     if BITS == 4:
@@ -42,7 +42,8 @@ def _row(k_ptr, c_ptr, r, n_old, n_rows, k_row0, code_row0, offs_i, se, so, me, 
     krow = k_row0 + (r - n_old) * stride_kt + 2 * offs_i
     fe = tl.load(krow, mask=new, other=0.0).to(tl.float32)
     fo = tl.load(krow + 1, mask=new, other=0.0).to(tl.float32)
-    return tl.where(old, codes_f32(ce, False) * se + me, fe), tl.where(old, codes_f32(co, False) * so + mo, fo)
+    coded = ((offs_i * 0 + r) < n_rows) & (r > 0)
+    return tl.where(old, codes_f32(ce, False) * se + me, fe), tl.where(old, codes_f32(co, False) * so + mo, fo), coded
 
 
 @triton.jit
@@ -82,9 +83,8 @@ def _store_kernel(k_ptr, c_ptr, ks_ptr, kmin_ptr, sink_ptr, bt_ptr, lens_ptr, ql
         for r0 in range(0, n_rows, ROWS):
             for u in tl.static_range(ROWS):
                 r = r0 + u
-                xe, xo = _row(k_ptr, c_ptr, r, n_old, n_rows, k_row0, code_row0, offs_i, se, so, me, mo, stride_kt,
-                              c_s, BITS)
-                live = ((offs_i * 0 + r) < n_rows) & (r > 0)
+                xe, xo, live = _row(k_ptr, c_ptr, r, n_old, n_rows, k_row0, code_row0, offs_i, se, so, me, mo,
+                                    stride_kt, c_s, BITS)
                 lo_e, hi_e = tl.minimum(lo_e, tl.where(live, xe, lo_e)), tl.maximum(hi_e, tl.where(live, xe, hi_e))
                 lo_o, hi_o = tl.minimum(lo_o, tl.where(live, xo, lo_o)), tl.maximum(hi_o, tl.where(live, xo, hi_o))
         qmax = 2.0 ** BITS - 1.0
@@ -97,14 +97,12 @@ def _store_kernel(k_ptr, c_ptr, ks_ptr, kmin_ptr, sink_ptr, bt_ptr, lens_ptr, ql
             tl.store(sp + 1, tl.load(k_row0 + 2 * offs_i + 1).to(tl.float16))
         # the codes of rows 1..n_rows - 1, row 0's 0 (the sink is exact); a block's first store (no old
         # rows) zeroes the rows past n_rows too, which later stores then never need to touch
-        W: tl.constexpr = D // (8 // BITS)   # bytes a row
         rows_out = tl.where(n_old == 0, PAGE, n_rows)
         for r0 in range(0, rows_out, ROWS):
             for u in tl.static_range(ROWS):
                 r = r0 + u
-                xe, xo = _row(k_ptr, c_ptr, r, n_old, n_rows, k_row0, code_row0, offs_i, se, so, me, mo, stride_kt,
-                              c_s, BITS)
-                in_range = ((offs_i * 0 + r) < n_rows) & (r > 0)
+                xe, xo, in_range = _row(k_ptr, c_ptr, r, n_old, n_rows, k_row0, code_row0, offs_i, se, so, me, mo,
+                                        stride_kt, c_s, BITS)
                 qe = _codes(xe, lo_e, ne, in_range, BITS, RINT)
                 qo = _codes(xo, lo_o, no, in_range, BITS, RINT)
                 if BITS == 4:
