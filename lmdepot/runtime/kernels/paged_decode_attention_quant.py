@@ -386,7 +386,8 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
     head_dim; what the engine routes here) whose K/V code tensors share one layout; the result goes
     to `out` ((B, Hq, D), unit stride along D) where given. `config` (tuning): `sub` keys per tile,
     `num_warps`, `num_stages`, `prefetch`, `vector` (MHA on the CUDA-core path; LMDEPOT_KVQ_VECTOR=0
-    never), `asm` (the byte-permute code conversions; False: the portable bitwise ones), `maxnreg`."""
+    never), `asm` (the byte-permute code conversions; False: the portable bitwise ones), `maxnreg`,
+    `fold` (the MHA path's value sums folded to a thread's rows, `fold_rows`; default True)."""
     from lmdepot.runtime.ops.kv_quant import hadamard_on
 
     B, Hq, D = q.shape
