@@ -2,8 +2,9 @@
 
 One program per (new token, kv head): one asymmetric range over the whole head (0 included, so the
 zero point is an exact uint8 code), fp16 scale; int4 codes are packed two per byte (channel 2i low
-nibble). The optional Hadamard rotation is the reference's float32 GEMM, before the launch. The torch reference is ops/kv_quant.py
-(quantize_online / store_kv_quant); the kernel computes each code the same way.
+nibble). The optional Hadamard rotation is the reference's float32 GEMM, before the launch. The
+torch reference is ops/kv_quant.py (quantize_online / store_kv_quant); the kernel computes each code
+the same way.
 """
 
 from __future__ import annotations
