@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from lmdepot.runtime.kernels.kv_quant_tile import INTERPRETED
+
 SCALE_FLOOR = 2.0 ** -20   # = ops/kv_quant.SCALE_FLOOR
 
 
@@ -65,7 +67,6 @@ def store_quant_per_token(x, slot_mapping, codes, scales, zeros, bits: int, rota
     (N, P, hkv, 1) at the flat slots; quantizer = the whole head (group = head_dim). `rotate`: the
     reference's float32 product with the Hadamard matrix first (one batched GEMM; done per program
     in the kernel it cost ~0.2 ms a launch at 128 x 32 heads on an H200, session 11)."""
-    from lmdepot.runtime.kernels.kv_quant_tile import INTERPRETED
     from lmdepot.runtime.ops.kv_quant import hadamard_on
 
     T, hkv, D = x.shape
