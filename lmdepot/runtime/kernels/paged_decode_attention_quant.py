@@ -398,6 +398,7 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
                          f"got group {cache.group}")
     cfg = default_config(cache.bits, cache.key_channel, Hq == Hkv) | (config or {})
     vector = Hq == Hkv and VECTOR_MHA and cfg["vector"]
+    tile = min(page, cfg["sub"])   # keys per tile: a page of fewer keys is one tile
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     rot = hadamard_on(D, str(q.device)) if cache.rotate else None
     if rot is not None and not cache.key_channel:   # rotated keys: score with the rotated query
@@ -411,8 +412,8 @@ def paged_decode_attention_quant(q, cache, block_tables, seq_lens, sm_scale: flo
         y.stride(0), y.stride(1), num_splits, pages_per_split, Hq, Hkv,
         GROUPS=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), D=D,
         BLOCK_D=triton.next_power_of_2(D), PAGE=page, BITS=cache.bits, KEY_CHANNEL=cache.key_channel,
-        SUB=min(page, cfg["sub"]), C_S=kc.stride(1), C_H=kc.stride(2), P_S=vs.stride(1), P_H=vs.stride(2),
-        VECTOR=vector, VROWS=fold_rows(min(page, cfg["sub"]), D, cache.bits, cfg["num_warps"], cfg.get("fold", True)),
+        SUB=tile, C_S=kc.stride(1), C_H=kc.stride(2), P_S=vs.stride(1), P_H=vs.stride(2),
+        VECTOR=vector, VROWS=fold_rows(tile, D, cache.bits, cfg["num_warps"], cfg.get("fold", True)),
         STAGES=cfg["num_stages"], ASM=cfg.get("asm", True) and not INTERPRETED,
         PREFETCH=cfg["prefetch"], SPLIT=num_splits > 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg))
